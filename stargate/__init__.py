@@ -1,0 +1,1 @@
+"""WebSocket support and a pub/sub broadcast hub for Pyramid, on eventlet."""
