@@ -9,7 +9,7 @@
      |    +-- UnsupportedVersion        Sec-WebSocket-Version is not one we speak (426)
      |    +-- InvalidOrigin             the Origin is not allowed (403)
      +-- ProtocolError                  the peer broke the framing rules (close 1002)
-     |    +-- InvalidPayload            bad UTF-8 in a text message or close reason (1007)
+     |    +-- InvalidPayload            bad UTF-8 in a text message or reason (1007)
      |    +-- PayloadTooBig             a message over the size limit (1009)
      +-- ConnectionClosed               the WebSocket is closed; carries code and reason
      +-- BackendError                   the broadcast backend failed
@@ -132,7 +132,8 @@ class ConnectionClosed(StargateError):
     def __init__(self, code=1006, reason=""):
         self.code = code
         self.reason = reason
-        super().__init__(f"WebSocket closed (code {code}{': ' + reason if reason else ''})")
+        detail = f": {reason}" if reason else ""
+        super().__init__(f"WebSocket closed (code {code}{detail})")
 
 
 class BackendError(StargateError):
