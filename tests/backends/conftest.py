@@ -1,0 +1,42 @@
+"""``backend_factory``: builds backends of every kind the contract runs on.
+
+``BACKENDS`` maps a name to ``maker(request, **options) -> Backend``; a
+maker may ask for other fixtures with ``request.getfixturevalue``. Tests that
+use ``backend_factory`` run once per backend, or only for the names listed
+in their class's ``backends`` attribute.
+"""
+
+import pytest
+
+from stargate.backends.memory import MemoryBackend
+
+
+def make_memory(request, **options):
+    return MemoryBackend(**options)
+
+
+BACKENDS = {
+    "memory": make_memory,
+}
+
+
+def pytest_generate_tests(metafunc):
+    if "backend_name" in metafunc.fixturenames:
+        names = getattr(metafunc.cls, "backends", None) or sorted(BACKENDS)
+        metafunc.parametrize("backend_name", names)
+
+
+@pytest.fixture
+def backend_factory(request, backend_name):
+    """``backend_factory(**options)`` -> a new, unstarted backend; every
+    backend made is closed at the end of the test."""
+    made = []
+
+    def factory(**options):
+        backend = BACKENDS[backend_name](request, **options)
+        made.append(backend)
+        return backend
+
+    yield factory
+    for backend in made:
+        backend.close()
