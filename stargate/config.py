@@ -1,0 +1,225 @@
+"""``config.include('stargate')``: the predicate, the settings, the hub.
+
+Every setting shares the ``stargate.`` prefix, is read once here, coerced to
+its type and written back to ``registry.settings``, so the rest of the code
+(and yours) reads typed values. :data:`DEFAULTS` documents them all.
+
+In an ``.ini`` file::
+
+    [app:main]
+    stargate.backend = redis://127.0.0.1:6379/0
+    stargate.allowed_origins = https://example.com https://www.example.com
+    stargate.max_message_size = 1048576
+
+In Python::
+
+    config = Configurator(settings={"stargate.backend": "memory"})
+    config.include("stargate")
+"""
+
+import dataclasses
+import logging
+
+from pyramid.settings import asbool, aslist
+
+from stargate.exceptions import IncorrectlyConfigured
+
+__all__ = ["Settings", "DEFAULTS", "parse_settings", "get_settings", "includeme"]
+
+log = logging.getLogger("stargate.config")
+
+PREFIX = "stargate."
+BACKEND_OPTION_PREFIX = "stargate.backend."
+
+
+def _origins(value):
+    if value is None or isinstance(value, (list, tuple, frozenset, set)):
+        return None if value is None else tuple(value)
+    origins = tuple(aslist(value))
+    return origins or None
+
+
+def _versions(value):
+    items = aslist(value) if isinstance(value, str) else value
+    versions = tuple(str(v) for v in items)
+    unknown = set(versions) - {"13", "76", "75"}
+    if not versions or unknown:
+        raise IncorrectlyConfigured(
+            f"stargate.protocols lists versions to accept among 13 (RFC 6455), "
+            f"76 (hixie-76) and 75 (hixie-75); got {value!r}"
+        )
+    return versions
+
+
+def _is_off(value):
+    return value is None or (
+        isinstance(value, str) and value.strip().lower() in ("", "none", "off")
+    )
+
+
+def _optional_seconds(value):
+    if _is_off(value):
+        return None
+    seconds = float(value)
+    if seconds <= 0:
+        raise ValueError("must be a positive number of seconds, or 'off'")
+    return seconds
+
+
+def _seconds(value):
+    seconds = float(value)
+    if seconds <= 0:
+        raise ValueError("must be a positive number of seconds")
+    return seconds
+
+
+def _optional_size(value):
+    if _is_off(value):
+        return None
+    size = int(value)
+    if size <= 0:
+        raise ValueError("must be a positive number of bytes, or 'off'")
+    return size
+
+
+def _size(value):
+    size = int(value)
+    if size <= 0:
+        raise ValueError("must be a positive number")
+    return size
+
+
+def _count(value):
+    count = int(value)
+    if count < 0:
+        raise ValueError("must be 0 (no limit) or a positive number")
+    return count
+
+
+def _slow_listener(value):
+    if value not in ("close", "drop"):
+        raise ValueError("must be 'close' or 'drop'")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The ``stargate.*`` settings, typed. Each field's comment gives its unit."""
+
+    #: ``memory``, ``redis://host:port/db``, ``rediss://...``, ``unix://...``,
+    #: ``redis+cluster://host:port`` or the dotted name of a Backend class.
+    backend: str = "memory"
+    #: Origins allowed to connect (``scheme://host[:port]``), ``*`` for any;
+    #: unset means same-origin browsers and clients that send no Origin.
+    allowed_origins: tuple | None = None
+    #: Protocol versions accepted: 13 (RFC 6455), 76 and 75 (hixie drafts).
+    protocols: tuple = ("13", "76", "75")
+    #: Offer permessage-deflate (RFC 7692) to clients that ask for it.
+    compression: bool = True
+    #: Largest message accepted, in bytes (after decompression); 1009 past it.
+    max_message_size: int | None = 2**20
+    #: Seconds between keepalive pings on a quiet connection; off to disable.
+    ping_interval: float | None = 20.0
+    #: Seconds to wait for an answer to a ping before dropping the connection.
+    ping_timeout: float = 20.0
+    #: Seconds to wait for the peer's close frame when closing.
+    close_timeout: float = 10.0
+    #: Seconds a client has to send the rest of the handshake.
+    handshake_timeout: float = 10.0
+    #: Bytes that may wait to be sent to one listener before it counts as slow.
+    max_send_buffer: int = 2**20
+    #: What happens to a slow listener: ``close`` (1013) or ``drop`` messages.
+    slow_listener: str = "close"
+    #: Open WebSockets per worker process; more get 503. 0 means no limit.
+    max_connections: int = 0
+    #: Keyword options for the backend, from ``stargate.backend.<name>``.
+    backend_options: dict = dataclasses.field(default_factory=dict)
+
+    def connection_options(self):
+        """Keyword arguments for :class:`stargate.connection.WebSocket`."""
+        return {
+            "ping_interval": self.ping_interval,
+            "ping_timeout": self.ping_timeout,
+            "close_timeout": self.close_timeout,
+            "max_send_buffer": self.max_send_buffer,
+            "slow_listener": self.slow_listener,
+        }
+
+
+DEFAULTS = Settings()
+
+_COERCE = {
+    "backend": str,
+    "allowed_origins": _origins,
+    "protocols": _versions,
+    "compression": asbool,
+    "max_message_size": _optional_size,
+    "ping_interval": _optional_seconds,
+    "ping_timeout": _seconds,
+    "close_timeout": _seconds,
+    "handshake_timeout": _seconds,
+    "max_send_buffer": _size,
+    "slow_listener": _slow_listener,
+    "max_connections": _count,
+}
+
+
+def parse_settings(settings):
+    """Read the ``stargate.*`` keys of ``settings`` into a :class:`Settings`.
+
+    Raises :class:`~stargate.exceptions.IncorrectlyConfigured` naming the
+    setting and the value for anything that does not parse.
+    """
+    values = {}
+    backend_options = {}
+    for key, raw in (settings or {}).items():
+        if not key.startswith(PREFIX):
+            continue
+        if key.startswith(BACKEND_OPTION_PREFIX):
+            backend_options[key[len(BACKEND_OPTION_PREFIX) :]] = raw
+            continue
+        name = key[len(PREFIX) :]
+        if name not in _COERCE:
+            known = ", ".join(PREFIX + n for n in sorted(_COERCE))
+            raise IncorrectlyConfigured(
+                f"unknown setting {key!r}; stargate knows {known}"
+            )
+        try:
+            values[name] = _COERCE[name](raw)
+        except IncorrectlyConfigured:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise IncorrectlyConfigured(f"setting {key} = {raw!r}: {exc}") from None
+    return Settings(backend_options=backend_options, **values)
+
+
+def get_settings(registry=None):
+    """The :class:`Settings` of ``registry`` (the current one by default),
+    or the defaults when ``config.include('stargate')`` was not called."""
+    if registry is None:
+        from pyramid.threadlocal import get_current_registry
+
+        registry = get_current_registry()
+    return getattr(registry, "stargate_settings", None) or DEFAULTS
+
+
+def includeme(config):
+    """Set stargate up in a Pyramid application.
+
+    Registers the ``websocket`` view predicate, reads the settings and
+    creates this process's hub with the configured backend.
+    """
+    from stargate.backends import load_backend
+    from stargate.hub import Hub
+    from stargate.predicates import WebSocketPredicate
+
+    config.add_view_predicate("websocket", WebSocketPredicate)
+    settings = parse_settings(config.get_settings())
+    written = config.registry.settings
+    for field in dataclasses.fields(Settings):
+        if field.name != "backend_options":
+            written[PREFIX + field.name] = getattr(settings, field.name)
+    config.registry.stargate_settings = settings
+    backend = load_backend(settings.backend, **settings.backend_options)
+    config.registry.stargate_hub = Hub(backend)
+    log.debug("stargate configured: %s", settings)

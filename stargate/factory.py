@@ -1,0 +1,304 @@
+"""A Paste Deploy server factory that runs Pyramid in eventlet's WSGI server.
+
+In the application's ``.ini``::
+
+    [server:main]
+    use = egg:stargate#main
+    host = 127.0.0.1
+    port = 6543
+    workers = 4
+
+``workers`` greater than 1 forks that many worker processes that share one
+listening socket; a supervising parent replaces any worker that dies. With
+several workers, broadcasts reach every worker's listeners only through a
+shared backend (``stargate.backend = redis://...``).
+
+SIGTERM or SIGINT stops accepting connections, closes every open WebSocket
+with 1001 (going away) and exits once they are closed or ``shutdown_timeout``
+seconds have passed.
+"""
+
+import errno
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+import eventlet
+
+__all__ = ["server_factory", "serve"]
+
+log = logging.getLogger("stargate.server")
+
+#: Concurrent connections one worker serves (eventlet's default is 1024).
+DEFAULT_MAX_CLIENTS = 100_000
+
+#: A worker that dies sooner than this after starting counts as crashing,
+#: and the supervisor waits before starting another.
+CRASH_WINDOW = 5.0
+
+
+def server_factory(global_conf, host="127.0.0.1", port=6543, **options):
+    """Implements the Paste Deploy ``server_factory`` API: returns a callable
+    that serves a WSGI application with eventlet.
+
+    Options (all optional): ``workers`` (1), ``max_clients`` (100000
+    connections per worker), ``shutdown_timeout`` (10 seconds), ``access_log``
+    (true). Monkey-patching happens here, before Paste Deploy loads the
+    application, so everything the application imports is green.
+    """
+    eventlet.monkey_patch()
+    settings = {
+        "workers": _positive_int("workers", options.pop("workers", 1)),
+        "max_clients": _positive_int(
+            "max_clients", options.pop("max_clients", DEFAULT_MAX_CLIENTS)
+        ),
+        "shutdown_timeout": float(options.pop("shutdown_timeout", 10.0)),
+        "access_log": _asbool(options.pop("access_log", True)),
+    }
+    if options:
+        names = ", ".join(sorted(options))
+        log.warning("stargate server: ignoring unknown option(s) %s", names)
+    port = _port(port)
+
+    def run(app):
+        serve(app, host, port, **settings)
+
+    return run
+
+
+def serve(
+    app,
+    host="127.0.0.1",
+    port=6543,
+    *,
+    workers=1,
+    max_clients=DEFAULT_MAX_CLIENTS,
+    shutdown_timeout=10.0,
+    access_log=True,
+    listen_socket=None,
+    ready=None,
+):
+    """Serve ``app`` until SIGTERM or SIGINT.
+
+    ``listen_socket`` serves on a socket bound elsewhere; ``ready``, if
+    given, is called with the bound ``(host, port)`` once connections are
+    accepted.
+    """
+    eventlet.monkey_patch()
+    sock = listen_socket or _listen(host, port)
+    address = sock.getsockname()[:2]
+    log.info(
+        "stargate serving on http://%s:%d with %d worker(s)",
+        *_display(address),
+        workers,
+    )
+    if ready is not None:
+        ready(address)
+    worker_options = {
+        "max_clients": max_clients,
+        "shutdown_timeout": shutdown_timeout,
+        "access_log": access_log,
+    }
+    if workers == 1:
+        _run_worker(app, sock, **worker_options)
+    else:
+        _supervise(app, sock, workers, worker_options)
+
+
+def _listen(host, port):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return eventlet.listen((host, port), family=family, backlog=2048)
+
+
+def _display(address):
+    host, port = address
+    return (f"[{host}]" if ":" in host else host), port
+
+
+def _run_worker(app, sock, *, max_clients, shutdown_timeout, access_log):
+    """Serve in this process until told to stop; then close WebSockets (1001)."""
+    import eventlet.wsgi
+
+    from stargate.connection import open_websockets
+
+    stopping = eventlet.Event()
+
+    def request_stop(signum, frame):
+        if not stopping.ready():
+            stopping.send(signum)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    server = eventlet.spawn(
+        eventlet.wsgi.server,
+        sock,
+        app,
+        log=logging.getLogger("stargate.access"),
+        log_output=access_log,
+        max_size=max_clients,
+        socket_timeout=None,
+    )
+    server.link(lambda gt: stopping.ready() or stopping.send(None))
+    signum = stopping.wait()
+    log.info(
+        "worker %d stopping (%s); closing %d WebSocket(s)",
+        os.getpid(),
+        signal.Signals(signum).name if signum else "server ended",
+        len(open_websockets()),
+    )
+    server.kill()
+    try:
+        sock.close()
+    except OSError:
+        pass
+    closers = eventlet.GreenPool(1000)
+    for websocket in open_websockets():
+        closers.spawn_n(_close_going_away, websocket)
+    with eventlet.Timeout(shutdown_timeout, False):
+        closers.waitall()
+    for websocket in open_websockets():
+        websocket.abort()
+
+
+def _close_going_away(websocket):
+    try:
+        websocket.close(1001, "server shutting down")
+    except Exception:  # a peer gone at shutdown is not worth a traceback
+        websocket.abort()
+
+
+def _supervise(app, sock, workers, worker_options):
+    """Fork ``workers`` workers on one socket and keep that many alive."""
+    children = {}
+    stopping = False
+
+    def request_stop(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    def start_worker():
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                _reinit_after_fork()
+                _run_worker(app, sock, **worker_options)
+            except BaseException:
+                log.exception("worker %d failed", os.getpid())
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        children[pid] = time.monotonic()
+        log.info("started worker %d", pid)
+
+    for _ in range(workers):
+        start_worker()
+    while not stopping:
+        try:
+            pid, status = _wait_child()
+        except ChildProcessError:
+            break
+        if pid == 0:
+            continue
+        started = children.pop(pid, None)
+        if started is None or stopping:
+            continue
+        log.warning(
+            "worker %d exited (%s); starting another", pid, _describe_status(status)
+        )
+        if time.monotonic() - started < CRASH_WINDOW:
+            time.sleep(1.0)
+        if not stopping:
+            start_worker()
+    log.info("stopping %d worker(s)", len(children))
+    for pid in children:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + worker_options["shutdown_timeout"] + 5
+    while children and time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid:
+            children.pop(pid, None)
+        else:
+            time.sleep(0.05)
+    for pid in children:
+        log.warning("worker %d did not stop in time; killing it", pid)
+        _signal(pid, signal.SIGKILL)
+    sock.close()
+
+
+def _wait_child():
+    """Wait up to half a second for a child to exit; ``(0, 0)`` if none did."""
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid:
+            return pid, status
+        time.sleep(0.05)
+    return 0, 0
+
+
+def _signal(pid, signum):
+    try:
+        os.kill(pid, signum)
+    except OSError as exc:
+        if exc.errno != errno.ESRCH:
+            raise
+
+
+def _describe_status(status):
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit code {os.WEXITSTATUS(status)}"
+
+
+def _reinit_after_fork():
+    from eventlet import hubs
+
+    hubs.use_hub()  # a fresh hub: the parent's epoll set is not ours
+    sys.stdout.flush()
+
+
+def _positive_int(name, value):
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number <= 0:
+        from stargate.exceptions import IncorrectlyConfigured
+
+        raise IncorrectlyConfigured(
+            f"server option {name} must be a positive integer, not {value!r}"
+        )
+    return number
+
+
+def _port(value):
+    try:
+        port = int(value)
+    except (TypeError, ValueError):
+        port = -1
+    if not 0 <= port <= 65535:
+        from stargate.exceptions import IncorrectlyConfigured
+
+        raise IncorrectlyConfigured(
+            f"server option port must be 0-65535, not {value!r}"
+        )
+    return port
+
+
+def _asbool(value):
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)

@@ -1,0 +1,228 @@
+"""WebSocketView: complete the upgrade, then hand the connection to a handler.
+
+Subclass it and override :meth:`WebSocketView.handler`::
+
+    class EchoView(WebSocketView):
+        def handler(self, websocket):
+            while (message := websocket.wait()) is not None:
+                websocket.send(message)
+
+    config.add_view(EchoView, route_name="echo", websocket=True)
+
+Every refusal is decided in :meth:`WebSocketView.handle_upgrade`, and each
+maps to one status: a plain HTTP request gets 426 with a readable page, a
+malformed upgrade 400 (``HTTPBadRequest``) with the reason, a refused origin
+403, an unsupported version 426 with ``Sec-WebSocket-Version``, a worker at
+its connection limit 503.
+"""
+
+import logging
+
+import eventlet
+import eventlet.wsgi
+from pyramid.httpexceptions import (
+    HTTPBadRequest,
+    HTTPForbidden,
+    HTTPServiceUnavailable,
+    HTTPUpgradeRequired,
+)
+from pyramid.response import Response
+
+from stargate import handshake as _handshake
+from stargate.config import get_settings
+from stargate.connection import WebSocket
+from stargate.exceptions import HandShakeFailed, IncorrectlyConfigured
+from stargate.protocol import ServerProtocol
+
+__all__ = ["WebSocketView", "IncorrectlyConfigured"]
+
+log = logging.getLogger("stargate.view")
+
+_STATUS_EXCEPTIONS = {
+    400: HTTPBadRequest,
+    403: HTTPForbidden,
+    426: HTTPUpgradeRequired,
+}
+
+#: Open WebSockets in this process, for ``stargate.max_connections``.
+_open_connections = 0
+
+
+def open_connections():
+    """How many WebSockets this process holds open through WebSocketView."""
+    return _open_connections
+
+
+class WebSocketView:
+    """A view for handling websockets.
+
+    Calling the view runs :meth:`handle_upgrade`. Class attributes tune one
+    view; ``None`` means "use the ``stargate.*`` setting":
+
+    ``subprotocols``
+        Subprotocols this view speaks, in order of preference.
+    ``allowed_origins``
+        Origins allowed to connect; see ``stargate.allowed_origins``.
+    ``max_message_size``
+        Largest message accepted, in bytes.
+    """
+
+    subprotocols = ()
+    allowed_origins = None
+    max_message_size = None
+
+    def __init__(self, request):
+        self.request = request
+        self.settings = get_settings(request.registry)
+
+    def __call__(self):
+        return self.handle_upgrade()
+
+    def handle_upgrade(self):
+        """Completes the upgrade request sent by the browser.
+
+        Sends the handshake response and hands off to
+        :meth:`handle_websocket`. Returns ``HTTPBadRequest`` (400) with the
+        reason when the handshake fails, ``HTTPForbidden`` (403) for a refused
+        origin, 426 for a request that is not a WebSocket upgrade or asks for
+        a version this server does not speak, and 503 when the worker is at
+        ``stargate.max_connections``.
+        """
+        request = self.request
+        environ = request.environ
+        settings = self.settings
+        key3 = None
+        headers = request.headers
+        if "Sec-WebSocket-Key1" in headers and "Sec-WebSocket-Version" not in headers:
+            key3 = _read_key3(environ, settings.handshake_timeout)
+        try:
+            handshake = _handshake.negotiate(
+                headers,
+                self._allowed_origins(),
+                key3=key3,
+                subprotocols=tuple(self.subprotocols),
+                versions=settings.protocols,
+                compression=settings.compression,
+            )
+        except HandShakeFailed as exc:
+            return self.refuse(exc)
+
+        sock = self._hijack_socket()
+        if settings.max_connections and _open_connections >= settings.max_connections:
+            log.warning(
+                "refusing a WebSocket: %d open, stargate.max_connections is %d",
+                _open_connections,
+                settings.max_connections,
+            )
+            return HTTPServiceUnavailable(
+                "This server holds as many WebSocket connections as it is allowed; "
+                "try again later."
+            )
+        try:
+            sock.sendall(handshake.response)
+        except OSError as exc:
+            log.debug("client left during the handshake: %s", exc)
+            return self._already_handled()
+        max_size = self.max_message_size
+        if max_size is None:
+            max_size = settings.max_message_size
+        protocol = ServerProtocol(handshake.wire_format, max_message_size=max_size)
+        websocket = WebSocket(
+            sock,
+            protocol,
+            environ=environ,
+            subprotocol=handshake.subprotocol,
+            **settings.connection_options(),
+        )
+        return self.handle_websocket(websocket)
+
+    def handle_websocket(self, websocket):
+        """Handles the connection after setup and handshake is done.
+
+        Runs :meth:`handler` until it returns, then closes the socket (1000,
+        or 1011 if the handler raised; the traceback is logged) and returns
+        the response that tells the WSGI server the connection was taken
+        over.
+        """
+        global _open_connections
+        _open_connections += 1
+        try:
+            self.handler(websocket)
+        except Exception:
+            log.exception("WebSocket handler %s.handler failed", type(self).__name__)
+            if not websocket.closed:
+                websocket.close(1011, "internal error")
+        finally:
+            _open_connections -= 1
+            if not websocket.closed:
+                websocket.close()
+            websocket.abort()
+        return self._already_handled()
+
+    def handler(self, websocket):
+        """Handles the interaction with the websocket after being set up.
+
+        This is the method to override in subclasses to receive and send
+        messages over the websocket connection.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must override handler(websocket) to talk to "
+            "the client"
+        )
+
+    def refuse(self, error):
+        """The response for a refused handshake: one status per error."""
+        exc_class = _STATUS_EXCEPTIONS.get(error.status, HTTPBadRequest)
+        if error.status == 426:
+            body = (
+                "This is a WebSocket endpoint: connect to it with a WebSocket "
+                f"client. ({error.reason})"
+            )
+        else:
+            body = error.reason
+        response = exc_class(detail=body)
+        for name, value in error.headers:
+            response.headers[name] = value
+        if error.status == 426 and "Upgrade" not in response.headers:
+            response.headers["Upgrade"] = "websocket"
+            response.headers.setdefault("Connection", "Upgrade")
+        log.info("refused WebSocket upgrade (%d): %s", error.status, error.reason)
+        return response
+
+    def _allowed_origins(self):
+        if self.allowed_origins is not None:
+            return self.allowed_origins
+        return self.settings.allowed_origins
+
+    def _hijack_socket(self):
+        wsgi_input = self.request.environ.get("eventlet.input")
+        if wsgi_input is None or not hasattr(wsgi_input, "get_socket"):
+            raise IncorrectlyConfigured(
+                "WebSocketView needs eventlet's WSGI server to take over the "
+                "connection; serve the application with stargate.factory "
+                "(use = egg:stargate#main in the .ini) or `stargate demo`"
+            )
+        return wsgi_input.get_socket()
+
+    @staticmethod
+    def _already_handled():
+        eventlet.wsgi.WSGI_LOCAL.already_handled = True
+        return Response(status=101, app_iter=[])
+
+
+def _read_key3(environ, timeout):
+    """Read hixie-76's 8 key bytes, which follow the request headers."""
+    rfile = getattr(environ.get("eventlet.input"), "rfile", None)
+    if rfile is None:
+        return None
+    data = b""
+    with eventlet.Timeout(timeout, False):
+        try:
+            while len(data) < 8:
+                chunk = rfile.read(8 - len(data))
+                if not chunk:
+                    break
+                data += chunk
+        except OSError:
+            pass
+    return data
