@@ -1,0 +1,828 @@
+"""The WebSocket opening handshake: request headers in, response bytes out.
+
+This module insulates application code from the revisions of the WebSocket
+specification. It speaks three of them:
+
+``rfc6455``
+    RFC 6455 (``Sec-WebSocket-Version: 13``), what every browser and client
+    library of today speaks. See :func:`handshake_rfc6455`.
+``hixie-76``
+    draft-hixie-thewebsocketprotocol-76 (May 2010): ``Sec-WebSocket-Key1``,
+    ``Sec-WebSocket-Key2`` and eight key bytes after the request headers.
+    See :func:`handshake_v76`.
+``hixie-75``
+    draft-hixie-thewebsocketprotocol-75: no keys at all. See
+    :func:`handshake_pre76`.
+
+:func:`negotiate` does the checks common to every draft (method, HTTP
+version, ``Upgrade``, ``Connection``, ``Host``, the origin policy), picks the
+draft from the request and returns a :class:`Handshake`.
+:func:`websocket_handshake` is the 2010 entry point and returns only the
+response bytes.
+
+Nothing here does I/O. ``headers`` is any mapping of header names to values:
+a ``webob.headers.EnvironHeaders`` (``request.headers``), whose ``environ``
+is then used for the method, the HTTP version, the URL scheme and the path,
+or a plain ``dict`` (names in any case). Values are WSGI strings (latin-1).
+A header the client sent more than once arrives joined with ``", "``, as
+WSGI servers join them.
+
+Origin policy
+-------------
+
+Browsers send cookies and HTTP authentication with a WebSocket upgrade
+request whatever page opened it, and the same-origin policy does not apply
+to WebSockets. Any web site a logged-in user visits could otherwise open a
+WebSocket to this server *as that user* and read what comes back
+(cross-site WebSocket hijacking). So by default (``allowed_origins=None``)
+only same-origin requests are accepted: the host and port of ``Origin`` must
+be those of the ``Host`` header. ``allowed_origins`` replaces that with a list
+of exact origins (``"https://example.com"``, ``"http://localhost:8080"``);
+``"*"`` in the list accepts any origin.
+
+A request without ``Origin`` is accepted under every policy: browsers always
+send it, so such a request comes from a non-browser client, which holds its
+own credentials and cannot be hijacked this way. The ``"null"`` origin
+(sandboxed iframes, ``file:`` pages, some redirects) is refused unless the
+list holds ``"*"``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import quote
+
+from stargate import deflate
+from stargate.exceptions import (
+    HandShakeFailed,
+    IncorrectlyConfigured,
+    InvalidOrigin,
+    NotWebSocketRequest,
+    UnsupportedVersion,
+)
+from stargate.frames import WireFormat
+
+__all__ = [
+    "HandShakeFailed",
+    "InvalidOrigin",
+    "NotWebSocketRequest",
+    "UnsupportedVersion",
+    "Handshake",
+    "build_location_url",
+    "handshake_pre76",
+    "handshake_v76",
+    "handshake_rfc6455",
+    "negotiate",
+    "requested_draft",
+    "websocket_handshake",
+    "ALL_VERSIONS",
+    "RFC6455_BASE_RESPONSE",
+    "HIXIE76_BASE_RESPONSE",
+    "HIXIE75_BASE_RESPONSE",
+]
+
+#: Every value the ``versions`` option accepts: RFC 6455, hixie-76, hixie-75.
+ALL_VERSIONS = ("13", "76", "75")
+
+_DRAFT_OF_VERSION = {"13": "rfc6455", "76": "hixie-76", "75": "hixie-75"}
+_VERSION_OF_DRAFT = {draft: version for version, draft in _DRAFT_OF_VERSION.items()}
+_DRAFT_TITLE = {
+    "rfc6455": "RFC 6455 (Sec-WebSocket-Version: 13)",
+    "hixie-76": "draft-hixie-thewebsocketprotocol-76",
+    "hixie-75": "draft-hixie-thewebsocketprotocol-75",
+}
+
+#: The status line and the headers every RFC 6455 response starts with.
+RFC6455_BASE_RESPONSE = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+)
+#: The same for hixie-76.
+HIXIE76_BASE_RESPONSE = (
+    b"HTTP/1.1 101 WebSocket Protocol Handshake\r\n"
+    b"Upgrade: WebSocket\r\n"
+    b"Connection: Upgrade\r\n"
+)
+#: The same for hixie-75, whose clients compare these 85 bytes exactly.
+HIXIE75_BASE_RESPONSE = (
+    b"HTTP/1.1 101 Web Socket Protocol Handshake\r\n"
+    b"Upgrade: WebSocket\r\n"
+    b"Connection: Upgrade\r\n"
+)
+_BASE_RESPONSE = {
+    "rfc6455": RFC6455_BASE_RESPONSE,
+    "hixie-76": HIXIE76_BASE_RESPONSE,
+    "hixie-75": HIXIE75_BASE_RESPONSE,
+}
+
+_RFC6455_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_KEY3 = "the 8 key bytes after the headers"
+_NOT_WEBSOCKET = "this is a WebSocket endpoint; connect with a WebSocket client"
+
+# A Host header: a bracketed IPv6 address or a registered name, then a port.
+# No comma (two Host headers joined), no whitespace, no userinfo.
+_HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(?::([0-9]{1,5}))?")
+# Control characters in a header value: CR and LF would split the response.
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
+# What may be left as it is in the path of a Location URL.
+_PATH_SAFE = "/:@!$&'()*+,;="
+
+
+@dataclass(frozen=True)
+class Handshake:
+    """An accepted upgrade request.
+
+    ``draft`` is ``"rfc6455"``, ``"hixie-76"`` or ``"hixie-75"``;
+    ``response`` the complete bytes to write back (status line, headers,
+    blank line and, for hixie-76, the 16-byte challenge answer);
+    ``subprotocol`` the subprotocol agreed on, or ``None``; ``wire_format``
+    how messages are framed on this connection.
+    """
+
+    draft: str
+    response: bytes
+    subprotocol: str | None
+    wire_format: WireFormat
+
+
+# -- reading headers --------------------------------------------------------
+
+
+class _Headers:
+    """The request headers, looked up case-insensitively, plus the environ.
+
+    Every value read through :meth:`get` is checked for control characters,
+    so nothing read here can split the response it may be echoed into.
+    """
+
+    def __init__(self, headers):
+        if isinstance(headers, _Headers):
+            self.values = headers.values
+            self.environ = headers.environ
+            return
+        self.environ = getattr(headers, "environ", None)
+        items = headers.items() if isinstance(headers, Mapping) else headers
+        values = {}
+        for name, value in items:
+            if isinstance(name, bytes):
+                name = name.decode("latin-1")
+            if isinstance(value, bytes):
+                value = value.decode("latin-1")
+            name = name.lower()
+            # A header sent twice is joined as a WSGI server joins it.
+            values[name] = f"{values[name]}, {value}" if name in values else value
+        self.values = values
+
+    def get(self, name):
+        value = self.values.get(name.lower())
+        if value is None:
+            return None
+        if _CONTROL_RE.search(value):
+            raise HandShakeFailed(
+                f"the {name} header contains a control character (CR, LF, NUL...)",
+                header=name,
+                value=value,
+            )
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            raise HandShakeFailed(
+                f"the {name} header is not latin-1 text", header=name, value=value
+            ) from None
+        return value
+
+    def environ_get(self, key, default=None):
+        if self.environ is None:
+            return default
+        return self.environ.get(key, default)
+
+
+def _tokens(value):
+    """The comma-separated tokens of a header value, stripped and lowercased."""
+    if not value:
+        return []
+    return [token.strip().lower() for token in value.split(",") if token.strip()]
+
+
+def _as_bytes(base_response, draft):
+    if base_response is None:
+        return _BASE_RESPONSE[draft]
+    if isinstance(base_response, str):
+        base_response = base_response.encode("latin-1")
+    base_response = bytes(base_response)
+    if not base_response.endswith(b"\r\n"):
+        raise ValueError("base_response must end with CRLF")
+    return base_response
+
+
+def _header_line(name, value):
+    return f"{name}: {value}\r\n".encode("latin-1")
+
+
+# -- the Host header and the Location URL -----------------------------------
+
+
+def _host(headers):
+    """The validated ``Host`` header, as sent."""
+    host = headers.get("Host")
+    if host is not None:
+        host = host.strip()
+    if not host:
+        raise HandShakeFailed(
+            "the Host header is missing; HTTP/1.1 and WebSocket require it",
+            header="Host",
+        )
+    match = _HOST_RE.fullmatch(host)
+    if match is None or (match.group(2) is not None and int(match.group(2)) > 65535):
+        raise HandShakeFailed(header="Host", value=host)
+    return host
+
+
+def _is_secure(headers, secure):
+    if secure is not None:
+        return bool(secure)
+    return headers.environ_get("wsgi.url_scheme") == "https"
+
+
+def _location_path(headers, path):
+    if path is not None:
+        if not path.startswith("/") or re.search(r"[\x00-\x20\x7f]", path):
+            raise HandShakeFailed(f"invalid resource path {path!r}", value=path)
+        return path
+    if headers.environ is None:
+        return "/"
+    raw = headers.environ_get("SCRIPT_NAME", "") + headers.environ_get("PATH_INFO", "")
+    # WSGI paths are percent-decoded bytes read as latin-1: quote them again.
+    path = quote(raw.encode("latin-1", "replace"), safe=_PATH_SAFE) or "/"
+    query = headers.environ_get("QUERY_STRING", "")
+    if query:
+        if re.search(r"[\x00-\x20\x7f]", query):
+            raise HandShakeFailed(
+                f"the query string contains a space or a control character: {query!r}",
+                value=query,
+            )
+        path = f"{path}?{query}"
+    return path
+
+
+def build_location_url(headers, *, secure=None, path=None):
+    """Construct the WebSocket URL the client connected to.
+
+    ``ws://host/path?query``, or ``wss://`` when ``secure`` is true; by
+    default ``secure`` is taken from ``environ['wsgi.url_scheme']``. The host
+    is the ``Host`` header as sent (:class:`HandShakeFailed` naming ``Host``
+    when it is missing or malformed). The path is
+    ``SCRIPT_NAME + PATH_INFO + ?QUERY_STRING`` from ``headers.environ``
+    (percent-encoded again), unless ``path`` (already encoded, starting with
+    ``/``) is given; without an environ it defaults to ``/``.
+
+    :param headers: a ``webob.headers.EnvironHeaders`` or any mapping of
+        header names to values.
+    """
+    headers = _Headers(headers)
+    scheme = "wss" if _is_secure(headers, secure) else "ws"
+    return f"{scheme}://{_host(headers)}{_location_path(headers, path)}"
+
+
+# -- the origin policy --------------------------------------------------------
+
+
+def _parse_origin(value):
+    """``(scheme, host, port)`` of a serialized origin, or ``None``."""
+    scheme, sep, rest = value.strip().partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in _DEFAULT_PORTS:
+        return None
+    match = _HOST_RE.fullmatch(rest)
+    if match is None:
+        return None
+    host, port = match.group(1).lower(), match.group(2)
+    port = _DEFAULT_PORTS[scheme] if port is None else int(port)
+    if port > 65535:
+        return None
+    return scheme, host, port
+
+
+def _normalise_allowed(allowed_origins):
+    if isinstance(allowed_origins, str):
+        allowed_origins = (allowed_origins,)
+    allowed = set()
+    for origin in allowed_origins:
+        if origin == "*":
+            return "*"
+        parsed = _parse_origin(origin)
+        if parsed is None:
+            raise IncorrectlyConfigured(
+                f"allowed origin {origin!r} is not of the form scheme://host[:port] "
+                f"(for example 'https://example.com'); use '*' to allow every origin"
+            )
+        allowed.add(parsed)
+    return allowed
+
+
+def _check_origin(headers, allowed_origins):
+    """Apply the origin policy (see the module docstring)."""
+    name = "Origin"
+    origin = headers.get("Origin")
+    if origin is None:
+        name = "Sec-WebSocket-Origin"
+        origin = headers.get("Sec-WebSocket-Origin")
+    if origin is None:
+        return None
+    origin = origin.strip()
+    if allowed_origins is None:
+        parsed = _parse_origin(origin)
+        if parsed is not None:
+            match = _HOST_RE.fullmatch(_host(headers))
+            host, port = match.group(1).lower(), match.group(2)
+            # The Host header carries no scheme: no port means 80 or 443.
+            if host == parsed[1] and (
+                int(port) == parsed[2] if port else parsed[2] in (80, 443)
+            ):
+                return origin
+        raise InvalidOrigin(
+            f"origin {origin!r} is not the origin of this server; "
+            f"pass allowed_origins to accept cross-origin WebSocket requests",
+            header=name,
+            value=origin,
+        )
+    allowed = _normalise_allowed(allowed_origins)
+    if allowed == "*" or _parse_origin(origin) in allowed:
+        return origin
+    raise InvalidOrigin(f"origin {origin!r} is not allowed", header=name, value=origin)
+
+
+# -- RFC 6455 -----------------------------------------------------------------
+
+
+def _accept_key(key):
+    """``Sec-WebSocket-Accept`` for a ``Sec-WebSocket-Key`` (RFC 6455 4.2.2)."""
+    digest = hashlib.sha1(key.encode("ascii") + _RFC6455_GUID).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+def _select_subprotocol(headers, subprotocols):
+    if isinstance(subprotocols, str):
+        subprotocols = (subprotocols,)
+    offered = [
+        token.strip()
+        for token in (headers.get("Sec-WebSocket-Protocol") or "").split(",")
+    ]
+    for subprotocol in subprotocols:
+        if subprotocol in offered:
+            return subprotocol
+    return None
+
+
+def _rfc6455(headers, base_response, *, subprotocols=(), compression=True):
+    key = headers.get("Sec-WebSocket-Key")
+    if key is None:
+        raise HandShakeFailed(header="Sec-WebSocket-Key")
+    key = key.strip()
+    if "," in key:
+        raise HandShakeFailed(
+            "Sec-WebSocket-Key was sent more than once",
+            header="Sec-WebSocket-Key",
+            value=key,
+        )
+    try:
+        raw_key = base64.b64decode(key, validate=True)
+    except (binascii.Error, ValueError):
+        raw_key = b""
+    if len(raw_key) != 16:
+        raise HandShakeFailed(
+            f"Sec-WebSocket-Key must be 16 bytes in base64, got {key!r}",
+            header="Sec-WebSocket-Key",
+            value=key,
+        )
+
+    response = [_as_bytes(base_response, "rfc6455")]
+    response.append(_header_line("Sec-WebSocket-Accept", _accept_key(key)))
+    subprotocol = _select_subprotocol(headers, subprotocols)
+    if subprotocol is not None:
+        response.append(_header_line("Sec-WebSocket-Protocol", subprotocol))
+    params = None
+    offer = headers.get("Sec-WebSocket-Extensions")
+    if compression and offer:
+        accepted = deflate.negotiate(offer)
+        if accepted is not None:
+            extensions, params = accepted
+            response.append(_header_line("Sec-WebSocket-Extensions", extensions))
+    response.append(b"\r\n")
+    return Handshake(
+        draft="rfc6455",
+        response=b"".join(response),
+        subprotocol=subprotocol,
+        wire_format=WireFormat(draft="rfc6455", deflate=params),
+    )
+
+
+def handshake_rfc6455(headers, base_response, *, subprotocols=(), compression=True):
+    """The handshake of RFC 6455 (``Sec-WebSocket-Version: 13``).
+
+    Checks ``Sec-WebSocket-Key`` (base64 of exactly 16 bytes, sent once) and
+    returns the response bytes: ``base_response``, ``Sec-WebSocket-Accept``,
+    ``Sec-WebSocket-Protocol`` when one of ``subprotocols`` (the server's
+    preference order) was offered, ``Sec-WebSocket-Extensions`` when
+    ``compression`` is true and the client offered permessage-deflate, and
+    the blank line.
+
+    The caller must have checked everything else: method, HTTP version,
+    ``Upgrade``, ``Connection``, ``Host``, ``Sec-WebSocket-Version`` and the
+    origin (:func:`negotiate` does). Use :func:`negotiate` to learn the
+    subprotocol and the deflate parameters agreed on.
+
+    :param headers: the request headers from :func:`websocket_handshake`.
+    :param base_response: the status line, ``Upgrade`` and ``Connection``
+        lines as ``bytes`` ending with CRLF (:data:`RFC6455_BASE_RESPONSE`,
+        what :func:`websocket_handshake` passes); a ``str`` is encoded as
+        latin-1.
+    """
+    return _rfc6455(
+        _Headers(headers),
+        base_response,
+        subprotocols=subprotocols,
+        compression=compression,
+    ).response
+
+
+# -- hixie-75 and hixie-76 ------------------------------------------------------
+
+
+def _hixie_origin(headers):
+    origin = headers.get("Origin")
+    if origin is None or not origin.strip():
+        raise HandShakeFailed(
+            "the Origin header is missing; the hixie drafts require it",
+            header="Origin",
+        )
+    return origin.strip()
+
+
+def _hixie_subprotocol(headers, name, subprotocols):
+    """The subprotocol to echo: the client's, if ``subprotocols`` allows it.
+
+    The hixie drafts offer one subprotocol and the client fails the
+    connection unless the server echoes it. With no ``subprotocols`` the
+    client's value is echoed, as the 2010 library did.
+    """
+    if isinstance(subprotocols, str):
+        subprotocols = (subprotocols,)
+    protocol = headers.get(name)
+    if protocol is None:
+        return None
+    if not protocol or not all(" " <= char <= "~" for char in protocol):
+        raise HandShakeFailed(header=name, value=protocol)
+    if subprotocols and protocol not in subprotocols:
+        return None
+    return protocol
+
+
+def _hixie75(headers, base_response, *, subprotocols=(), secure=None, path=None):
+    origin = _hixie_origin(headers)
+    location = build_location_url(headers, secure=secure, path=path)
+    subprotocol = _hixie_subprotocol(headers, "WebSocket-Protocol", subprotocols)
+    response = [
+        _as_bytes(base_response, "hixie-75"),
+        _header_line("WebSocket-Origin", origin),
+        _header_line("WebSocket-Location", location),
+    ]
+    if subprotocol is not None:
+        response.append(_header_line("WebSocket-Protocol", subprotocol))
+    response.append(b"\r\n")
+    return Handshake(
+        draft="hixie-75",
+        response=b"".join(response),
+        subprotocol=subprotocol,
+        wire_format=WireFormat(draft="hixie-75"),
+    )
+
+
+def handshake_pre76(headers, base_response, *, subprotocols=(), secure=None, path=None):
+    """The handshake of draft-hixie-thewebsocketprotocol-75.
+
+    Returns ``base_response`` followed by ``WebSocket-Origin`` (the client's
+    ``Origin``, which this draft requires), ``WebSocket-Location`` (see
+    :func:`build_location_url`, given ``secure`` and ``path``), the client's
+    ``WebSocket-Protocol`` when it sent one (and ``subprotocols``, if given,
+    holds it), and the blank line. Messages follow at once.
+
+    The caller must have checked the method, the HTTP version, ``Upgrade``,
+    ``Connection`` and the origin policy (:func:`negotiate` does).
+
+    :param headers: the request headers from :func:`websocket_handshake`.
+    :param base_response: the status line, ``Upgrade`` and ``Connection``
+        lines as ``bytes`` ending with CRLF (:data:`HIXIE75_BASE_RESPONSE`,
+        what :func:`websocket_handshake` passes; clients of this draft compare
+        them byte for byte); a ``str`` is encoded as latin-1.
+    """
+    return _hixie75(
+        _Headers(headers),
+        base_response,
+        subprotocols=subprotocols,
+        secure=secure,
+        path=path,
+    ).response
+
+
+def _hixie76_key_part(headers, name):
+    """``key-number / spaces`` of ``Sec-WebSocket-Key1`` or ``-Key2``."""
+    key = headers.get(name)
+    if key is None:
+        raise HandShakeFailed(f"the {name} header is missing", header=name)
+    digits = "".join(char for char in key if char in "0123456789").lstrip("0")
+    spaces = key.count(" ")
+    if not any(char in "0123456789" for char in key):
+        raise HandShakeFailed(f"{name} holds no digits", header=name, value=key)
+    if spaces == 0:
+        raise HandShakeFailed(f"{name} holds no spaces", header=name, value=key)
+    # Compare lengths first: a key of thousands of digits must not reach int().
+    if len(digits) > 10 or int(digits or "0") > 0xFFFFFFFF:
+        raise HandShakeFailed(
+            f"the number in {name} is larger than 4294967295", header=name, value=key
+        )
+    number = int(digits or "0")
+    part, remainder = divmod(number, spaces)
+    if remainder:
+        raise HandShakeFailed(
+            f"the number in {name} is not a multiple of its {spaces} spaces",
+            header=name,
+            value=key,
+        )
+    return part
+
+
+def _challenge_response(headers, key3):
+    part1 = _hixie76_key_part(headers, "Sec-WebSocket-Key1")
+    part2 = _hixie76_key_part(headers, "Sec-WebSocket-Key2")
+    if key3 is None:
+        raise HandShakeFailed(f"{_KEY3} are missing")
+    if not isinstance(key3, (bytes, bytearray, memoryview)):
+        raise TypeError(f"key3 must be bytes, not {type(key3).__name__}")
+    key3 = bytes(key3)
+    if len(key3) != 8:
+        raise HandShakeFailed(f"{_KEY3} must be 8 bytes, got {len(key3)}", value=key3)
+    return hashlib.md5(struct.pack(">II", part1, part2) + key3).digest()
+
+
+def _hixie76(
+    headers, base_response, *, key3=None, subprotocols=(), secure=None, path=None
+):
+    answer = _challenge_response(headers, key3)
+    origin = _hixie_origin(headers)
+    location = build_location_url(headers, secure=secure, path=path)
+    subprotocol = _hixie_subprotocol(headers, "Sec-WebSocket-Protocol", subprotocols)
+    response = [
+        _as_bytes(base_response, "hixie-76"),
+        _header_line("Sec-WebSocket-Origin", origin),
+        _header_line("Sec-WebSocket-Location", location),
+    ]
+    if subprotocol is not None:
+        response.append(_header_line("Sec-WebSocket-Protocol", subprotocol))
+    response.append(b"\r\n")
+    response.append(answer)
+    return Handshake(
+        draft="hixie-76",
+        response=b"".join(response),
+        subprotocol=subprotocol,
+        wire_format=WireFormat(draft="hixie-76"),
+    )
+
+
+def handshake_v76(
+    headers, base_response, *, key3=None, subprotocols=(), secure=None, path=None
+):
+    """The handshake of draft-hixie-thewebsocketprotocol-76.
+
+    ``key3`` is the 8 bytes the client sends after its request headers (no
+    ``Content-Length`` announces them: the caller reads them from the
+    connection). The answer to the challenge is the MD5 of
+    ``Sec-WebSocket-Key1`` and ``-Key2`` (each the number formed by its
+    digits divided by its count of spaces, as a 32-bit big-endian integer)
+    followed by ``key3``. A malformed key, or ``key3`` missing or not 8 bytes,
+    raises :class:`HandShakeFailed` naming it.
+
+    Returns ``base_response``, ``Sec-WebSocket-Origin``,
+    ``Sec-WebSocket-Location``, ``Sec-WebSocket-Protocol`` (echoed as in
+    :func:`handshake_pre76`), the blank line and the 16-byte answer.
+
+    The caller must have checked the method, the HTTP version, ``Upgrade``,
+    ``Connection`` and the origin policy (:func:`negotiate` does).
+
+    :param headers: the request headers from :func:`websocket_handshake`.
+    :param base_response: the status line, ``Upgrade`` and ``Connection``
+        lines as ``bytes`` ending with CRLF (:data:`HIXIE76_BASE_RESPONSE`,
+        what :func:`websocket_handshake` passes); a ``str`` is encoded as
+        latin-1.
+    """
+    return _hixie76(
+        _Headers(headers),
+        base_response,
+        key3=key3,
+        subprotocols=subprotocols,
+        secure=secure,
+        path=path,
+    ).response
+
+
+# -- the common part ----------------------------------------------------------
+
+
+def requested_draft(headers):
+    """The draft an upgrade request asks for: ``"rfc6455"``, ``"hixie-76"``
+    or ``"hixie-75"``.
+
+    A server calls this to know whether to read the 8 bytes of ``key3``
+    (``"hixie-76"``) before calling :func:`negotiate`. It checks nothing else.
+    """
+    headers = _Headers(headers)
+    if headers.get("Sec-WebSocket-Version") is not None:
+        return "rfc6455"
+    if (
+        headers.get("Sec-WebSocket-Key1") is not None
+        or headers.get("Sec-WebSocket-Key2") is not None
+    ):
+        return "hixie-76"
+    return "hixie-75"
+
+
+def _normalise_versions(versions):
+    if isinstance(versions, (str, int)):
+        versions = (versions,)
+    versions = tuple(str(version) for version in versions)
+    unknown = [version for version in versions if version not in _DRAFT_OF_VERSION]
+    if unknown or not versions:
+        raise IncorrectlyConfigured(
+            f"versions must be a non-empty subset of {ALL_VERSIONS!r}, got {versions!r}"
+        )
+    return versions
+
+
+def _unsupported(draft, versions, value=None):
+    spoken = ", ".join(_DRAFT_TITLE[_DRAFT_OF_VERSION[v]] for v in versions)
+    if draft is None:
+        what = f"WebSocket version {value!r}"
+    else:
+        what = _DRAFT_TITLE[draft]
+    return UnsupportedVersion(
+        f"this server does not speak {what}; it speaks {spoken}",
+        header="Sec-WebSocket-Version",
+        value=value,
+        headers=[("Sec-WebSocket-Version", "13")] if "13" in versions else [],
+    )
+
+
+def _check_request(headers):
+    """The checks common to every draft, in the order a client hits them."""
+    upgrade = headers.get("Upgrade")
+    if upgrade is None or "websocket" not in _tokens(upgrade):
+        raise NotWebSocketRequest(
+            _NOT_WEBSOCKET,
+            header="Upgrade",
+            value=upgrade,
+            headers=[("Upgrade", "websocket")],
+        )
+    method = headers.environ_get("REQUEST_METHOD")
+    if method is not None and method != "GET":
+        raise HandShakeFailed(
+            f"WebSocket upgrade requires GET, not {method}", value=method
+        )
+    protocol = headers.environ_get("SERVER_PROTOCOL")
+    if protocol is not None:
+        match = re.fullmatch(r"HTTP/(\d+)\.(\d+)", protocol)
+        if match is None or (int(match.group(1)), int(match.group(2))) < (1, 1):
+            raise HandShakeFailed(
+                f"WebSocket upgrade requires HTTP/1.1, not {protocol}",
+                value=protocol,
+            )
+    connection = headers.get("Connection")
+    if "upgrade" not in _tokens(connection):
+        raise HandShakeFailed(
+            "the Connection header must hold the token 'Upgrade'",
+            header="Connection",
+            value=connection,
+        )
+    _host(headers)
+
+
+def negotiate(
+    headers,
+    allowed_origins=None,
+    *,
+    key3=None,
+    subprotocols=(),
+    versions=ALL_VERSIONS,
+    compression=True,
+    secure=None,
+    path=None,
+):
+    """Check an upgrade request and answer it: returns a :class:`Handshake`.
+
+    In order: ``Upgrade`` must hold the token ``websocket``
+    (:class:`NotWebSocketRequest`, 426, otherwise: a plain browser GET); the
+    method must be GET and the HTTP version at least 1.1 when the environ
+    says; ``Connection`` must hold the token ``upgrade``; ``Host`` must be
+    there. Then the draft: ``Sec-WebSocket-Version`` asks for RFC 6455 (only
+    version 13), ``Sec-WebSocket-Key1``/``Key2`` for hixie-76, neither for
+    hixie-75; a version or draft not in ``versions`` raises
+    :class:`UnsupportedVersion` (426, with ``Sec-WebSocket-Version: 13``).
+    Then the origin policy (:class:`InvalidOrigin`, 403; see the module
+    docstring) and the draft's own checks. Every other refusal is a
+    :class:`HandShakeFailed` (400) whose ``header`` names what is wrong.
+
+    :param headers: ``request.headers`` or any mapping of headers.
+    :param allowed_origins: ``None`` for same-origin only, or an iterable of
+        origins (``"https://example.com"``), possibly holding ``"*"``.
+    :param key3: hixie-76 only: the 8 bytes after the request headers (see
+        :func:`requested_draft`).
+    :param subprotocols: the subprotocols this server speaks, preferred
+        first; the first one the client offers is selected.
+    :param versions: the drafts to accept, among ``"13"`` (RFC 6455),
+        ``"76"`` and ``"75"``.
+    :param compression: accept permessage-deflate (RFC 7692) when offered.
+    :param secure: whether the connection is TLS, for the hixie Location
+        URL; by default from ``environ['wsgi.url_scheme']``.
+    :param path: the resource path for the hixie Location URL; by default
+        from the environ.
+    """
+    versions = _normalise_versions(versions)
+    headers = _Headers(headers)
+    _check_request(headers)
+
+    version = headers.get("Sec-WebSocket-Version")
+    if version is not None:
+        version = version.strip()
+        if "," in version:
+            raise HandShakeFailed(
+                "Sec-WebSocket-Version was sent more than once",
+                header="Sec-WebSocket-Version",
+                value=version,
+            )
+        if version != "13" or "13" not in versions:
+            raise _unsupported(None, versions, version)
+        draft = "rfc6455"
+    else:
+        draft = requested_draft(headers)
+        if _VERSION_OF_DRAFT[draft] not in versions:
+            raise _unsupported(draft, versions)
+
+    _check_origin(headers, allowed_origins)
+
+    base_response = _BASE_RESPONSE[draft]
+    if draft == "rfc6455":
+        return _rfc6455(
+            headers, base_response, subprotocols=subprotocols, compression=compression
+        )
+    if draft == "hixie-76":
+        return _hixie76(
+            headers,
+            base_response,
+            key3=key3,
+            subprotocols=subprotocols,
+            secure=secure,
+            path=path,
+        )
+    return _hixie75(
+        headers, base_response, subprotocols=subprotocols, secure=secure, path=path
+    )
+
+
+def websocket_handshake(
+    headers,
+    allowed_origins=None,
+    *,
+    key3=None,
+    subprotocols=(),
+    versions=ALL_VERSIONS,
+    compression=False,
+    secure=None,
+    path=None,
+):
+    """Perform the WebSocket handshake; returns the bytes to send back.
+
+    The 2010 entry point: ``negotiate(...).response`` (see :func:`negotiate`
+    for the checks and the options). ``compression`` is off by default here,
+    because a caller that gets only the bytes cannot learn the deflate
+    parameters it would have to frame messages with.
+
+    :param headers: ``request.headers`` (``webob.headers.EnvironHeaders``) or
+        any mapping of headers.
+    :raises HandShakeFailed: and its subclasses, among them
+        :class:`InvalidOrigin`.
+    """
+    return negotiate(
+        headers,
+        allowed_origins,
+        key3=key3,
+        subprotocols=subprotocols,
+        versions=versions,
+        compression=compression,
+        secure=secure,
+        path=path,
+    ).response
