@@ -4,6 +4,8 @@ import base64
 import hashlib
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from webob import Request
 from websockets.client import ClientProtocol
 from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
@@ -964,3 +966,79 @@ def test_origin_policy_applies_to_hixie_drafts():
         websocket_handshake(hixie75_request(Origin="http://evil.com"))
     result = negotiate(request, key3=HIXIE76_KEY3, allowed_origins=["http://evil.com"])
     assert b"Sec-WebSocket-Origin: http://evil.com\r\n" in result.response
+
+
+# -- whatever the client sends, a refusal is a HandShakeFailed ----------------------
+
+header_text = st.text(st.characters(max_codepoint=0x17F), max_size=40)
+HEADER_NAMES = [
+    "Host",
+    "Upgrade",
+    "Connection",
+    "Origin",
+    "Sec-WebSocket-Origin",
+    "Sec-WebSocket-Key",
+    "Sec-WebSocket-Version",
+    "Sec-WebSocket-Protocol",
+    "Sec-WebSocket-Extensions",
+    "Sec-WebSocket-Key1",
+    "Sec-WebSocket-Key2",
+    "WebSocket-Protocol",
+]
+
+
+def _head_lines(response):
+    head, sep, _ = response.partition(b"\r\n\r\n")
+    assert sep
+    return head.split(b"\r\n")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    base=st.sampled_from([rfc_request, hixie76_request, hixie75_request]),
+    changes=st.dictionaries(
+        st.sampled_from(HEADER_NAMES), st.none() | header_text, max_size=4
+    ),
+    key3=st.none() | st.binary(max_size=10),
+    allowed=st.sampled_from([None, "*", ["http://example.com"]]),
+)
+def test_any_request_is_answered_or_refused_with_handshake_failed(
+    base, changes, key3, allowed
+):
+    request = _apply(base(), changes)
+    try:
+        result = negotiate(request, allowed, key3=key3, subprotocols=["chat", "sample"])
+    except HandShakeFailed as exc:
+        assert exc.status in (400, 403, 426)
+        assert exc.reason
+        return
+    # Nothing the client sent adds a line to the response.
+    expected = {"rfc6455": 4, "hixie-76": 5, "hixie-75": 5}[result.draft]
+    lines = _head_lines(result.response)
+    assert expected <= len(lines) <= expected + 2
+    assert all(b"\n" not in line and b"\r" not in line for line in lines)
+
+
+@settings(max_examples=300, deadline=None)
+@given(key1=header_text, key2=header_text)
+def test_any_hixie76_keys_give_an_answer_or_handshake_failed(key1, key2):
+    request = hixie76_request(Sec_WebSocket_Key1=key1, Sec_WebSocket_Key2=key2)
+    try:
+        result = negotiate(request, key3=HIXIE76_KEY3)
+    except HandShakeFailed as exc:
+        assert exc.header in ("Sec-WebSocket-Key1", "Sec-WebSocket-Key2")
+        return
+    assert len(result.response.partition(b"\r\n\r\n")[2]) == 16
+
+
+@settings(max_examples=100, deadline=None)
+@given(key=st.binary(min_size=16, max_size=16))
+def test_websockets_client_accepts_any_key(key):
+    client = ClientProtocol(parse_uri("ws://example.com/"))
+    client.key = base64.b64encode(key).decode()  # what connect() sends
+    request = client.connect()
+    assert request.headers["Sec-WebSocket-Key"] == client.key
+    client.send_request(request)
+    result = negotiate(dict(request.headers.raw_items()))
+    client.receive_data(result.response)
+    assert client.state is State.OPEN
