@@ -1,0 +1,501 @@
+"""WebSocket framing without I/O: RFC 6455 frames, the hixie drafts, masking.
+
+Bytes go in, frames come out; nothing here reads or writes a socket.
+
+* :class:`Frame` and :class:`Opcode` describe one RFC 6455 frame;
+  :func:`serialize_frame` turns it into bytes and :class:`FrameParser` turns
+  bytes, arriving in pieces of any size, back into frames, checking the
+  framing rules a server must enforce (reserved bits, opcodes, control frame
+  limits, client masking, the size limit announced by the header).
+* :func:`parse_close` and :func:`serialize_close` handle close frame bodies.
+* :class:`HixieParser` and :func:`encode_hixie_text` /
+  :func:`encode_hixie_binary` handle drafts hixie-75 and hixie-76.
+* :class:`WireFormat` names how messages are put on the wire for one
+  connection and :func:`encode_message` produces the complete bytes of one
+  message for it. ``encode_message`` is a pure function of its arguments, so
+  a broadcaster may encode once per wire format and write the same bytes to
+  every listener.
+"""
+
+import dataclasses
+import enum
+import struct
+
+from stargate import deflate as _deflate
+from stargate.exceptions import InvalidPayload, PayloadTooBig, ProtocolError
+
+__all__ = [
+    "Opcode",
+    "Frame",
+    "FrameParser",
+    "HixieParser",
+    "WireFormat",
+    "DRAFTS",
+    "HIXIE_CLOSE",
+    "apply_mask",
+    "serialize_frame",
+    "parse_close",
+    "serialize_close",
+    "is_valid_close_code",
+    "encode_hixie_text",
+    "encode_hixie_binary",
+    "encode_message",
+]
+
+
+class Opcode(enum.IntEnum):
+    """Frame opcodes defined by RFC 6455 section 5.2."""
+
+    CONT = 0x0
+    TEXT = 0x1
+    BINARY = 0x2
+    CLOSE = 0x8
+    PING = 0x9
+    PONG = 0xA
+
+
+_VALID_OPCODES = frozenset(int(op) for op in Opcode)
+_DATA_OPCODES = (0x0, 0x1, 0x2)
+
+#: Largest payload of a control frame (RFC 6455 section 5.5).
+MAX_CONTROL_PAYLOAD = 125
+
+
+@dataclasses.dataclass(frozen=True)
+class Frame:
+    """One RFC 6455 frame. ``payload`` is unmasked."""
+
+    opcode: Opcode
+    payload: bytes = b""
+    fin: bool = True
+    rsv1: bool = False
+    rsv2: bool = False
+    rsv3: bool = False
+
+    @property
+    def is_control(self):
+        """True for close, ping and pong frames."""
+        return self.opcode >= 0x8
+
+
+def apply_mask(data, mask):
+    """Return ``data`` XOR-ed with the repeated 4-byte ``mask``.
+
+    Masking and unmasking are the same operation. The whole payload is
+    XOR-ed as one big integer, which runs at C speed in CPython.
+    """
+    if len(mask) != 4:
+        raise ValueError(f"mask must be 4 bytes, got {len(mask)}")
+    n = len(data)
+    if not n:
+        return b""
+    mask = bytes(mask)
+    key = mask * (n >> 2) + mask[: n & 3]
+    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(
+        n, "little"
+    )
+
+
+def _header(first_byte, length, mask_bit=0):
+    if length < 126:
+        return bytes((first_byte, mask_bit | length))
+    if length < 0x10000:
+        return struct.pack("!BBH", first_byte, mask_bit | 126, length)
+    return struct.pack("!BBQ", first_byte, mask_bit | 127, length)
+
+
+def serialize_frame(frame, mask=None):
+    """Return the bytes of ``frame``; masked with the 4-byte ``mask`` if given.
+
+    Lengths use the shortest of the 7, 16 and 64-bit encodings. A server
+    never masks (``mask=None``); clients, and tests playing one, do.
+    """
+    first = (
+        (0x80 if frame.fin else 0)
+        | (0x40 if frame.rsv1 else 0)
+        | (0x20 if frame.rsv2 else 0)
+        | (0x10 if frame.rsv3 else 0)
+        | int(frame.opcode)
+    )
+    payload = frame.payload
+    if mask is None:
+        return _header(first, len(payload)) + bytes(payload)
+    mask = bytes(mask)
+    return _header(first, len(payload), 0x80) + mask + apply_mask(payload, mask)
+
+
+class FrameParser:
+    """Incremental RFC 6455 frame parser for the server side.
+
+    :meth:`feed` it bytes as they arrive, then call :meth:`next_frame` until
+    it returns ``None`` (more bytes needed). ``next_frame`` raises
+    :class:`~stargate.exceptions.ProtocolError` (close code 1002) for:
+
+    * RSV2 or RSV3 set (no negotiated extension defines them);
+    * RSV1 set unless ``allow_rsv1`` (permessage-deflate was negotiated), and
+      RSV1 on anything but a text or binary frame even then;
+    * an opcode RFC 6455 does not define (3-7, 11-15);
+    * a control frame that is fragmented or carries more than 125 bytes;
+    * an unmasked frame when ``require_mask`` (client frames must be masked);
+    * a 64-bit length with the most significant bit set.
+
+    and :class:`~stargate.exceptions.PayloadTooBig` (1009) as soon as a data
+    frame header announces a payload over the limit given to ``next_frame``,
+    before any of that payload is buffered. Lengths that are not minimally
+    encoded are accepted (RFC 6455 puts that duty on the sender).
+
+    Message-level rules (continuations, UTF-8, message size across
+    fragments) belong to :class:`stargate.protocol.ServerProtocol`.
+    """
+
+    __slots__ = ("_buf", "_pos", "require_mask", "allow_rsv1")
+
+    def __init__(self, *, require_mask=True, allow_rsv1=False):
+        self._buf = b""
+        self._pos = 0
+        self.require_mask = require_mask
+        self.allow_rsv1 = allow_rsv1
+
+    def feed(self, data):
+        """Append received bytes."""
+        buf = self._buf
+        pos = self._pos
+        if pos >= len(buf):
+            self._buf = data if type(data) is bytes else bytes(data)
+            self._pos = 0
+            return
+        if type(buf) is not bytearray:
+            buf = bytearray(buf[pos:])
+        elif pos:
+            del buf[:pos]
+        buf += data
+        self._buf = buf
+        self._pos = 0
+
+    @property
+    def buffered(self):
+        """Number of received bytes not yet returned as frames."""
+        return len(self._buf) - self._pos
+
+    def next_frame(self, max_size=None, max_rsv1_size=None):
+        """Return the next complete :class:`Frame`, or ``None``.
+
+        ``max_size`` limits the payload of a data frame, ``max_rsv1_size``
+        that of a data frame with RSV1 set (a compressed frame, whose wire
+        size is not its message size); ``None`` means no limit.
+        """
+        parsed = self._next(max_size, max_rsv1_size)
+        if parsed is None:
+            return None
+        opcode, payload, fin, rsv1 = parsed
+        return Frame(Opcode(opcode), payload, fin, rsv1)
+
+    def _next(self, max_size, max_rsv1_size):
+        # Hot path: returns (opcode, payload, fin, rsv1) as plain values.
+        buf = self._buf
+        pos = self._pos
+        avail = len(buf) - pos
+        if avail < 2:
+            return None
+        b0 = buf[pos]
+        b1 = buf[pos + 1]
+        opcode = b0 & 0x0F
+        if b0 & 0x30:
+            raise ProtocolError("reserved bit RSV2 or RSV3 set")
+        rsv1 = bool(b0 & 0x40)
+        if opcode not in _VALID_OPCODES:
+            raise ProtocolError(f"unknown opcode {opcode}")
+        fin = bool(b0 & 0x80)
+        length = b1 & 0x7F
+        if opcode & 0x08:
+            if rsv1:
+                raise ProtocolError("reserved bit RSV1 set on a control frame")
+            if not fin:
+                raise ProtocolError("fragmented control frame")
+            if length > MAX_CONTROL_PAYLOAD:
+                raise ProtocolError("control frame payload over 125 bytes")
+        elif rsv1:
+            if not self.allow_rsv1:
+                raise ProtocolError("reserved bit RSV1 set without an extension")
+            if opcode == 0:
+                raise ProtocolError("reserved bit RSV1 set on a continuation frame")
+        masked = b1 & 0x80
+        if not masked and self.require_mask:
+            raise ProtocolError("client frame is not masked")
+        start = pos + 2
+        if length == 126:
+            if avail < 4:
+                return None
+            length = (buf[pos + 2] << 8) | buf[pos + 3]
+            start = pos + 4
+        elif length == 127:
+            if avail < 10:
+                return None
+            length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+            if length >> 63:
+                raise ProtocolError("64-bit payload length has its top bit set")
+            start = pos + 10
+        if not opcode & 0x08:
+            limit = max_rsv1_size if rsv1 else max_size
+            if limit is not None and length > limit:
+                raise PayloadTooBig(
+                    f"frame of {length} bytes is over the limit of {limit} bytes"
+                )
+        if masked:
+            start += 4
+        end = start + length
+        if end > len(buf):
+            return None
+        if masked:
+            payload = apply_mask(buf[start:end], buf[start - 4 : start])
+        else:
+            payload = bytes(buf[start:end])
+        self._pos = end
+        return opcode, payload, fin, rsv1
+
+
+# Close codes (RFC 6455 section 7.4 and the IANA registry).
+_VALID_CLOSE_CODES = frozenset(
+    [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014]
+)
+
+
+def is_valid_close_code(code):
+    """Whether ``code`` may appear in a close frame.
+
+    Valid: 1000-1003, 1007-1011, the IANA-registered 1012-1014, and
+    3000-4999 (libraries and applications). 1004, 1005, 1006 and 1015 are
+    reserved and never sent; everything else is unassigned.
+    """
+    return code in _VALID_CLOSE_CODES or 3000 <= code <= 4999
+
+
+def parse_close(payload):
+    """Return ``(code, reason)`` from the body of a received close frame.
+
+    An empty body gives ``(1005, "")`` (RFC 6455 7.1.5: no status code).
+    Raises :class:`~stargate.exceptions.ProtocolError` (1002) for a 1-byte
+    body or an invalid code, and :class:`~stargate.exceptions.InvalidPayload`
+    (1007) when the reason is not UTF-8.
+    """
+    if not payload:
+        return 1005, ""
+    if len(payload) == 1:
+        raise ProtocolError("close frame body of 1 byte")
+    code = (payload[0] << 8) | payload[1]
+    if not is_valid_close_code(code):
+        raise ProtocolError(f"invalid close code {code}")
+    try:
+        reason = bytes(payload[2:]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidPayload("close reason is not valid UTF-8") from None
+    return code, reason
+
+
+def serialize_close(code=1000, reason=""):
+    """Return the body of a close frame with ``code`` and ``reason``.
+
+    ``code=None`` gives an empty body (no status code; ``reason`` must then
+    be empty). Raises :class:`ValueError` for a code that may not be sent or
+    a reason over 123 bytes once encoded as UTF-8.
+    """
+    if code is None:
+        if reason:
+            raise ValueError("a close reason needs a close code")
+        return b""
+    if not isinstance(code, int) or not is_valid_close_code(code):
+        raise ValueError(f"invalid close code {code!r}")
+    data = reason.encode("utf-8")
+    if len(data) > MAX_CONTROL_PAYLOAD - 2:
+        raise ValueError(f"close reason is {len(data)} bytes long, over 123")
+    return struct.pack("!H", code) + data
+
+
+# ---------------------------------------------------------------- hixie drafts
+
+#: The hixie-76 close frame (type 0xFF, length 0).
+HIXIE_CLOSE = b"\xff\x00"
+
+
+def encode_hixie_text(text):
+    """Return a hixie text frame: ``0x00``, the UTF-8 text, ``0xFF``."""
+    return b"\x00" + text.encode("utf-8") + b"\xff"
+
+
+def _hixie_length(n):
+    groups = [n & 0x7F]
+    n >>= 7
+    while n:
+        groups.append(0x80 | (n & 0x7F))
+        n >>= 7
+    return bytes(reversed(groups))
+
+
+def encode_hixie_binary(data):
+    """Return a hixie length-prefixed frame: ``0x80``, the length, the data.
+
+    The length is big-endian in 7-bit groups, the high bit set on every
+    group but the last. Browsers of the hixie era discard such frames.
+    """
+    return b"\x80" + _hixie_length(len(data)) + bytes(data)
+
+
+class HixieParser:
+    """Incremental parser for frames of drafts hixie-75 and hixie-76.
+
+    Frames whose type byte has the high bit clear run to a ``0xFF``
+    sentinel; type ``0x00`` is text, others are discarded. Frames whose type
+    byte has the high bit set carry a length in 7-bit groups and are
+    discarded, except ``0xFF 0x00``, which closes the connection (hixie-76;
+    a hixie-75 client never sends it, so it is taken as a close there too).
+
+    :meth:`next_frame` returns a :class:`Frame` with opcode ``TEXT`` (the
+    raw UTF-8 payload, not validated here) or ``CLOSE``, or ``None``. It
+    raises :class:`~stargate.exceptions.PayloadTooBig` when a text frame
+    grows past ``max_size`` before its sentinel arrives, or when a
+    length-prefixed frame announces more than ``max_size`` bytes.
+    Discarded bytes are dropped as they arrive, never buffered.
+    """
+
+    __slots__ = ("_buf", "_scan", "_skip", "_discarding")
+
+    def __init__(self):
+        self._buf = bytearray()
+        self._scan = 1  # where to resume looking for the 0xFF sentinel
+        self._skip = 0  # bytes of a length-prefixed frame still to drop
+        self._discarding = False  # inside a non-text sentinel frame
+
+    def feed(self, data):
+        """Append received bytes."""
+        self._buf += data
+
+    def next_frame(self, max_size=None):
+        """Return the next text or close :class:`Frame`, or ``None``."""
+        parsed = self._next(max_size)
+        if parsed is None:
+            return None
+        return Frame(Opcode(parsed[0]), parsed[1])
+
+    def _next(self, max_size):
+        buf = self._buf
+        while True:
+            if self._skip:
+                n = min(self._skip, len(buf))
+                del buf[:n]
+                self._skip -= n
+                if self._skip:
+                    return None
+            if self._discarding:
+                end = buf.find(b"\xff")
+                if end < 0:
+                    buf.clear()
+                    return None
+                del buf[: end + 1]
+                self._discarding = False
+            if not buf:
+                return None
+            frame_type = buf[0]
+            if frame_type & 0x80:
+                length = 0
+                i = 1
+                while True:
+                    if i >= len(buf):
+                        return None
+                    b = buf[i]
+                    length = (length << 7) | (b & 0x7F)
+                    i += 1
+                    if max_size is not None and length > max_size:
+                        raise PayloadTooBig(
+                            f"hixie frame of over {max_size} bytes announced"
+                        )
+                    if i > 10:
+                        raise ProtocolError("hixie frame length is too long")
+                    if not b & 0x80:
+                        break
+                del buf[:i]
+                if frame_type == 0xFF and length == 0:
+                    return Opcode.CLOSE, b""
+                self._skip = length
+                continue
+            if frame_type != 0x00:
+                del buf[:1]
+                self._discarding = True
+                continue
+            end = buf.find(b"\xff", self._scan)
+            if end < 0:
+                if max_size is not None and len(buf) - 1 > max_size:
+                    raise PayloadTooBig(
+                        f"hixie text frame over the limit of {max_size} bytes"
+                    )
+                self._scan = len(buf)
+                return None
+            if max_size is not None and end - 1 > max_size:
+                raise PayloadTooBig(
+                    f"hixie text frame over the limit of {max_size} bytes"
+                )
+            payload = bytes(buf[1:end])
+            del buf[: end + 1]
+            self._scan = 1
+            return Opcode.TEXT, payload
+
+
+# ---------------------------------------------------------------- wire formats
+
+#: The drafts :class:`WireFormat` knows, newest first.
+DRAFTS = ("rfc6455", "hixie-76", "hixie-75")
+
+
+@dataclasses.dataclass(frozen=True)
+class WireFormat:
+    """How messages are put on the wire for one connection.
+
+    ``draft`` is one of :data:`DRAFTS`; ``deflate`` holds the negotiated
+    permessage-deflate parameters (RFC 6455 only) or ``None``. Hashable, so
+    it can key a cache of encoded messages.
+    """
+
+    draft: str = "rfc6455"
+    deflate: "_deflate.DeflateParams | None" = None
+
+    def __post_init__(self):
+        if self.draft not in DRAFTS:
+            raise ValueError(f"unknown draft {self.draft!r}, expected one of {DRAFTS}")
+        if self.deflate is not None and self.draft != "rfc6455":
+            raise ValueError(f"{self.draft} cannot use permessage-deflate")
+
+    @property
+    def is_hixie(self):
+        """True for the hixie-75 and hixie-76 drafts."""
+        return self.draft != "rfc6455"
+
+
+_RFC6455 = WireFormat()
+
+
+def encode_message(message, wire_format=_RFC6455):
+    """Return the complete bytes that send ``message`` with ``wire_format``.
+
+    ``str`` is sent as text, ``bytes`` (and ``bytearray``, ``memoryview``)
+    as binary, in a single unmasked frame, compressed with RSV1 set when
+    ``wire_format.deflate`` is set. Hixie drafts get a ``0x00 ... 0xFF``
+    text frame or a ``0x80`` length-prefixed binary frame.
+
+    A pure function of its arguments: callers may cache the result per
+    ``(message, wire_format)``. Raises :class:`TypeError` for other types.
+    """
+    if isinstance(message, str):
+        if wire_format.draft != "rfc6455":
+            return encode_hixie_text(message)
+        first = 0x81
+        payload = message.encode("utf-8")
+    elif isinstance(message, (bytes, bytearray, memoryview)):
+        if wire_format.draft != "rfc6455":
+            return encode_hixie_binary(message)
+        first = 0x82
+        payload = bytes(message)
+    else:
+        raise TypeError(f"message must be str or bytes, not {type(message).__name__}")
+    if wire_format.deflate is not None:
+        payload = _deflate.compress(payload, wire_format.deflate)
+        first |= 0x40
+    return _header(first, len(payload)) + payload

@@ -1,0 +1,485 @@
+"""The WebSocket connection state machine, server side, without I/O.
+
+:class:`ServerProtocol` takes received bytes (:meth:`~ServerProtocol.
+receive_data`) and returns events (:meth:`~ServerProtocol.events_received`)
+and bytes to write (:meth:`~ServerProtocol.data_to_send`). It speaks RFC 6455
+(with permessage-deflate when negotiated) and the hixie-75 and hixie-76
+drafts, as the connection's :class:`~stargate.frames.WireFormat` says.
+
+The driver's loop::
+
+    protocol.receive_data(sock.recv(65536))   # or receive_eof() on b""
+    sock.sendall(protocol.data_to_send())
+    for event in protocol.events_received():
+        ...
+    if protocol.should_close_transport:
+        sock.close()
+
+``receive_data`` never raises. A peer that breaks the rules gets a close
+frame with the matching code (1002 framing, 1007 bad UTF-8, 1009 too big),
+the error is kept in :attr:`ServerProtocol.error`, and
+:attr:`~ServerProtocol.should_close_transport` becomes true.
+"""
+
+import codecs
+import dataclasses
+import enum
+
+from stargate import deflate as _deflate
+from stargate import frames as _frames
+from stargate.exceptions import (
+    ConnectionClosed,
+    InvalidPayload,
+    PayloadTooBig,
+    ProtocolError,
+)
+
+__all__ = [
+    "State",
+    "TextMessage",
+    "BinaryMessage",
+    "Ping",
+    "Pong",
+    "CloseReceived",
+    "CloseStatus",
+    "ServerProtocol",
+    "DEFAULT_MAX_MESSAGE_SIZE",
+]
+
+#: Largest message accepted, in bytes (after decompression): 1 MiB, enough
+#: for chat and notifications while bounding memory per connection.
+DEFAULT_MAX_MESSAGE_SIZE = 2**20
+
+
+class State(enum.Enum):
+    """Where a connection is in its life.
+
+    ``OPEN`` until a close frame is sent; ``CLOSING`` while waiting for the
+    peer's close frame; ``CLOSED`` once the closing handshake completed, the
+    connection failed, or the peer went away. ``CLOSED`` is exactly when
+    :attr:`ServerProtocol.should_close_transport` is true.
+    """
+
+    OPEN = 1
+    CLOSING = 2
+    CLOSED = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class TextMessage:
+    """A complete text message."""
+
+    data: str
+
+
+@dataclasses.dataclass(frozen=True)
+class BinaryMessage:
+    """A complete binary message."""
+
+    data: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Ping:
+    """A ping; the protocol has already queued the pong."""
+
+    data: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Pong:
+    """A pong, solicited or not."""
+
+    data: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class CloseReceived:
+    """The peer's close frame. ``code`` is 1005 when it carried none.
+
+    The protocol has already queued its own close frame in reply.
+    """
+
+    code: int
+    reason: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class CloseStatus:
+    """A close frame's content: ``code`` (``None``: empty body) and ``reason``."""
+
+    code: "int | None"
+    reason: str = ""
+
+
+_new_utf8_decoder = codecs.getincrementaldecoder("utf-8")
+
+_CONT, _TEXT, _BINARY = 0x0, 0x1, 0x2
+_CLOSE, _PING, _PONG = 0x8, 0x9, 0xA
+
+
+def _compressed_budget(size):
+    # Wire size allowed for a compressed message of at most ``size`` bytes:
+    # deflate may expand incompressible data slightly (stored blocks,
+    # flushes). The decompressed size is checked exactly by Decompressor.
+    return size + (size >> 3) + 1024
+
+
+class ServerProtocol:
+    """Server side of one WebSocket connection, bytes in, events out.
+
+    ``wire_format`` (a :class:`~stargate.frames.WireFormat`) gives the draft
+    and the negotiated permessage-deflate parameters. ``max_message_size``
+    limits a received message in bytes (decompressed; ``None``: no limit);
+    a bigger one fails the connection with 1009 as soon as a frame header
+    announces it. For hixie drafts it bounds a text frame still waiting for
+    its ``0xFF``.
+
+    Besides the design's API, the driver may use :attr:`wire_format`,
+    :attr:`close_expected` (a close was sent and the peer's is awaited:
+    apply the close timeout) and :attr:`error`.
+    """
+
+    def __init__(
+        self,
+        wire_format=_frames.WireFormat(),
+        *,
+        max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
+    ):
+        self.wire_format = wire_format
+        self.max_message_size = max_message_size
+        self._hixie = wire_format.draft != "rfc6455"
+        params = wire_format.deflate
+        if self._hixie:
+            self._parser = _frames.HixieParser()
+        else:
+            self._parser = _frames.FrameParser(
+                require_mask=True, allow_rsv1=params is not None
+            )
+        self._decompressor = (
+            None if params is None else _deflate.Decompressor(params, max_message_size)
+        )
+        #: The :class:`~stargate.exceptions.ProtocolError` that failed the
+        #: connection, or ``None``.
+        self.error = None
+        self._events = []
+        self._output = []
+        self._close_sent = None
+        self._close_received = None
+        self._closed = False
+        # Message being reassembled.
+        self._msg_opcode = None
+        self._msg_compressed = False
+        self._msg_parts = []
+        self._msg_size = 0
+        self._msg_wire_size = 0
+        self._msg_decoder = None
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def state(self):
+        """The :class:`State`."""
+        if self._closed:
+            return State.CLOSED
+        if self._close_sent is not None:
+            return State.CLOSING
+        return State.OPEN
+
+    @property
+    def close_sent(self):
+        """The :class:`CloseStatus` we sent (truthy), or ``None``."""
+        return self._close_sent
+
+    @property
+    def close_received(self):
+        """The :class:`CloseStatus` the peer sent (truthy), or ``None``.
+
+        Its ``code`` is 1005 when the peer's close frame had no code.
+        """
+        return self._close_received
+
+    @property
+    def close_code(self):
+        """The peer's close code; 1006 if the connection ended without one.
+
+        ``None`` while the connection is neither closed nor closing by the
+        peer.
+        """
+        if self._close_received is not None:
+            return self._close_received.code
+        if self._closed:
+            return 1006
+        return None
+
+    @property
+    def close_reason(self):
+        """The peer's close reason (``""`` when there was none)."""
+        if self._close_received is not None:
+            return self._close_received.reason
+        return ""
+
+    @property
+    def should_close_transport(self):
+        """True once the driver should close the TCP connection.
+
+        After the closing handshake completed (the server closes the TCP
+        connection first, RFC 6455 7.1.1), after :meth:`fail` or a protocol
+        error, after end of file, and after :meth:`send_close` on hixie-75,
+        which has no closing handshake. Write :meth:`data_to_send` first.
+        """
+        return self._closed
+
+    @property
+    def close_expected(self):
+        """True while our close frame is sent and the peer's is awaited."""
+        return self._close_sent is not None and not self._closed
+
+    # ------------------------------------------------------------ receiving
+
+    def receive_data(self, data):
+        """Process bytes received from the peer. Never raises."""
+        if self._closed or not data:
+            return
+        try:
+            self._parser.feed(data)
+            if self._hixie:
+                self._process_hixie()
+            else:
+                self._process()
+        except ProtocolError as exc:
+            self._fail_with(exc)
+        except Exception as exc:  # a bug here must not kill the driver
+            self._fail_with(ProtocolError(f"internal error: {exc!r}", 1011))
+
+    def receive_eof(self):
+        """The peer closed its end of the TCP connection. Never raises."""
+        if self._closed:
+            return
+        self._closed = True
+        self._reset_message()
+
+    def events_received(self):
+        """Return and forget the events received so far."""
+        events = self._events
+        self._events = []
+        return events
+
+    def data_to_send(self):
+        """Return and forget the bytes to write to the peer."""
+        output = self._output
+        if not output:
+            return b""
+        self._output = []
+        return b"".join(output)
+
+    def _process(self):
+        parser = self._parser
+        limit = self.max_message_size
+        events = self._events
+        while not self._closed:
+            # The payload budget of the next data frame.
+            if limit is None:
+                frame_limit = rsv1_limit = None
+            elif self._msg_opcode is None:
+                frame_limit = limit
+                rsv1_limit = _compressed_budget(limit)
+            elif self._msg_compressed:
+                frame_limit = _compressed_budget(limit) - self._msg_wire_size
+                rsv1_limit = frame_limit
+            else:
+                frame_limit = rsv1_limit = limit - self._msg_size
+            parsed = parser._next(frame_limit, rsv1_limit)
+            if parsed is None:
+                return
+            opcode, payload, fin, rsv1 = parsed
+            if opcode < 0x8:
+                if self._close_sent is not None:
+                    continue  # data after our close frame is ignored
+                if fin and opcode and self._msg_opcode is None and not rsv1:
+                    # Fast path: a whole uncompressed message in one frame.
+                    if opcode == _TEXT:
+                        try:
+                            text = payload.decode("utf-8")
+                        except UnicodeDecodeError:
+                            raise InvalidPayload("text message is not UTF-8") from None
+                        events.append(TextMessage(text))
+                    else:
+                        events.append(BinaryMessage(payload))
+                    continue
+                self._data_frame(opcode, payload, fin, rsv1)
+            elif opcode == _CLOSE:
+                self._receive_close(payload)
+            elif opcode == _PING:
+                if self._close_sent is None:
+                    self._output.append(b"\x8a" + bytes((len(payload),)) + payload)
+                events.append(Ping(payload))
+            else:
+                events.append(Pong(payload))
+
+    def _data_frame(self, opcode, payload, fin, rsv1):
+        if opcode == _CONT:
+            if self._msg_opcode is None:
+                raise ProtocolError("continuation frame without a message")
+        else:
+            if self._msg_opcode is not None:
+                raise ProtocolError("new data frame inside a fragmented message")
+            self._msg_opcode = opcode
+            self._msg_compressed = rsv1
+            if opcode == _TEXT:
+                self._msg_decoder = _new_utf8_decoder()
+        if self._msg_compressed:
+            self._msg_wire_size += len(payload)
+            payload = self._decompressor.decompress(payload, fin)
+        self._msg_size += len(payload)
+        limit = self.max_message_size
+        if limit is not None and self._msg_size > limit:
+            raise PayloadTooBig(f"message over the limit of {limit} bytes")
+        if self._msg_opcode == _TEXT:
+            try:
+                self._msg_parts.append(self._msg_decoder.decode(payload, fin))
+            except UnicodeDecodeError:
+                raise InvalidPayload("text message is not UTF-8") from None
+        else:
+            self._msg_parts.append(payload)
+        if fin:
+            parts = self._msg_parts
+            if self._msg_opcode == _TEXT:
+                event = TextMessage("".join(parts))
+            else:
+                event = BinaryMessage(b"".join(parts))
+            self._reset_message()
+            self._events.append(event)
+
+    def _reset_message(self):
+        self._msg_opcode = None
+        self._msg_compressed = False
+        self._msg_parts = []
+        self._msg_size = 0
+        self._msg_wire_size = 0
+        self._msg_decoder = None
+
+    def _receive_close(self, payload):
+        code, reason = _frames.parse_close(payload)
+        self._close_received = CloseStatus(code, reason)
+        if self._close_sent is None:
+            # Echo the peer's code; an empty close gets an empty close.
+            self._queue_close(None if code == 1005 else code, reason)
+        self._closed = True
+        self._reset_message()
+        self._events.append(CloseReceived(code, reason))
+
+    def _process_hixie(self):
+        parser = self._parser
+        while not self._closed:
+            parsed = parser._next(self.max_message_size)
+            if parsed is None:
+                return
+            opcode, payload = parsed
+            if opcode == _CLOSE:
+                self._close_received = CloseStatus(1005, "")
+                if self._close_sent is None:
+                    self._queue_close(None, "")
+                self._closed = True
+                self._events.append(CloseReceived(1005, ""))
+            elif self._close_sent is None:
+                try:
+                    text = payload.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise InvalidPayload("text frame is not UTF-8") from None
+                self._events.append(TextMessage(text))
+
+    # ------------------------------------------------------------ sending
+
+    def _check_open(self):
+        if self._closed or self._close_sent is not None:
+            raise ConnectionClosed(self.close_code or 1006, self.close_reason)
+
+    def send_message(self, message):
+        """Queue a ``str`` (text) or ``bytes`` (binary) message.
+
+        Raises :class:`~stargate.exceptions.ConnectionClosed` once a close
+        frame was sent or received, :class:`TypeError` for other types.
+        """
+        self._check_open()
+        self._output.append(_frames.encode_message(message, self.wire_format))
+
+    def _control(self, opcode, data):
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        data = bytes(data)
+        if len(data) > _frames.MAX_CONTROL_PAYLOAD:
+            raise ValueError(f"control frame payload of {len(data)} bytes, over 125")
+        self._output.append(bytes((0x80 | opcode, len(data))) + data)
+
+    def send_ping(self, data=b""):
+        """Queue a ping; return ``True``. Hixie drafts have no ping: ``False``.
+
+        Raises :class:`~stargate.exceptions.ConnectionClosed` once closing
+        and :class:`ValueError` for a payload over 125 bytes.
+        """
+        self._check_open()
+        if self._hixie:
+            return False
+        self._control(_PING, data)
+        return True
+
+    def send_pong(self, data=b""):
+        """Queue an unsolicited pong; return ``True`` (``False`` on hixie)."""
+        self._check_open()
+        if self._hixie:
+            return False
+        self._control(_PONG, data)
+        return True
+
+    def send_close(self, code=1000, reason=""):
+        """Start the closing handshake; a no-op once a close frame was sent.
+
+        ``code=None`` sends a close frame without a status. Raises
+        :class:`ValueError` for a code that may not be sent or a reason over
+        123 bytes. On hixie-76 this sends ``0xFF 0x00``; hixie-75 has no
+        closing handshake, so the transport should simply close.
+        """
+        if self._close_sent is not None or self._closed:
+            return
+        _frames.serialize_close(code, reason)  # validate before changing state
+        self._queue_close(code, reason)
+        if self.wire_format.draft == "hixie-75":
+            self._closed = True
+
+    def fail(self, code, reason=""):
+        """Fail the connection: send a close frame if none was sent yet, and
+        close the transport without waiting for the peer's reply.
+
+        Drivers use it for timeouts (e.g. 1011) or shutdown (1001). An
+        unsendable ``code`` is replaced by 1011.
+        """
+        if self._closed:
+            return
+        if self._close_sent is None:
+            if code is not None and not _frames.is_valid_close_code(code):
+                code = 1011
+            reason = _truncate_reason(reason)
+            self._queue_close(code, reason)
+        self._closed = True
+        self._reset_message()
+
+    def _fail_with(self, exc):
+        self.error = exc
+        self.fail(exc.close_code, exc.reason)
+
+    def _queue_close(self, code, reason):
+        self._close_sent = CloseStatus(code, reason)
+        draft = self.wire_format.draft
+        if draft == "rfc6455":
+            body = _frames.serialize_close(code, reason)
+            self._output.append(bytes((0x88, len(body))) + body)
+        elif draft == "hixie-76":
+            self._output.append(_frames.HIXIE_CLOSE)
+
+
+def _truncate_reason(reason):
+    data = reason.encode("utf-8")
+    if len(data) <= 123:
+        return reason
+    return data[:123].decode("utf-8", "ignore")
