@@ -35,6 +35,9 @@ log = logging.getLogger("stargate.server")
 #: Concurrent connections one worker serves (eventlet's default is 1024).
 DEFAULT_MAX_CLIENTS = 100_000
 
+#: Set in the environ by stargate's server: ``SERVER_PROTOCOL`` can be trusted.
+TRUE_PROTOCOL_KEY = "stargate.server_protocol_known"
+
 #: A worker that dies sooner than this after starting counts as crashing,
 #: and the supervisor waits before starting another.
 CRASH_WINDOW = 5.0
@@ -124,6 +127,8 @@ def _run_worker(app, sock, *, max_clients, shutdown_timeout, access_log):
 
     from stargate.connection import open_websockets
 
+    HttpProtocol = _http_protocol_class()
+
     stopping = eventlet.Event()
 
     def request_stop(signum, frame):
@@ -136,6 +141,7 @@ def _run_worker(app, sock, *, max_clients, shutdown_timeout, access_log):
         eventlet.wsgi.server,
         sock,
         app,
+        protocol=HttpProtocol,
         log=logging.getLogger("stargate.access"),
         log_output=access_log,
         max_size=max_clients,
@@ -161,6 +167,23 @@ def _run_worker(app, sock, *, max_clients, shutdown_timeout, access_log):
         closers.waitall()
     for websocket in open_websockets():
         websocket.abort()
+
+
+def _http_protocol_class():
+    import eventlet.wsgi
+
+    class HttpProtocol(eventlet.wsgi.HttpProtocol):
+        """eventlet's protocol, but ``SERVER_PROTOCOL`` is the request's own
+        HTTP version (eventlet always says HTTP/1.0), so the handshake can
+        refuse HTTP/1.0 upgrades as RFC 6455 requires."""
+
+        def get_environ(self, *args, **kwargs):
+            environ = super().get_environ(*args, **kwargs)
+            environ["SERVER_PROTOCOL"] = self.request_version
+            environ[TRUE_PROTOCOL_KEY] = True
+            return environ
+
+    return HttpProtocol
 
 
 def _close_going_away(websocket):

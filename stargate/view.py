@@ -22,21 +22,32 @@ import eventlet
 import eventlet.wsgi
 from pyramid.httpexceptions import (
     HTTPBadRequest,
+    HTTPClientError,
     HTTPForbidden,
     HTTPServiceUnavailable,
-    HTTPUpgradeRequired,
 )
 from pyramid.response import Response
+from webob.headers import EnvironHeaders
 
 from stargate import handshake as _handshake
 from stargate.config import get_settings
 from stargate.connection import WebSocket
 from stargate.exceptions import HandShakeFailed, IncorrectlyConfigured
+from stargate.factory import TRUE_PROTOCOL_KEY
 from stargate.protocol import ServerProtocol
 
 __all__ = ["WebSocketView", "IncorrectlyConfigured"]
 
 log = logging.getLogger("stargate.view")
+
+
+class HTTPUpgradeRequired(HTTPClientError):
+    """426 Upgrade Required (RFC 9110), which Pyramid does not define."""
+
+    code = 426
+    title = "Upgrade Required"
+    explanation = "This resource must be reached with a WebSocket."
+
 
 _STATUS_EXCEPTIONS = {
     400: HTTPBadRequest,
@@ -93,6 +104,16 @@ class WebSocketView:
         settings = self.settings
         key3 = None
         headers = request.headers
+        if (
+            "eventlet.input" in environ
+            and environ.get("SERVER_PROTOCOL") == "HTTP/1.0"
+            and not environ.get(TRUE_PROTOCOL_KEY)
+        ):
+            # eventlet.wsgi.server always reports HTTP/1.0: the request's real
+            # version is unknown here, so the handshake must not judge it.
+            trusted = dict(environ)
+            del trusted["SERVER_PROTOCOL"]
+            headers = EnvironHeaders(trusted)
         if "Sec-WebSocket-Key1" in headers and "Sec-WebSocket-Version" not in headers:
             key3 = _read_key3(environ, settings.handshake_timeout)
         try:
