@@ -156,7 +156,8 @@ def parse_extensions(header_value):
 
 
 def _window_bits(value):
-    if value is None or not value.isdigit() or len(value) > 2:
+    # RFC 7692 7.1.2: a decimal integer 8..15 without leading zeros.
+    if value is None or not value.isdigit() or value[0] == "0" or len(value) > 2:
         raise ValueError(f"invalid window bits {value!r}")
     bits = int(value)
     if not 8 <= bits <= 15:
