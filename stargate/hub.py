@@ -1,0 +1,519 @@
+"""The per-process broadcast hub: listener sets, fan-out, pruning, counters.
+
+One :class:`Hub` per process keeps ``channel -> set of WebSocket``. Messages
+travel between processes through a backend (:mod:`stargate.backends`); the
+hub does the local part the same way for every backend:
+
+* :meth:`Hub.add` subscribes the backend when a channel gets its first local
+  listener and registers a close callback, so a listener whose connection
+  ends leaves every channel by itself; :meth:`Hub.remove` unsubscribes after
+  the last one.
+* :meth:`Hub.publish` hands a message to the backend, which calls
+  :meth:`Hub.deliver` in every subscribed process.
+* :meth:`Hub.deliver` encodes the frame once per wire format (never once per
+  listener), walks a snapshot of the channel's set, writes with
+  ``send_prepared`` and prunes the listeners that are dead or were closed for
+  being slow. One bad listener never raises to the caller nor stops delivery
+  to the others.
+
+:func:`get_hub` finds the hub of the running application.
+
+Logging goes to the ``stargate.hub`` logger.
+"""
+
+import dataclasses
+import logging
+import os
+import weakref
+
+from pyramid.threadlocal import get_current_registry
+
+from stargate.backends import load_backend
+from stargate.exceptions import BackendError, BackendUnavailable
+from stargate.frames import encode_message
+
+__all__ = ["Hub", "HubStats", "get_hub", "default_hub"]
+
+logger = logging.getLogger("stargate.hub")
+
+#: Marks a wire format for which the message cannot be encoded (for example
+#: a binary message for a hixie-75/76 client, which has no binary frames).
+_UNENCODABLE = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class HubStats:
+    """A snapshot of a hub's counters, for this process only.
+
+    ``listeners``
+        (channel, listener) pairs attached right now; a listener on two
+        channels counts twice.
+    ``channels``
+        channels with at least one local listener right now.
+    ``messages``
+        messages published through this hub (:meth:`Hub.publish` calls).
+    ``received``
+        messages the backend handed to :meth:`Hub.deliver` (from any
+        process).
+    ``delivered``
+        successful deliveries: one per message per listener that took it
+        (written, or queued in its send buffer).
+    ``pruned_dead``
+        listeners removed because their connection was dead (closed, reset,
+        broken pipe) when a message was sent to them.
+    ``closed_slow``
+        listeners removed because their send buffer overflowed and the
+        connection closed itself with 1013 (``slow_listener="close"``).
+    ``dropped``
+        messages a slow listener did not get because its send buffer was full
+        (``slow_listener="drop"``); the listener stays.
+    ``skipped``
+        deliveries not attempted because the message cannot be put on that
+        listener's wire (a binary message for a hixie-75/76 client).
+
+    Every counter but ``listeners`` and ``channels`` only grows.
+    """
+
+    listeners: int = 0
+    channels: int = 0
+    messages: int = 0
+    received: int = 0
+    delivered: int = 0
+    pruned_dead: int = 0
+    closed_slow: int = 0
+    dropped: int = 0
+    skipped: int = 0
+
+    def as_dict(self):
+        return dataclasses.asdict(self)
+
+
+class ListenerSet:
+    """The live set of local listeners of one channel, as a set-like view.
+
+    Membership, iteration and ``len`` read the hub's current set (iteration
+    walks a snapshot, so it is safe while listeners come and go); ``add``,
+    ``discard``, ``remove`` and ``clear`` go through the hub, so the backend
+    subscription and the close callback stay right.
+    """
+
+    __slots__ = ("hub", "channel")
+
+    def __init__(self, hub, channel):
+        self.hub = hub
+        self.channel = channel
+
+    def _current(self):
+        return self.hub._channels.get(self.channel, ())
+
+    def __contains__(self, ws):
+        return ws in self._current()
+
+    def __iter__(self):
+        return iter(list(self._current()))
+
+    def __len__(self):
+        return len(self._current())
+
+    def __bool__(self):
+        return bool(self._current())
+
+    def __eq__(self, other):
+        if isinstance(other, ListenerSet):
+            other = set(other._current())
+        if isinstance(other, (set, frozenset)):
+            return set(self._current()) == other
+        return NotImplemented
+
+    __hash__ = None
+
+    def add(self, ws):
+        self.hub.add(self.channel, ws)
+
+    def discard(self, ws):
+        self.hub.remove(self.channel, ws)
+
+    def remove(self, ws):
+        if not self.hub.remove(self.channel, ws):
+            raise KeyError(ws)
+
+    def clear(self):
+        for ws in list(self._current()):
+            self.hub.remove(self.channel, ws)
+
+    def copy(self):
+        return set(self._current())
+
+    def __repr__(self):
+        return f"<ListenerSet {self.channel!r}: {len(self)} listeners>"
+
+
+class Hub:
+    """Listener sets keyed by channel, and the local half of every broadcast.
+
+    ``backend`` is a :class:`~stargate.backends.base.Backend` or a
+    ``stargate.backend`` setting value (see
+    :func:`~stargate.backends.load_backend`). The hub starts its backend on
+    :meth:`start`, or by itself the first time it is used.
+
+    All methods are meant to be called from green threads of one process;
+    none of them blocks on a slow listener.
+    """
+
+    def __init__(self, backend="memory", *, name=None):
+        self.backend = load_backend(backend)
+        self.name = name
+        self._channels = {}
+        self._memberships = {}
+        self._watched = weakref.WeakSet()
+        self._started = 0  # the process id the backend was started in
+        self._closed = False
+        self._messages = 0
+        self._received = 0
+        self._delivered = 0
+        self._pruned_dead = 0
+        self._closed_slow = 0
+        self._dropped = 0
+        self._skipped = 0
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self):
+        """Start the backend delivering to this hub. Safe to call twice.
+
+        :meth:`add` and :meth:`publish` call it, so a hub starts by itself in
+        the process that first uses it. A hub started before a fork starts
+        afresh in the child on first use there: it forgets the parent's
+        listeners (their sockets belong to the parent) and calls the
+        backend's ``start`` again, so the backend can open its own
+        connections and receiving green thread in that process.
+        """
+        if self._closed:
+            raise BackendUnavailable("this stargate hub is closed")
+        pid = os.getpid()
+        if self._started == pid:
+            return
+        if self._started:
+            logger.debug("hub %r used in a forked process: starting afresh", self)
+            self._channels.clear()
+            self._memberships.clear()
+            self._watched = weakref.WeakSet()
+        self._started = pid
+        self.backend.start(self.deliver)
+        for channel in list(self._channels):
+            self.backend.subscribe(channel)
+
+    def close(self):
+        """Stop the backend and forget every listener. Safe to call twice.
+
+        The listeners' connections are left open: they belong to their views.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._channels.clear()
+        self._memberships.clear()
+        try:
+            self.backend.close()
+        except Exception:
+            logger.exception("error while closing the backend %r", self.backend)
+
+    @property
+    def closed(self):
+        return self._closed
+
+    # -- listeners ---------------------------------------------------------
+
+    def add(self, channel, ws):
+        """Attach ``ws`` to ``channel``. Adding it twice changes nothing.
+
+        The first local listener of a channel subscribes the backend to it
+        (an error from the backend is raised and the listener is not added).
+        A close callback is registered on ``ws``, so it leaves every channel
+        when its connection ends, however it ends.
+        """
+        if self._started != os.getpid():
+            self.start()
+        listeners = self._channels.get(channel)
+        if listeners is not None and ws in listeners:
+            return
+        if listeners is None:
+            self.backend.subscribe(channel)
+            listeners = self._channels[channel] = set()
+        listeners.add(ws)
+        self._memberships.setdefault(ws, set()).add(channel)
+        self._watch(ws)
+        self._count_changed(channel, len(listeners))
+        if getattr(ws, "closed", False):
+            # It ended before we could watch it: its callback may have run.
+            self._drop_everywhere(ws)
+
+    def remove(self, channel, ws):
+        """Detach ``ws`` from ``channel``; no error if it was not attached.
+
+        Returns whether it was attached. The last local listener leaving a
+        channel unsubscribes the backend from it.
+        """
+        listeners = self._channels.get(channel)
+        if listeners is None or ws not in listeners:
+            return False
+        listeners.discard(ws)
+        channels = self._memberships.get(ws)
+        if channels is not None:
+            channels.discard(channel)
+            if not channels:
+                del self._memberships[ws]
+        if not listeners:
+            del self._channels[channel]
+            if not self._closed:
+                try:
+                    self.backend.unsubscribe(channel)
+                except BackendError as exc:
+                    logger.warning("could not unsubscribe %r: %s", channel, exc)
+        self._count_changed(channel, len(listeners))
+        return True
+
+    def listeners(self, channel):
+        """The live set of this process's listeners on ``channel``.
+
+        A :class:`ListenerSet`: it reflects additions and removals as they
+        happen, iterates over a snapshot, and ``add``/``discard`` on it go
+        through :meth:`add`/:meth:`remove`.
+        """
+        return ListenerSet(self, channel)
+
+    def channels(self):
+        """The channels with at least one local listener (a new set)."""
+        return set(self._channels)
+
+    def channels_of(self, ws):
+        """The channels ``ws`` is attached to (a new set)."""
+        return set(self._memberships.get(ws, ()))
+
+    def listener_count(self, channel):
+        """Listeners on ``channel`` in every process the backend can see.
+
+        The in-memory backend sees this process only, so that is the local
+        count.
+        """
+        local = len(self._channels.get(channel, ()))
+        return self.backend.listener_count(channel, local)
+
+    def _watch(self, ws):
+        try:
+            if ws in self._watched:
+                return
+            self._watched.add(ws)
+        except TypeError:
+            pass  # not weakly referenceable: the callback may be registered twice
+        add_close_callback = getattr(ws, "add_close_callback", None)
+        if add_close_callback is not None:
+            add_close_callback(self._listener_closed)
+
+    def _listener_closed(self, ws):
+        if self._drop_everywhere(ws):
+            logger.debug("listener %r closed and left its channels", ws)
+
+    def _drop_everywhere(self, ws):
+        channels = self._memberships.get(ws)
+        if not channels:
+            return False
+        for channel in list(channels):
+            self.remove(channel, ws)
+        return True
+
+    def _count_changed(self, channel, count):
+        set_local_count = getattr(self.backend, "set_local_count", None)
+        if set_local_count is None or self._closed:
+            return
+        try:
+            set_local_count(channel, count)
+        except BackendError as exc:
+            logger.warning("could not record the count of %r: %s", channel, exc)
+
+    # -- messages ----------------------------------------------------------
+
+    def publish(self, channel, message):
+        """Broadcast ``message`` to every listener of ``channel``, everywhere.
+
+        ``message`` is a ``str`` (sent as a text frame) or ``bytes`` (a binary
+        frame; ``bytearray`` and ``memoryview`` are copied to ``bytes``). With
+        the in-memory backend the message has been delivered, and dead
+        listeners pruned, when this returns. Raises
+        :class:`~stargate.exceptions.BackendUnavailable` when the backend
+        could not take the message.
+        """
+        if isinstance(message, (bytearray, memoryview)):
+            message = bytes(message)
+        elif not isinstance(message, (str, bytes)):
+            raise TypeError(
+                f"a broadcast message is str or bytes, not {type(message).__name__}"
+            )
+        if self._closed:
+            raise BackendUnavailable("this stargate hub is closed")
+        if self._started != os.getpid():
+            self.start()
+        self._messages += 1
+        self.backend.publish(channel, message)
+
+    def deliver(self, channel, message):
+        """Send ``message`` to this process's listeners on ``channel``.
+
+        Called by the backend. The frame is encoded once per wire format;
+        listeners are written in the order of a snapshot of the set, so
+        listeners added or removed meanwhile do not disturb the walk. A
+        listener whose ``send_prepared`` returns ``False`` or raises is
+        pruned if its connection is closed (dead, or closed for being slow)
+        and counted as ``dropped`` if it is still open. Never raises.
+
+        Returns the number of listeners that took the message.
+        """
+        self._received += 1
+        listeners = self._channels.get(channel)
+        if not listeners:
+            return 0
+        encoded = {}
+        delivered = dead = slow = dropped = skipped = 0
+        for ws in list(listeners):
+            try:
+                outcome = self._send_one(ws, message, encoded)
+            except Exception as exc:
+                logger.debug("sending to %r failed: %r", ws, exc)
+                outcome = _DEAD
+            if outcome is _SENT:
+                delivered += 1
+            elif outcome is _DROPPED:
+                dropped += 1
+            elif outcome is _SKIPPED:
+                skipped += 1
+            else:
+                if outcome is _SLOW:
+                    slow += 1
+                else:
+                    dead += 1
+                self._drop_everywhere(ws)
+        self._delivered += delivered
+        self._pruned_dead += dead
+        self._closed_slow += slow
+        self._dropped += dropped
+        self._skipped += skipped
+        if dead or slow:
+            logger.debug(
+                "channel %r: pruned %d dead and %d slow listeners", channel, dead, slow
+            )
+        if dropped:
+            logger.debug("channel %r: %d slow listeners dropped it", channel, dropped)
+        return delivered
+
+    @staticmethod
+    def _send_one(ws, message, encoded):
+        """Write ``message`` to one listener; returns what became of it."""
+        send_prepared = getattr(ws, "send_prepared", None)
+        if send_prepared is None:
+            # A listener of another kind (eventlet's own WebSocket): it
+            # encodes the message itself and raises when it is dead.
+            ws.send(message)
+            return _SENT
+        wire_format = ws.wire_format
+        data = encoded.get(wire_format)
+        if data is None:
+            try:
+                data = encode_message(message, wire_format)
+            except (TypeError, ValueError) as exc:
+                logger.debug("cannot encode for %r: %s", wire_format, exc)
+                data = _UNENCODABLE
+            encoded[wire_format] = data
+        if data is _UNENCODABLE:
+            return _SKIPPED
+        return _outcome(ws, send_prepared(data))
+
+    # -- counters ----------------------------------------------------------
+
+    @property
+    def stats(self):
+        """A :class:`HubStats` snapshot of this process's counters."""
+        return HubStats(
+            listeners=sum(len(s) for s in self._channels.values()),
+            channels=len(self._channels),
+            messages=self._messages,
+            received=self._received,
+            delivered=self._delivered,
+            pruned_dead=self._pruned_dead,
+            closed_slow=self._closed_slow,
+            dropped=self._dropped,
+            skipped=self._skipped,
+        )
+
+    def __repr__(self):
+        return (
+            f"<Hub {self.name or ''}{' ' if self.name else ''}backend={self.backend!r} "
+            f"channels={len(self._channels)}>"
+        )
+
+
+def _outcome(ws, result):
+    """Map what ``send_prepared`` returned to one of the hub's outcomes.
+
+    ``stargate.connection.SendResult`` says it in so many words (``sent``,
+    ``queued``, ``dropped``, ``closed_slow``, ``dead``); a plain boolean is
+    read with the connection's ``closed`` and ``close_code``.
+    """
+    value = getattr(result, "value", result)
+    if isinstance(value, str):
+        outcome = _RESULTS.get(value)
+        if outcome is not None:
+            return outcome
+    if result is True:
+        return _SENT
+    if getattr(ws, "closed", True) is False:
+        return _DROPPED
+    if getattr(ws, "close_code", None) == 1013:
+        return _SLOW
+    return _DEAD
+
+
+_SENT = "sent"
+_DROPPED = "dropped"
+_SLOW = "closed_slow"
+_DEAD = "dead"
+_SKIPPED = "skipped"
+_RESULTS = {
+    "sent": _SENT,
+    "queued": _SENT,
+    "dropped": _DROPPED,
+    "closed_slow": _SLOW,
+    "dead": _DEAD,
+}
+
+
+_default_hub = None
+
+
+def default_hub():
+    """The process-wide hub on the in-memory backend.
+
+    Used when ``config.include('stargate')`` was not called: broadcast then
+    reaches the listeners of this process only, which is all a
+    single-process development server has.
+    """
+    global _default_hub
+    if _default_hub is None or _default_hub.closed:
+        hub = Hub("memory", name="default")
+        hub.start()
+        _default_hub = hub
+    return _default_hub
+
+
+def get_hub(registry=None):
+    """The hub of the running application.
+
+    ``registry`` defaults to :func:`pyramid.threadlocal.get_current_registry`.
+    Returns the hub ``config.include('stargate')`` stored on it as
+    ``registry.stargate_hub``, or else :func:`default_hub`.
+    """
+    if registry is None:
+        registry = get_current_registry()
+    hub = getattr(registry, "stargate_hub", None)
+    if hub is not None:
+        return hub
+    return default_hub()
