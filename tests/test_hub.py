@@ -635,7 +635,18 @@ class Server:
         config.add_view(Listen, route_name="listen")
         self.hub = config.registry.stargate_hub
         config.add_request_method(lambda request: self.hub, "hub", reify=True)
-        app = config.make_wsgi_app()
+        self._serve(config.make_wsgi_app(), sndbuf)
+
+    @classmethod
+    def for_app(cls, app, hub):
+        """Serve another application, whose hub is ``hub``."""
+        server = cls.__new__(cls)
+        server.sockets = {}
+        server.hub = hub
+        server._serve(app)
+        return server
+
+    def _serve(self, app, sndbuf=None):
         self.listener = eventlet.listen(("127.0.0.1", 0))
         if sndbuf is not None:
             self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)

@@ -1,0 +1,140 @@
+"""A class to subclass or mix in, used together with ``WebSocketView``.
+
+It provides functionality for adding and removing websockets as listeners
+for events, and for sending a message to all of them.
+
+:class:`WebSocketAwareResource` keeps no listeners of its own: they live in
+the process's hub (:mod:`stargate.hub`), in a set keyed by the resource's
+*channel*. That is what lets it work both ways resources are made:
+
+* in a long-lived traversal tree, where the same object serves every request;
+* built anew for every request (a URL dispatch ``factory``, or a traversal
+  tree rebuilt per request), where the listener added by one request's
+  resource must receive what another request's resource sends.
+
+Two resources with the same channel share their listeners, and with a Redis
+backend so do the resources of every worker process.
+
+The channel
+-----------
+
+By default the channel is the resource's traversal path,
+:func:`pyramid.traversal.resource_path` (``"/"`` for the root,
+``"/rooms/lobby"`` for ``root["rooms"]["lobby"]``). Set or override
+``channel`` (a class attribute, a property, or an instance attribute) to
+choose another name, for example from ``request.matchdict`` in a URL
+dispatch factory.
+
+A resource without a location (no ``__name__`` attribute, as a plain URL
+dispatch factory object has) gets a channel unique to that object and to
+this process: only that very object sees those listeners, and a Redis
+backend does not share them with other processes. Give such resources a
+``__name__`` (and ``__parent__``) or a ``channel`` to share them.
+"""
+
+import itertools
+import os
+
+from pyramid.traversal import resource_path
+
+from stargate.hub import get_hub
+
+__all__ = ["WebSocketAwareResource"]
+
+_local_ids = itertools.count(1)
+
+
+class WebSocketAwareResource:
+    """An object in a traversal graph that handles websockets.
+
+    It is designed to be persistent and to route messages to attached
+    clients; it works as well when it is built per request, because its
+    listeners are kept per channel by the process's hub.
+    """
+
+    # -- where the listeners live ---------------------------------------
+
+    @property
+    def hub(self):
+        """The :class:`~stargate.hub.Hub` this resource's listeners live in.
+
+        :func:`stargate.hub.get_hub` for the current registry unless a hub
+        was assigned to this attribute.
+        """
+        hub = self.__dict__.get("_stargate_hub")
+        if hub is not None:
+            return hub
+        return get_hub()
+
+    @hub.setter
+    def hub(self, hub):
+        self.__dict__["_stargate_hub"] = hub
+
+    @property
+    def channel(self):
+        """The name under which this resource's listeners are kept.
+
+        The traversal path by default; unique to this object (and process)
+        when the resource has no ``__name__``. Assign or override to choose.
+        """
+        channel = self.__dict__.get("_stargate_channel")
+        if channel is not None:
+            return channel
+        if not hasattr(self, "__name__"):
+            channel = f"stargate-local:{os.getpid()}:{next(_local_ids)}"
+            self.__dict__["_stargate_channel"] = channel
+            return channel
+        return resource_path(self)
+
+    @channel.setter
+    def channel(self, value):
+        self.__dict__["_stargate_channel"] = value
+
+    @property
+    def listeners(self):
+        """A set of attached websockets.
+
+        The live set of this channel's listeners in this process (a
+        :class:`~stargate.hub.ListenerSet`: ``add`` and ``discard`` on it
+        work like :meth:`add_listener` and :meth:`remove_listener`).
+        Assigning an iterable of websockets replaces the channel's
+        listeners; assigning ``None`` detaches them all.
+        """
+        return self.hub.listeners(self.channel)
+
+    @listeners.setter
+    def listeners(self, websockets):
+        hub, channel = self.hub, self.channel
+        wanted = [] if websockets is None else list(websockets)
+        for ws in hub.listeners(channel):
+            if ws not in wanted:
+                hub.remove(channel, ws)
+        for ws in wanted:
+            hub.add(channel, ws)
+
+    # -- the documented API -------------------------------------------------
+
+    def add_listener(self, ws):
+        """Adds ``ws`` to the set of listeners.
+
+        It is removed again by :meth:`remove_listener`, or by itself when
+        its connection closes.
+        """
+        self.hub.add(self.channel, ws)
+
+    def remove_listener(self, ws):
+        """Removes ``ws`` from the set of listeners (no error if absent)."""
+        self.hub.remove(self.channel, ws)
+
+    def send(self, message):
+        """Sends ``message`` to all sockets in the set of listeners.
+
+        It will clear up any websockets that are no longer connected.
+        ``message`` is a ``str`` (a text frame) or ``bytes`` (binary). With
+        the in-memory backend every local listener has been written to when
+        this returns; with Redis the message reaches the listeners of every
+        worker process a moment later. Raises
+        :class:`~stargate.exceptions.BackendUnavailable` if the backend
+        cannot take the message.
+        """
+        self.hub.publish(self.channel, message)
