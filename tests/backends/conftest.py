@@ -15,8 +15,30 @@ def make_memory(request, **options):
     return MemoryBackend(**options)
 
 
+def make_redis(request, **options):
+    # A private server shared by the session; a prefix per backend keeps
+    # tests apart, two backends of one test share it as two workers would.
+    from stargate.backends.redis import RedisBackend
+
+    server = request.getfixturevalue("redis_server")
+    options.setdefault("prefix", f"contract-{request.node.nodeid}:")
+    options.setdefault("reconnect_backoff", (0.05, 0.5))
+    return RedisBackend(server.url, **options)
+
+
+def make_redis_cluster(request, **options):
+    from stargate.backends.redis import RedisBackend
+
+    cluster = request.getfixturevalue("redis_cluster")
+    options.setdefault("prefix", f"contract-{request.node.nodeid}:")
+    options.setdefault("reconnect_backoff", (0.05, 0.5))
+    return RedisBackend(cluster.url, **options)
+
+
 BACKENDS = {
     "memory": make_memory,
+    "redis": make_redis,
+    "redis-cluster": make_redis_cluster,
 }
 
 

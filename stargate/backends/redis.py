@@ -1,0 +1,786 @@
+"""The Redis pub/sub backend: broadcast across worker processes and machines.
+
+Every process runs one receiving green thread. It holds one pub/sub
+connection (one per master node in a cluster), subscribes a channel when the
+hub gets its first local listener there and unsubscribes after the last, so
+Redis sends a worker only what it needs. :meth:`RedisBackend.publish` sends
+on an ordinary connection; the message comes back through Redis to every
+subscribed process, this one included, so each process sees the same order
+per channel.
+
+What is lost while disconnected
+-------------------------------
+
+Redis pub/sub does not store messages. When the receiver loses its
+connection (Redis restarted, network cut, or Redis dropped a slow reader for
+exceeding ``client-output-buffer-limit pubsub``), it logs a warning,
+reconnects with a bounded, jittered exponential backoff and resubscribes
+every channel that still has local listeners. Messages published in the
+meantime are **not** delivered to this process; the gap is logged ("lost
+connection to Redis for 2.3 s; messages published meanwhile were not
+received") and counted in :attr:`RedisBackend.stats`. WebSockets stay open
+throughout. :meth:`~RedisBackend.publish` raises
+:class:`~stargate.exceptions.BackendUnavailable` while Redis cannot be
+reached, after at most ``socket_timeout`` seconds.
+
+Presence
+--------
+
+Each channel has one Redis hash, ``<prefix>presence:<channel>``, with one
+field per process (a random process id) holding ``"<count>:<expires_ms>"``,
+where the expiry is computed from Redis's own clock (``TIME``) inside a Lua
+script, so clocks of the worker machines do not matter. A process rewrites
+its fields when the hub reports a new local count and every
+``presence_ttl / 3`` seconds from the receiver thread. Readers sum the
+fields that have not expired and delete those that have, so a worker that
+died stops counting after at most ``presence_ttl`` seconds; the whole hash
+expires too when nobody refreshes it. One hash per channel keeps a read to a
+single key (no ``SCAN``), which also keeps it on one node of a cluster.
+
+URLs
+----
+
+``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` (TLS),
+``unix:///path/to/redis.sock?db=N``, and ``redis+cluster://host:port`` or
+``rediss+cluster://`` (or ``cluster=True``) for Redis Cluster, where the
+backend uses sharded pub/sub (``SSUBSCRIBE``/``SPUBLISH``, Redis 7+) so each
+channel lives on the node that owns its hash slot.
+"""
+
+import logging
+import os
+import random
+import socket
+import time
+import urllib.parse
+import uuid
+
+import eventlet
+import eventlet.event
+import eventlet.patcher
+import eventlet.semaphore
+import greenlet
+from eventlet.green import select as green_select
+from eventlet.green import socket as green_socket
+from redis import Redis
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from stargate.backends.base import Backend
+from stargate.exceptions import (
+    BackendError,
+    BackendUnavailable,
+    IncorrectlyConfigured,
+)
+
+__all__ = ["RedisBackend"]
+
+log = logging.getLogger(__name__)
+
+#: Key and channel prefix, so several applications can share one Redis.
+DEFAULT_PREFIX = "stargate:"
+#: Seconds before the first reconnection attempt, and the most between two.
+DEFAULT_RECONNECT_BACKOFF = (0.1, 10.0)
+#: Seconds any single Redis operation (connect, publish, read) may take.
+DEFAULT_SOCKET_TIMEOUT = 5.0
+#: Seconds a process's presence entry outlives its last heartbeat.
+DEFAULT_PRESENCE_TTL = 30.0
+
+#: Type tags put in front of every message so ``str`` and ``bytes`` survive.
+TEXT_TAG = b"t"
+BINARY_TAG = b"b"
+
+#: Channels sent per SUBSCRIBE command when resubscribing.
+_SUBSCRIBE_BATCH = 500
+#: Messages handled before the receiver yields to other green threads.
+_YIELD_EVERY = 100
+
+_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+
+# Presence scripts. Values are "<count>:<expires at, ms on the Redis clock>".
+_PRESENCE_WRITE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[3])
+if tonumber(ARGV[2]) > 0 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. (now + ttl))
+  if redis.call('PTTL', KEYS[1]) < ttl then
+    redis.call('PEXPIRE', KEYS[1], ttl)
+  end
+else
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 1
+"""
+
+_PRESENCE_READ = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local entries = redis.call('HGETALL', KEYS[1])
+local total = 0
+for i = 1, #entries, 2 do
+  local value = entries[i + 1]
+  local sep = string.find(value, ':', 1, true)
+  local count = tonumber(string.sub(value, 1, sep - 1))
+  local expires = tonumber(string.sub(value, sep + 1))
+  if expires <= now then
+    redis.call('HDEL', KEYS[1], entries[i])
+  elseif entries[i] ~= ARGV[1] then
+    total = total + count
+  end
+end
+return total
+"""
+
+_NETWORK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def encode_message(message):
+    """Tag ``message`` with its type: ``str`` -> text, ``bytes`` -> binary."""
+    if isinstance(message, str):
+        return TEXT_TAG + message.encode("utf-8")
+    if isinstance(message, bytes):
+        return BINARY_TAG + message
+    raise TypeError(
+        f"a broadcast message is str or bytes, not {type(message).__name__}"
+    )
+
+
+def decode_message(data):
+    """Undo :func:`encode_message`; ``ValueError`` for anything else."""
+    tag, payload = data[:1], data[1:]
+    if tag == TEXT_TAG:
+        return payload.decode("utf-8")
+    if tag == BINARY_TAG:
+        return bytes(payload)
+    raise ValueError(f"not a stargate message (tag {tag!r})")
+
+
+def redact_url(url):
+    """``url`` with its password replaced by ``***``, for messages and logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo = f"{parts.username or ''}:***"
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{userinfo}@{host}"))
+
+
+def _positive_float(name, value):
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number > 0:
+        raise IncorrectlyConfigured(
+            f"stargate.{name} must be a positive number of seconds, not {value!r}"
+        )
+    return number
+
+
+def _backoff_pair(value):
+    if isinstance(value, str):
+        value = value.replace(",", " ").split()
+    try:
+        initial, maximum = value
+    except (TypeError, ValueError):
+        raise IncorrectlyConfigured(
+            "stargate.reconnect_backoff must be two numbers of seconds, the "
+            f"first delay and the longest one (e.g. '0.1 10'), not {value!r}"
+        ) from None
+    initial = _positive_float("reconnect_backoff", initial)
+    maximum = _positive_float("reconnect_backoff", maximum)
+    if maximum < initial:
+        raise IncorrectlyConfigured(
+            "stargate.reconnect_backoff: the longest delay must not be shorter "
+            f"than the first one, got {value!r}"
+        )
+    return initial, maximum
+
+
+def _as_bool(value):
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+class RedisBackend(Backend):
+    """Broadcast through Redis pub/sub (or sharded pub/sub on a cluster).
+
+    ``url``: where Redis is (see the module docstring for the forms).
+
+    Options (each is also a ``stargate.*`` setting of the same name):
+
+    ``prefix="stargate:"``
+        Put in front of every Redis channel and key, so several applications
+        (or test runs) can share one Redis without seeing each other.
+    ``reconnect_backoff=(0.1, 10.0)``
+        Seconds before the first reconnection attempt and the longest wait
+        between two; the wait doubles after each failure and is jittered
+        (a random 50-100 % of it) so workers do not reconnect in lockstep.
+    ``socket_timeout=5.0``
+        Seconds any one Redis operation may take (connect, publish, read);
+        it bounds how long :meth:`publish` can block when Redis is gone.
+    ``presence_ttl=30.0``
+        Seconds a process's listener count outlives its last heartbeat; the
+        heartbeat runs every ``presence_ttl / 3`` seconds.
+    ``cluster=False``
+        Treat ``url`` as one node of a Redis Cluster (same as a
+        ``redis+cluster://`` URL).
+
+    Other keyword arguments are kept in :attr:`options` and ignored.
+
+    :attr:`stats` counts ``published`` and ``received`` messages,
+    ``reconnects``, ``gap_seconds`` (total time spent disconnected),
+    ``undecodable`` messages skipped and ``delivery_errors`` (``deliver``
+    raised).
+    """
+
+    synchronous = False
+
+    def __init__(
+        self,
+        url="redis://localhost:6379/0",
+        *,
+        prefix=DEFAULT_PREFIX,
+        reconnect_backoff=DEFAULT_RECONNECT_BACKOFF,
+        socket_timeout=DEFAULT_SOCKET_TIMEOUT,
+        presence_ttl=DEFAULT_PRESENCE_TTL,
+        cluster=False,
+        **options,
+    ):
+        super().__init__(url, **options)
+        if not isinstance(url, str) or "://" not in url:
+            raise IncorrectlyConfigured(
+                f"stargate.backend: {url!r} is not a Redis URL; use "
+                "redis://host:port/db, rediss://..., unix:///path?db=N or "
+                "redis+cluster://host:port"
+            )
+        scheme, _, rest = url.partition("://")
+        scheme = scheme.lower()
+        if scheme not in _SCHEMES:
+            raise IncorrectlyConfigured(
+                f"stargate.backend: unknown Redis URL scheme {scheme!r} in "
+                f"{redact_url(url)!r}; use one of {', '.join(_SCHEMES)}"
+            )
+        self.cluster = _as_bool(cluster) or scheme.endswith("+cluster")
+        scheme = scheme.removesuffix("+cluster")
+        if self.cluster and scheme == "unix":
+            raise IncorrectlyConfigured(
+                "stargate.backend: Redis Cluster is reached over TCP, not a "
+                f"unix socket ({redact_url(url)!r})"
+            )
+        self._client_url = f"{scheme}://{rest}"
+        if not isinstance(prefix, str):
+            raise IncorrectlyConfigured(
+                f"stargate.prefix must be a string, not {prefix!r}"
+            )
+        self.prefix = prefix
+        self.reconnect_backoff = _backoff_pair(reconnect_backoff)
+        self.socket_timeout = _positive_float("socket_timeout", socket_timeout)
+        self.presence_ttl = _positive_float("presence_ttl", presence_ttl)
+        self.process_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+        self.stats = {
+            "published": 0,
+            "received": 0,
+            "reconnects": 0,
+            "gap_seconds": 0.0,
+            "undecodable": 0,
+            "delivery_errors": 0,
+        }
+        self._prefix_bytes = prefix.encode("utf-8")
+        self._deliver = None
+        self._client = None
+        self._write_presence = None
+        self._read_presence = None
+        self._receiver = None
+        self._closed = False
+        self._lock = eventlet.semaphore.Semaphore()
+        self._stopping = eventlet.event.Event()
+        # Channels with local listeners; the receiver keeps Redis in step.
+        self._channels = set()
+        self._local_counts = {}
+        self._pending = {}  # channel -> Event set when Redis confirms it
+        self._conns = {}  # node name (None outside a cluster) -> Connection
+        self._channel_nodes = {}  # channel -> node name it is subscribed on
+        self._connected = False
+        self._broken = None  # an error seen outside the receiver
+        self._lost_at = None
+        self._wake_r = self._wake_w = None
+        self._last_traffic = 0.0
+        self._next_heartbeat = 0.0
+
+    def __repr__(self):
+        return f"<RedisBackend {redact_url(self.url)} prefix={self.prefix!r}>"
+
+    # -- names ---------------------------------------------------------------
+
+    def _redis_channel(self, channel):
+        return f"{self.prefix}{channel}".encode("utf-8")
+
+    def _presence_key(self, channel):
+        return f"{self.prefix}presence:{channel}"
+
+    @property
+    def _sub_command(self):
+        return "SSUBSCRIBE" if self.cluster else "SUBSCRIBE"
+
+    @property
+    def _unsub_command(self):
+        return "SUNSUBSCRIBE" if self.cluster else "UNSUBSCRIBE"
+
+    # -- set-up --------------------------------------------------------------
+
+    def _unavailable(self, doing, exc):
+        return BackendUnavailable(
+            f"Redis at {redact_url(self.url)} is unavailable: could not "
+            f"{doing} ({type(exc).__name__}: {exc})"
+        )
+
+    def _connect_client(self):
+        kwargs = {
+            "socket_timeout": self.socket_timeout,
+            "socket_connect_timeout": self.socket_timeout,
+            # Fail fast: the receiver has its own backoff, and publish must
+            # raise instead of retrying past socket_timeout.
+            "retry": Retry(NoBackoff(), 0),
+            # RESP2: pub/sub messages are plain replies on the connection.
+            "protocol": 2,
+        }
+        if self.cluster:
+            return RedisCluster.from_url(self._client_url, **kwargs)
+        return Redis.from_url(self._client_url, health_check_interval=0, **kwargs)
+
+    def start(self, deliver):
+        """Connect, subscribe what is already wanted and start the receiver.
+
+        Raises :class:`~stargate.exceptions.BackendUnavailable` naming the
+        URL when Redis cannot be reached, and
+        :class:`~stargate.exceptions.IncorrectlyConfigured` when eventlet's
+        monkey-patching is missing (the receiver would block the process).
+        """
+        if self._closed:
+            raise BackendError("this Redis backend is closed; make a new one")
+        if self._receiver is not None:
+            raise BackendError("this Redis backend is already started")
+        if not eventlet.patcher.is_monkey_patched("socket"):
+            raise IncorrectlyConfigured(
+                "the Redis backend needs eventlet.monkey_patch() to run before "
+                "anything else in the process (including redis imports)"
+            )
+        self._deliver = deliver
+        try:
+            if self._client is None:
+                self._client = self._connect_client()
+            self._client.ping()
+            self._write_presence = self._client.register_script(_PRESENCE_WRITE)
+            self._read_presence = self._client.register_script(_PRESENCE_READ)
+            with self._lock:
+                self._connect_all()
+        except (RedisError, OSError) as exc:
+            self._client_close()
+            raise self._unavailable("connect", exc) from exc
+        self._wake_r, self._wake_w = green_socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._receiver = eventlet.spawn(self._run)
+
+    # -- subscriptions -------------------------------------------------------
+
+    def subscribe(self, channel):
+        """Start receiving ``channel``; returns once Redis confirms it.
+
+        When Redis is unreachable the channel is remembered and subscribed as
+        soon as the receiver reconnects; this never raises for that.
+        """
+        with self._lock:
+            if channel in self._channels:
+                return
+            self._channels.add(channel)
+            if not self._connected or self._closed:
+                return
+            confirmed = self._pending[channel] = eventlet.event.Event()
+            try:
+                conn, node = self._conn_for(channel)
+                conn.send_command(self._sub_command, self._redis_channel(channel))
+                self._channel_nodes[channel] = node
+            except (RedisError, OSError) as exc:
+                self._pending.pop(channel, None)
+                self._break(exc)
+                return
+        if self._receiver is not None and eventlet.getcurrent() is self._receiver:
+            return  # called from deliver(): only the receiver reads the reply
+        if confirmed.wait(self.socket_timeout) is None:
+            log.warning(
+                "Redis at %s did not confirm the subscription to %r within %s s",
+                redact_url(self.url),
+                channel,
+                self.socket_timeout,
+            )
+
+    def unsubscribe(self, channel):
+        """Stop receiving ``channel``; nothing more is delivered for it."""
+        with self._lock:
+            if channel not in self._channels:
+                return
+            self._channels.discard(channel)
+            self._pending.pop(channel, None)
+            node = self._channel_nodes.pop(channel, None)
+            conn = self._conns.get(node)
+            if not self._connected or conn is None:
+                return
+            try:
+                conn.send_command(self._unsub_command, self._redis_channel(channel))
+            except (RedisError, OSError) as exc:
+                self._break(exc)
+
+    def _break(self, exc):
+        """A connection failed outside the receiver: make it reconnect."""
+        if self._broken is None:
+            self._broken = exc
+        self._wake()
+
+    def _wake(self):
+        if self._wake_w is not None:
+            try:
+                self._wake_w.send(b"x")
+            except OSError:
+                pass  # full (already woken) or closed
+
+    def _new_connection(self, pool):
+        conn = pool.connection_class(**pool.connection_kwargs)
+        conn.connect()
+        return conn
+
+    def _conn_for(self, channel):
+        """The pub/sub connection for ``channel`` (lock held)."""
+        if not self.cluster:
+            return self._conns[None], None
+        node = self._client.get_node_from_key(self._redis_channel(channel))
+        conn = self._conns.get(node.name)
+        if conn is None:
+            pool = self._client.get_redis_connection(node).connection_pool
+            conn = self._conns[node.name] = self._new_connection(pool)
+            self._wake()  # the receiver must watch the new connection too
+        return conn, node.name
+
+    def _connect_all(self):
+        """Open the pub/sub connection(s) and subscribe every wanted channel.
+
+        Called with the lock held; raises on failure, leaving nothing open.
+        """
+        try:
+            if self.cluster:
+                if self._lost_at is not None:
+                    self._client.nodes_manager.initialize()
+                self._conns = {}
+                for channel in sorted(self._channels):
+                    conn, node = self._conn_for(channel)
+                    conn.send_command(self._sub_command, self._redis_channel(channel))
+                    self._channel_nodes[channel] = node
+            else:
+                conn = self._new_connection(self._client.connection_pool)
+                self._conns = {None: conn}
+                names = [self._redis_channel(c) for c in sorted(self._channels)]
+                for i in range(0, len(names), _SUBSCRIBE_BATCH):
+                    chunk = names[i : i + _SUBSCRIBE_BATCH]
+                    conn.send_command(self._sub_command, *chunk)
+                self._channel_nodes = dict.fromkeys(self._channels)
+        except BaseException:
+            self._disconnect_all()
+            raise
+        self._connected = True
+        self._broken = None
+        self._last_traffic = time.monotonic()
+
+    def _disconnect_all(self):
+        conns, self._conns = self._conns, {}
+        self._connected = False
+        self._channel_nodes = {}
+        for conn in conns.values():
+            try:
+                conn.disconnect()
+            except Exception:  # a half-dead socket: nothing more to do
+                pass
+
+    # -- publishing ----------------------------------------------------------
+
+    def publish(self, channel, message):
+        """Publish ``message`` (``str`` or ``bytes``) on ``channel``.
+
+        Raises ``TypeError`` for any other type,
+        :class:`~stargate.exceptions.BackendUnavailable` when Redis cannot be
+        reached (within ``socket_timeout``), and
+        :class:`~stargate.exceptions.BackendError` when Redis refuses.
+        """
+        data = encode_message(message)
+        if self._client is None:
+            raise BackendError("the Redis backend is not started (call start())")
+        try:
+            if self.cluster:
+                self._client.spublish(self._redis_channel(channel), data)
+            else:
+                self._client.publish(self._redis_channel(channel), data)
+        except _NETWORK_ERRORS as exc:
+            raise self._unavailable(f"publish on {channel!r}", exc) from exc
+        except RedisError as exc:
+            raise BackendError(
+                f"Redis at {redact_url(self.url)} refused to publish on "
+                f"{channel!r}: {exc}"
+            ) from exc
+        self.stats["published"] += 1
+
+    # -- presence ------------------------------------------------------------
+
+    def set_local_count(self, channel, count):
+        """The hub reports this process's listener count on ``channel``.
+
+        Written to Redis at once when possible, and again by every heartbeat;
+        a failure to write is logged, never raised (the heartbeat retries).
+        """
+        if count > 0:
+            self._local_counts[channel] = count
+        else:
+            self._local_counts.pop(channel, None)
+        if self._write_presence is None or self._closed:
+            return
+        try:
+            self._presence_write(channel, count)
+        except (RedisError, OSError) as exc:
+            log.debug("could not record presence on %r: %s", channel, exc)
+
+    def _presence_write(self, channel, count):
+        ttl_ms = int(self.presence_ttl * 1000)
+        self._write_presence(
+            keys=[self._presence_key(channel)],
+            args=[self.process_id, int(count), ttl_ms],
+        )
+
+    def listener_count(self, channel, local_count):
+        """Listeners on ``channel`` in every live process.
+
+        ``local_count`` (this process's exact count) plus what the other
+        processes last reported, leaving out entries that expired. Raises
+        :class:`~stargate.exceptions.BackendUnavailable` when Redis cannot be
+        reached.
+        """
+        if self._read_presence is None:
+            return local_count
+        try:
+            others = self._read_presence(
+                keys=[self._presence_key(channel)], args=[self.process_id]
+            )
+        except _NETWORK_ERRORS as exc:
+            raise self._unavailable(f"count listeners on {channel!r}", exc) from exc
+        except RedisError as exc:
+            raise BackendError(f"could not count listeners on {channel!r}: {exc}")
+        return local_count + int(others)
+
+    def _heartbeat(self):
+        """Refresh presence entries and check the pub/sub connections."""
+        for channel, count in list(self._local_counts.items()):
+            try:
+                self._presence_write(channel, count)
+            except (RedisError, OSError) as exc:
+                log.debug("presence heartbeat failed on %r: %s", channel, exc)
+                break
+        with self._lock:
+            for conn in self._conns.values():
+                conn.send_command("PING")
+
+    # -- the receiver --------------------------------------------------------
+
+    @property
+    def _heartbeat_interval(self):
+        return self.presence_ttl / 3
+
+    def _backoff(self, attempt):
+        initial, maximum = self.reconnect_backoff
+        delay = min(maximum, initial * 2 ** min(attempt, 32))
+        return random.uniform(delay / 2, delay)
+
+    def _run(self):
+        attempt = 0
+        self._next_heartbeat = time.monotonic()
+        while not self._stopping.ready():
+            if not self._connected:
+                try:
+                    with self._lock:
+                        if self._stopping.ready():
+                            break
+                        self._connect_all()
+                except (RedisError, OSError) as exc:
+                    delay = self._backoff(attempt)
+                    attempt += 1
+                    log.debug(
+                        "reconnecting to Redis at %s failed (%s); next try in %.2f s",
+                        redact_url(self.url),
+                        exc,
+                        delay,
+                    )
+                    self._stopping.wait(delay)
+                    continue
+                attempt = 0
+                self._reconnected()
+            try:
+                self._pump()
+            except (RedisError, OSError) as exc:
+                self._connection_lost(exc)
+            except Exception:
+                log.exception("unexpected error in the Redis receiver; reconnecting")
+                self._connection_lost(None)
+                self._stopping.wait(self._backoff(0))
+
+    def _connection_lost(self, exc):
+        if self._stopping.ready():
+            return
+        with self._lock:
+            self._disconnect_all()
+        if self._lost_at is None:
+            self._lost_at = time.monotonic()
+        if exc is not None:
+            log.warning(
+                "lost connection to Redis at %s (%s: %s); reconnecting",
+                redact_url(self.url),
+                type(exc).__name__,
+                exc,
+            )
+
+    def _reconnected(self):
+        if self._lost_at is None:
+            return
+        gap = time.monotonic() - self._lost_at
+        self._lost_at = None
+        self.stats["reconnects"] += 1
+        self.stats["gap_seconds"] += gap
+        log.warning(
+            "lost connection to Redis for %.1f s; messages published meanwhile "
+            "were not received (%d channels resubscribed)",
+            gap,
+            len(self._channels),
+        )
+
+    def _pump(self):
+        """Read and deliver until the connection fails or close() is called."""
+        # A pub/sub connection answers a PING within a heartbeat; silence for
+        # longer than this means the peer is gone without a FIN.
+        dead_after = 2 * self._heartbeat_interval + self.socket_timeout
+        while not self._stopping.ready():
+            if self._broken is not None:
+                raise self._broken
+            now = time.monotonic()
+            if now >= self._next_heartbeat:
+                self._next_heartbeat = now + self._heartbeat_interval
+                self._heartbeat()
+            if now - self._last_traffic > dead_after:
+                raise RedisTimeoutError(f"no reply from Redis in {dead_after:.1f} s")
+            conns = list(self._conns.values())
+            ready = [conn for conn in conns if conn.can_read(timeout=0)]
+            if not ready:
+                socks = [conn._sock for conn in conns]
+                if any(sock is None for sock in socks):
+                    raise RedisConnectionError("pub/sub connection closed")
+                timeout = max(0.0, self._next_heartbeat - time.monotonic())
+                green_select.select([self._wake_r, *socks], [], [], timeout)
+                self._drain_wake()
+                continue
+            handled = 0
+            for conn in ready:
+                while handled < _YIELD_EVERY and conn.can_read(timeout=0):
+                    self._handle(conn.read_response(push_request=True))
+                    handled += 1
+            eventlet.sleep(0)
+
+    def _drain_wake(self):
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def _handle(self, response):
+        self._last_traffic = time.monotonic()
+        if not isinstance(response, list) or len(response) < 2:
+            return  # b"PONG" on a connection with no subscriptions
+        kind = response[0]
+        if kind in (b"message", b"smessage"):
+            name = response[1]
+            if not name.startswith(self._prefix_bytes):
+                return
+            channel = name[len(self._prefix_bytes) :].decode("utf-8", "replace")
+            if channel not in self._channels:
+                return  # in flight when we unsubscribed
+            try:
+                message = decode_message(response[2])
+            except ValueError as exc:
+                self.stats["undecodable"] += 1
+                log.warning("skipped a message on %r: %s", channel, exc)
+                return
+            self.stats["received"] += 1
+            try:
+                self._deliver(channel, message)
+            except Exception:
+                self.stats["delivery_errors"] += 1
+                log.exception("delivering a message on %r failed", channel)
+        elif kind in (b"subscribe", b"ssubscribe"):
+            channel = response[1][len(self._prefix_bytes) :].decode("utf-8")
+            confirmed = self._pending.pop(channel, None)
+            if confirmed is not None and not confirmed.ready():
+                confirmed.send(True)
+
+    # -- shutting down -------------------------------------------------------
+
+    def close(self, timeout=None):
+        """Stop the receiver (waiting at most ``timeout`` seconds, by default
+        ``socket_timeout``), unsubscribe, remove this process's presence
+        entries and close every connection. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._stopping.ready():
+            self._stopping.send(True)
+        self._wake()
+        receiver, self._receiver = self._receiver, None
+        if receiver is not None:
+            with eventlet.Timeout(timeout or self.socket_timeout, False):
+                try:
+                    receiver.wait()
+                except greenlet.GreenletExit:
+                    pass  # it was killed already
+            receiver.kill()
+        with self._lock:
+            for conn in self._conns.values():
+                try:
+                    conn.send_command(self._unsub_command)
+                except (RedisError, OSError):
+                    pass
+            self._disconnect_all()
+        for pending in self._pending.values():
+            if not pending.ready():
+                pending.send(False)
+        self._pending.clear()
+        if self._write_presence is not None:
+            for channel in list(self._local_counts):
+                try:
+                    self._presence_write(channel, 0)
+                except (RedisError, OSError):
+                    break
+        self._local_counts.clear()
+        self._client_close()
+        for sock in (self._wake_r, self._wake_w):
+            if sock is not None:
+                sock.close()
+        self._wake_r = self._wake_w = None
+
+    def _client_close(self):
+        client, self._client = self._client, None
+        self._write_presence = self._read_presence = None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:
+                pass

@@ -1,0 +1,1 @@
+"""Testing helpers for stargate users: private Redis servers for tests."""
