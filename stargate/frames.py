@@ -78,22 +78,42 @@ class Frame:
         return self.opcode >= 0x8
 
 
-def apply_mask(data, mask):
-    """Return ``data`` XOR-ed with the repeated 4-byte ``mask``.
+# apply_mask XORs short payloads as one big integer and longer ones with
+# bytes.translate over the four byte lanes (every 4th byte shares a mask
+# byte): both run in C. benchmarks/bench_receive_path.py measured the
+# crossover near 512 bytes; at 64 KiB translate is ~1.6x faster.
+_TRANSLATE_FROM = 512
+_XOR_TABLES = [bytes(b ^ m for b in range(256)) for m in range(256)]
 
-    Masking and unmasking are the same operation. The whole payload is
-    XOR-ed as one big integer, which runs at C speed in CPython.
+
+def apply_mask(data, mask):
+    """Return ``data`` XOR-ed with the repeated 4-byte ``mask`` as ``bytes``.
+
+    Masking and unmasking are the same operation. No per-byte Python loop:
+    payloads under 512 bytes are XOR-ed as one big integer
+    (``int.from_bytes``), longer ones lane by lane with ``bytes.translate``.
     """
     if len(mask) != 4:
         raise ValueError(f"mask must be 4 bytes, got {len(mask)}")
     n = len(data)
     if not n:
         return b""
-    mask = bytes(mask)
-    key = mask * (n >> 2) + mask[: n & 3]
-    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(
-        n, "little"
-    )
+    if n < _TRANSLATE_FROM:
+        if isinstance(data, memoryview) and not data.c_contiguous:
+            data = data.tobytes()
+        if type(mask) is not bytes:
+            mask = bytes(mask)
+        key = mask * (n >> 2) + mask[: n & 3]
+        return (
+            int.from_bytes(data, "little") ^ int.from_bytes(key, "little")
+        ).to_bytes(n, "little")
+    out = bytearray(data)
+    tables = _XOR_TABLES
+    out[0::4] = out[0::4].translate(tables[mask[0]])
+    out[1::4] = out[1::4].translate(tables[mask[1]])
+    out[2::4] = out[2::4].translate(tables[mask[2]])
+    out[3::4] = out[3::4].translate(tables[mask[3]])
+    return bytes(out)
 
 
 def _header(first_byte, length, mask_bit=0):

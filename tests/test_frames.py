@@ -49,14 +49,17 @@ def naive_mask(data, mask):
     return bytes(b ^ mask[i % 4] for i, b in enumerate(data))
 
 
-@pytest.mark.parametrize("size", [0, 1, 2, 3, 4, 5, 7, 8, 125, 1000, 65537])
+@pytest.mark.parametrize(
+    "size", [0, 1, 2, 3, 4, 5, 7, 8, 125, 511, 512, 513, 1000, 65537]
+)
 def test_apply_mask_matches_the_bytewise_definition(size):
     data = os.urandom(size)
     assert apply_mask(data, MASK) == naive_mask(data, MASK)
 
 
-def test_apply_mask_keeps_leading_and_trailing_zero_bytes():
-    data = b"\x00\x00abc\x00\x00"
+@pytest.mark.parametrize("size", [7, 700])
+def test_apply_mask_keeps_leading_and_trailing_zero_bytes(size):
+    data = b"\x00\x00" + b"a" * (size - 4) + b"\x00\x00"
     assert apply_mask(data, b"\x00\x00\x00\x00") == data
     assert apply_mask(apply_mask(data, MASK), MASK) == data
 
@@ -66,6 +69,11 @@ def test_apply_mask_accepts_bytearray_and_memoryview():
     expected = naive_mask(data, MASK)
     assert apply_mask(bytearray(data), bytearray(MASK)) == expected
     assert apply_mask(memoryview(data), MASK) == expected
+    long = os.urandom(2000)
+    assert apply_mask(memoryview(long), bytearray(MASK)) == naive_mask(long, MASK)
+    assert apply_mask(memoryview(long)[::2], MASK) == naive_mask(long[::2], MASK)
+    spaced = bytes(x for b in data for x in (b, 0))  # non-contiguous view
+    assert apply_mask(memoryview(spaced)[::2], MASK) == expected
 
 
 def test_apply_mask_needs_four_bytes():
