@@ -1,0 +1,113 @@
+"""The ``stargate`` command (also ``python -m stargate``).
+
+``stargate demo [--host H] [--port P] [--backend URL] [--workers N]`` serves
+the demo application (:mod:`stargate.demo`) with
+:func:`stargate.factory.serve` and prints its URL once it accepts
+connections. ``--port 0`` picks a free port.
+"""
+
+import eventlet
+
+eventlet.monkey_patch()  # before anything else imports socket or threading
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+
+__all__ = ["main", "build_parser"]
+
+
+def _port(value):
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535, not {value}")
+    return port
+
+
+def _positive(value):
+    number = int(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {value}")
+    return number
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="stargate",
+        description="WebSocket support and a broadcast hub for Pyramid.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    demo = commands.add_parser(
+        "demo",
+        help="serve the demo application (chat, echo, jobs)",
+        description="Serve the demo: a chat page at /, a WebSocket echo at "
+        "/echo, chat rooms at /rooms/<name> and the jobs example at /jobs/<id>.",
+    )
+    demo.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (127.0.0.1)"
+    )
+    demo.add_argument(
+        "--port", type=_port, default=8080, help="port, 0 for any free one (8080)"
+    )
+    demo.add_argument(
+        "--backend",
+        default="memory",
+        help="stargate.backend: memory (default) or redis://host:port/db",
+    )
+    demo.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        help="worker processes sharing the port (1); use a redis backend so "
+        "broadcasts reach all of them",
+    )
+    demo.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="logging level (info)",
+    )
+    demo.set_defaults(run=run_demo)
+    return parser
+
+
+def run_demo(args):
+    from stargate.demo import make_app
+    from stargate.factory import serve
+
+    if args.workers > 1 and args.backend == "memory":
+        logging.getLogger("stargate.demo").warning(
+            "%d workers on the memory backend: a broadcast reaches only the "
+            "listeners of the worker that sent it; use --backend redis://...",
+            args.workers,
+        )
+    app = make_app({"stargate.backend": args.backend})
+
+    def ready(address):
+        host, port = address
+        if ":" in host:
+            host = f"[{host}]"
+        print(
+            f"stargate demo: http://{host}:{port}/ "
+            f"(backend {args.backend}, {args.workers} worker(s); Ctrl-C stops)",
+            flush=True,
+        )
+
+    serve(app, args.host, args.port, workers=args.workers, ready=ready)
+    return 0
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s [%(name)s:%(process)d] %(message)s",
+    )
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
