@@ -39,6 +39,7 @@ setup(
     entry_points={
         "paste.server_factory": ["main = stargate.factory:server_factory"],
         "console_scripts": ["stargate = stargate.__main__:main"],
+        "paste.app_factory": ["demo = stargate.demo:main"],
     },
     classifiers=[
         "Framework :: Pyramid",
