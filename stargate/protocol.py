@@ -214,10 +214,15 @@ class ServerProtocol:
 
     @property
     def close_reason(self):
-        """The peer's close reason (``""`` when there was none)."""
+        """The peer's close reason; ``None`` exactly when :attr:`close_code` is.
+
+        ``""`` when the peer gave none or the connection ended without one.
+        """
         if self._close_received is not None:
             return self._close_received.reason
-        return ""
+        if self._closed:
+            return ""
+        return None
 
     @property
     def should_close_transport(self):
@@ -393,7 +398,7 @@ class ServerProtocol:
 
     def _check_open(self):
         if self._closed or self._close_sent is not None:
-            raise ConnectionClosed(self.close_code or 1006, self.close_reason)
+            raise ConnectionClosed(self.close_code or 1006, self.close_reason or "")
 
     def send_message(self, message):
         """Queue a ``str`` (text) or ``bytes`` (binary) message.

@@ -91,6 +91,9 @@ def test_a_text_message():
     assert p.events_received() == [TextMessage("héllo")]
     assert p.events_received() == []
     assert p.state is State.OPEN
+    assert p.close_code is None and p.close_reason is None
+    assert p.close_sent is None and p.close_received is None
+    assert not p.should_close_transport and not p.close_expected
 
 
 def test_a_binary_message():
@@ -340,7 +343,7 @@ def test_server_initiated_close():
     assert sent_frames(p) == [sent_close(1000, b"bye")]
     assert p.state is State.CLOSING
     assert p.close_expected and not p.should_close_transport
-    assert p.close_code is None
+    assert p.close_code is None and p.close_reason is None
     p.receive_data(close_frame(1000))
     assert p.events_received() == [CloseReceived(1000, "")]
     assert p.data_to_send() == b""  # no second close frame
@@ -739,3 +742,11 @@ def test_a_large_random_payload_round_trips():
     p = ServerProtocol(WireFormat())
     p.receive_data(frame(Opcode.BINARY, payload))
     assert p.events_received() == [BinaryMessage(payload)]
+
+
+def test_sending_while_closing_raises_connection_closed():
+    p = ServerProtocol(WireFormat())
+    p.send_close(1000)
+    with pytest.raises(ConnectionClosed) as info:
+        p.send_message("x")
+    assert (info.value.code, info.value.reason) == (1006, "")
