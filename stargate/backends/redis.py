@@ -298,6 +298,7 @@ class RedisBackend(Backend):
         self._write_presence = None
         self._read_presence = None
         self._receiver = None
+        self._started_in = None  # the pid start() ran in
         self._closed = False
         self._lock = eventlet.semaphore.Semaphore()
         self._stopping = eventlet.event.Event()
@@ -365,8 +366,11 @@ class RedisBackend(Backend):
         """
         if self._closed:
             raise BackendError("this Redis backend is closed; make a new one")
+        if self._started_in is not None and self._started_in != os.getpid():
+            self._forget_parent()
         if self._receiver is not None:
             raise BackendError("this Redis backend is already started")
+        self._started_in = os.getpid()
         if not eventlet.patcher.is_monkey_patched("socket"):
             raise IncorrectlyConfigured(
                 "the Redis backend needs eventlet.monkey_patch() to run before "
@@ -388,6 +392,26 @@ class RedisBackend(Backend):
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._receiver = eventlet.spawn(self._run)
+
+    def _forget_parent(self):
+        """In a forked child: drop what belongs to the parent, untouched.
+
+        The inherited sockets are shared with the parent, so nothing is sent
+        on them, shut down or closed; the inherited receiver is killed before
+        it can read the parent's messages. The child starts with no channels:
+        its hub subscribes its own.
+        """
+        receiver, self._receiver = self._receiver, None
+        if receiver is not None:
+            receiver.kill()
+        self._client = self._write_presence = self._read_presence = None
+        self._conns, self._channel_nodes = {}, {}
+        self._connected, self._broken, self._lost_at = False, None, None
+        self._channels, self._local_counts, self._pending = set(), {}, {}
+        self._wake_r = self._wake_w = None
+        self._lock = eventlet.semaphore.Semaphore()
+        self._stopping = eventlet.event.Event()
+        self.process_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
 
     # -- subscriptions -------------------------------------------------------
 

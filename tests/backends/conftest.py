@@ -16,8 +16,8 @@ def make_memory(request, **options):
 
 
 def make_redis(request, **options):
-    # A private server shared by the session; a prefix per backend keeps
-    # tests apart, two backends of one test share it as two workers would.
+    # A private server shared by the session; a prefix per test keeps tests
+    # apart, and two backends of one test share it as two workers would.
     from stargate.backends.redis import RedisBackend
 
     server = request.getfixturevalue("redis_server")
