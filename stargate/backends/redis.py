@@ -542,6 +542,8 @@ class RedisBackend(Backend):
         :class:`~stargate.exceptions.BackendError` when Redis refuses.
         """
         data = encode_message(message)
+        if self._closed:
+            raise BackendUnavailable("this Redis backend is closed")
         if self._client is None:
             raise BackendError("the Redis backend is not started (call start())")
         try:

@@ -199,7 +199,7 @@ class TestSubscriptions:
         backend.close()
         assert time.monotonic() - started_at < 2
         assert wait_until(lambda: numsub(redis_server, f"{prefix}room") == 0)
-        with pytest.raises(Exception):
+        with pytest.raises(BackendUnavailable):
             backend.publish("room", "closed")
 
 
