@@ -231,7 +231,10 @@ class ServerProtocol:
         After the closing handshake completed (the server closes the TCP
         connection first, RFC 6455 7.1.1), after :meth:`fail` or a protocol
         error, after end of file, and after :meth:`send_close` on hixie-75,
-        which has no closing handshake. Write :meth:`data_to_send` first.
+        which has no closing handshake. Write :meth:`data_to_send` first;
+        after a failure, shutting down the write side and draining what the
+        peer still sends before closing avoids a TCP reset that could
+        discard the close frame.
         """
         return self._closed
 

@@ -750,3 +750,54 @@ def test_sending_while_closing_raises_connection_closed():
     with pytest.raises(ConnectionClosed) as info:
         p.send_message("x")
     assert (info.value.code, info.value.reason) == (1006, "")
+
+
+# ------------------------------------------------------------------ interop
+
+
+@pytest.mark.parametrize(
+    "offer",
+    [
+        "permessage-deflate",
+        "permessage-deflate; client_no_context_takeover",
+        "permessage-deflate; server_max_window_bits=8; client_max_window_bits=9",
+        "permessage-deflate; server_max_window_bits=12; client_max_window_bits",
+    ],
+)
+def test_interop_with_websockets_sans_io_client(offer):
+    """websockets' client and our server understand each other's deflate."""
+    ws_protocol = pytest.importorskip("websockets.protocol")
+    from websockets.extensions.permessage_deflate import PerMessageDeflate
+
+    from stargate.deflate import negotiate
+
+    _, params = negotiate(offer)
+    client = ws_protocol.Protocol(ws_protocol.Side.CLIENT, state=ws_protocol.State.OPEN)
+    client.extensions = [
+        PerMessageDeflate(
+            True,
+            params.client_no_context_takeover,
+            params.server_max_window_bits,
+            params.client_max_window_bits,
+        )
+    ]
+    server = ServerProtocol(WireFormat(deflate=params))
+    messages = ["hello " * 50, os.urandom(300) * 20, "x", b"", "", "é" * 3000]
+    for message in messages:
+        if isinstance(message, str):
+            data = message.encode()
+            client.send_text(data[:7], fin=False)
+            client.send_continuation(data[7:], fin=True)
+        else:
+            client.send_binary(message)
+        for data in client.data_to_send():
+            server.receive_data(data)
+        server.send_message(message)
+        client.receive_data(server.data_to_send())
+    assert server.error is None
+    assert [e.data for e in server.events_received()] == messages
+    received = [
+        f.data.decode() if f.opcode.name == "TEXT" else f.data
+        for f in client.events_received()
+    ]
+    assert received == messages
