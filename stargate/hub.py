@@ -361,10 +361,12 @@ class Hub:
 
         Called by the backend. The frame is encoded once per wire format;
         listeners are written in the order of a snapshot of the set, so
-        listeners added or removed meanwhile do not disturb the walk. A
-        listener whose ``send_prepared`` returns ``False`` or raises is
-        pruned if its connection is closed (dead, or closed for being slow)
-        and counted as ``dropped`` if it is still open. Never raises.
+        listeners added or removed meanwhile do not disturb the walk. What
+        ``send_prepared`` returns (a ``stargate.connection.SendResult``)
+        decides the rest: ``DEAD`` (or an exception) prunes the listener and
+        counts ``pruned_dead``, ``CLOSED_SLOW`` prunes it and counts
+        ``closed_slow``, ``DROPPED`` keeps it and counts ``dropped``. Never
+        raises.
 
         Returns the number of listeners that took the message.
         """
