@@ -35,6 +35,9 @@ log = logging.getLogger("stargate.server")
 #: Concurrent connections one worker serves (eventlet's default is 1024).
 DEFAULT_MAX_CLIENTS = 100_000
 
+#: Seconds a client has to send its request (headers and body).
+DEFAULT_REQUEST_TIMEOUT = 10.0
+
 #: Set in the environ by stargate's server: ``SERVER_PROTOCOL`` can be trusted.
 TRUE_PROTOCOL_KEY = "stargate.server_protocol_known"
 
@@ -49,8 +52,12 @@ def server_factory(global_conf, host="127.0.0.1", port=6543, **options):
 
     Options (all optional): ``workers`` (1), ``max_clients`` (100000
     connections per worker), ``shutdown_timeout`` (10 seconds), ``access_log``
-    (true). Monkey-patching happens here, before Paste Deploy loads the
-    application, so everything the application imports is green.
+    (true), ``request_timeout`` (10 seconds for a client to send a request,
+    and the most an idle keep-alive HTTP connection is kept; a WebSocket,
+    once upgraded, is governed by the ping settings instead).
+
+    Monkey-patching happens here, before Paste Deploy loads the application,
+    so everything the application imports is green.
     """
     eventlet.monkey_patch()
     settings = {
@@ -60,6 +67,9 @@ def server_factory(global_conf, host="127.0.0.1", port=6543, **options):
         ),
         "shutdown_timeout": float(options.pop("shutdown_timeout", 10.0)),
         "access_log": _asbool(options.pop("access_log", True)),
+        "request_timeout": float(
+            options.pop("request_timeout", DEFAULT_REQUEST_TIMEOUT)
+        ),
     }
     if options:
         names = ", ".join(sorted(options))
@@ -81,6 +91,7 @@ def serve(
     max_clients=DEFAULT_MAX_CLIENTS,
     shutdown_timeout=10.0,
     access_log=True,
+    request_timeout=DEFAULT_REQUEST_TIMEOUT,
     listen_socket=None,
     ready=None,
 ):
@@ -104,6 +115,7 @@ def serve(
         "max_clients": max_clients,
         "shutdown_timeout": shutdown_timeout,
         "access_log": access_log,
+        "request_timeout": request_timeout,
     }
     if workers == 1:
         _run_worker(app, sock, **worker_options)
@@ -121,7 +133,9 @@ def _display(address):
     return (f"[{host}]" if ":" in host else host), port
 
 
-def _run_worker(app, sock, *, max_clients, shutdown_timeout, access_log):
+def _run_worker(
+    app, sock, *, max_clients, shutdown_timeout, access_log, request_timeout
+):
     """Serve in this process until told to stop; then close WebSockets (1001)."""
     import eventlet.wsgi
 
@@ -145,7 +159,7 @@ def _run_worker(app, sock, *, max_clients, shutdown_timeout, access_log):
         log=logging.getLogger("stargate.access"),
         log_output=access_log,
         max_size=max_clients,
-        socket_timeout=None,
+        socket_timeout=request_timeout,
     )
     server.link(lambda gt: stopping.ready() or stopping.send(None))
     signum = stopping.wait()

@@ -223,7 +223,11 @@ class WebSocketView:
                 "connection; serve the application with stargate.factory "
                 "(use = egg:stargate#main in the .ini) or `stargate demo`"
             )
-        return wsgi_input.get_socket()
+        sock = wsgi_input.get_socket()
+        # The server's request timeout guarded the handshake; from here on
+        # the WebSocket's own ping settings decide when a peer is gone.
+        sock.settimeout(None)
+        return sock
 
     @staticmethod
     def _already_handled():

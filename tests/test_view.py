@@ -422,3 +422,20 @@ def test_client_sees_connection_closed_after_server_close(server):
         client.wait_closed()
         with pytest.raises(websockets.exceptions.ConnectionClosed):
             client.send("late")
+
+
+def test_half_a_handshake_is_dropped_after_the_request_timeout():
+    with LiveServer(make_app(), request_timeout=0.3) as live:
+        with socket.create_connection(("127.0.0.1", live.port), timeout=5) as sock:
+            sock.sendall(b"GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgr")
+            started = time.monotonic()
+            assert sock.recv(4096) == b""  # the server hung up
+            assert time.monotonic() - started < 4
+
+
+def test_an_upgraded_socket_outlives_the_request_timeout():
+    with LiveServer(make_app(), request_timeout=0.2) as live:
+        with connect(live.ws_url("/echo")) as client:
+            time.sleep(0.6)
+            client.send("still open")
+            assert client.receive() == "still open"

@@ -62,5 +62,12 @@ class Backend(abc.ABC):
         """
         return local_count
 
+    def set_local_count(self, channel, count):
+        """This process now has ``count`` listeners on ``channel``.
+
+        Backends that report presence across processes record it; the default
+        does nothing.
+        """
+
     def close(self):
         """Stop delivering and release connections. Safe to call twice."""

@@ -23,8 +23,11 @@ class LiveServer:
     green thread to end, so no port or connection is left behind.
     """
 
-    def __init__(self, app, host="127.0.0.1", *, stop_timeout=5.0):
+    def __init__(
+        self, app, host="127.0.0.1", *, stop_timeout=5.0, request_timeout=10.0
+    ):
         self.app = app
+        self.request_timeout = request_timeout
         self.host = host
         self.stop_timeout = stop_timeout
         self.port = None
@@ -69,6 +72,7 @@ class LiveServer:
             log=log,
             log_output=False,
             max_size=100_000,
+            socket_timeout=self.request_timeout,
         )
         return self
 
