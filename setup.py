@@ -40,6 +40,7 @@ setup(
         "paste.server_factory": ["main = stargate.factory:server_factory"],
         "console_scripts": ["stargate = stargate.__main__:main"],
         "paste.app_factory": ["demo = stargate.demo:main"],
+        "pytest11": ["stargate = stargate.testing.pytest_plugin"],
     },
     classifiers=[
         "Framework :: Pyramid",

@@ -172,11 +172,14 @@ class WebSocket:
     @property
     def close_code(self):
         """The close code received from the peer (1006 for an abrupt end),
-        or None while open."""
+        or None while open. 1013 when stargate closed the connection because
+        the peer fell ``max_send_buffer`` bytes behind."""
+        if self._local_close_code is not None:
+            return self._local_close_code
         if self.protocol.close_code is not None:
             return self.protocol.close_code
         if self._finished:
-            return self._local_close_code or 1006
+            return 1006
         return None
 
     @property

@@ -8,6 +8,7 @@ import time
 
 __all__ = [
     "connect",
+    "connect_app",
     "TestClient",
     "ReceiveTimeout",
     "UnexpectedMessage",
@@ -46,11 +47,13 @@ def connect(
     compression=True,
     max_size=2**24,
     timeout=10.0,
+    sock=None,
 ):
     """Open a WebSocket to ``url`` and return a :class:`TestClient`.
 
     Raises :class:`UpgradeRefused` when the server refuses the upgrade.
-    ``compression`` offers permessage-deflate like browsers do.
+    ``compression`` offers permessage-deflate like browsers do. ``sock`` is
+    an already connected socket to speak over instead of dialling ``url``.
     """
     try:
         from websockets.exceptions import InvalidStatus
@@ -72,6 +75,7 @@ def connect(
             ping_interval=None,
             close_timeout=timeout,
             proxy=None,
+            sock=sock,
         )
     except InvalidStatus as exc:
         response = exc.response
@@ -79,6 +83,33 @@ def connect(
             response.status_code, dict(response.headers.raw_items()), response.body
         ) from None
     return TestClient(connection)
+
+
+def connect_app(app, path="/", **options):
+    """Connect to a WSGI ``app`` in this process, through a real upgrade but
+    no network: the client and eventlet's WSGI server talk over a socket
+    pair. Takes the options of :func:`connect`; needs eventlet's
+    monkey-patching, as :class:`~stargate.testing.server.LiveServer` does.
+    """
+    import socket
+
+    import eventlet
+    import eventlet.wsgi
+
+    from stargate.factory import _http_protocol_class
+
+    server_end, client_end = socket.socketpair()
+    server = eventlet.wsgi.Server(
+        server_end,
+        ("127.0.0.1", 0),
+        app,
+        protocol=_http_protocol_class(),
+        log_output=False,
+        keepalive=False,
+    )
+    connection_state = [("127.0.0.1", 0), server_end, eventlet.wsgi.STATE_IDLE]
+    eventlet.spawn_n(server.process_request, connection_state)
+    return connect(f"ws://127.0.0.1{path}", sock=client_end, **options)
 
 
 class TestClient:
