@@ -1,0 +1,369 @@
+"""A lean load-generating WebSocket client process: many listeners, one epoll.
+
+Run by :class:`benchmarks._harness.ClientPool`, one process per few thousand
+connections; it is not meant to be started by hand::
+
+    python -m benchmarks._client --port P --n N [--compress] [--source ADDR]
+
+It does the RFC 6455 handshake by hand on non-blocking sockets, then parses
+only frame headers: a data frame is counted when its last byte arrives, and
+its payload is skipped, never copied nor decompressed. Pings are answered.
+
+The k-th data frame on a connection (after its first, the server's
+``ready``) is message k of the current phase. The process keeps, per message,
+the latest arrival time (``time.time_ns()``) over its connections, so the
+parent can find when the *last* listener got each message.
+
+It talks to its parent in JSON lines: commands on stdin, replies on stdout.
+
+``{"op": "connect", "timeout": s}``
+    open the connections; reply ``{"open": n, "failed": f, "cpu": s}`` once
+    every connection got its ``ready`` frame (or the timeout passed).
+``{"op": "expect", "count": m, "timeout": s}``
+    start a phase: reply ``{"ok": true}`` at once, then, when every open
+    connection has received ``m`` messages (or at the timeout),
+    ``{"last": [ns...], "first": ns, "received": n, "complete": c, "cpu": s}``.
+``{"op": "quit"}``
+    close everything and exit.
+"""
+
+import argparse
+import base64
+import json
+import os
+import resource
+import selectors
+import socket
+import struct
+import sys
+import time
+
+_EVENT_READ = selectors.EVENT_READ
+_EVENT_WRITE = selectors.EVENT_WRITE
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+#: Connections whose handshake may be in flight at once.
+CONNECT_WINDOW = 512
+RECV_SIZE = 262144
+
+HANDSHAKING, WAIT_READY, OPEN, CLOSED = range(4)
+
+
+class Conn:
+    __slots__ = ("sock", "state", "buf", "skip", "opcode", "ctl", "count", "hdr")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.state = HANDSHAKING
+        self.buf = b""  # handshake response bytes
+        self.hdr = b""  # a partial frame header
+        self.skip = 0  # payload bytes of the current frame still to come
+        self.opcode = -1  # opcode of the current frame; -1 between frames
+        self.ctl = None  # payload of a control frame being collected
+        self.count = 0  # data frames received in this phase
+
+
+def raise_nofile():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+class Client:
+    def __init__(self, args):
+        self.args = args
+        self.sel = selectors.DefaultSelector()
+        self.conns = []
+        self.expected = 0
+        self.last = []
+        self.first = 0
+        self.received = 0
+        self.complete = 0
+        self.phase_cpu = 0.0
+        self.phase_deadline = None
+        self.ready = 0
+        self.failed = 0
+        key = base64.b64encode(os.urandom(16)).decode()
+        ext = (
+            "Sec-WebSocket-Extensions: permessage-deflate\r\n" if args.compress else ""
+        )
+        self.request = (
+            f"GET {args.path} HTTP/1.1\r\nHost: {args.host}:{args.port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{ext}\r\n"
+        ).encode()
+        self.stdin_buf = b""
+
+    # -- parent channel ---------------------------------------------------
+
+    def reply(self, obj):
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    def read_commands(self):
+        chunk = os.read(0, 65536)
+        if not chunk:
+            return [{"op": "quit"}]
+        self.stdin_buf += chunk
+        *lines, self.stdin_buf = self.stdin_buf.split(b"\n")
+        return [json.loads(line) for line in lines if line.strip()]
+
+    # -- connecting -------------------------------------------------------
+
+    def connect_all(self, timeout):
+        args = self.args
+        deadline = time.monotonic() + timeout
+        cpu0 = time.process_time()
+        pending = 0
+        started = 0
+        address = (args.host, args.port)
+        while time.monotonic() < deadline:
+            while started < args.n and pending < CONNECT_WINDOW:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                if args.source:
+                    sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                    sock.bind((args.source, 0))
+                try:
+                    sock.connect(address)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    self.failed += 1
+                    sock.close()
+                    started += 1
+                    continue
+                conn = Conn(sock)
+                self.conns.append(conn)
+                self.sel.register(sock, _EVENT_WRITE, conn)
+                pending += 1
+                started += 1
+            if started >= args.n and pending == 0:
+                break
+            for key, events in self.sel.select(0.2):
+                conn = key.data
+                if conn is None:
+                    continue  # stdin: commands wait until we are connected
+                before = conn.state
+                self.on_event(conn, events)
+                if before != conn.state and conn.state in (OPEN, CLOSED):
+                    pending -= 1
+        for conn in self.conns:
+            if conn.state in (HANDSHAKING, WAIT_READY):
+                self.close(conn)
+        self.conns = [c for c in self.conns if c.state == OPEN]
+        self.reply(
+            {
+                "open": len(self.conns),
+                "failed": args.n - len(self.conns),
+                "cpu": time.process_time() - cpu0,
+            }
+        )
+
+    def close(self, conn):
+        if conn.state == CLOSED:
+            return
+        conn.state = CLOSED
+        try:
+            self.sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+
+    # -- events -------------------------------------------------------------
+
+    def on_event(self, conn, events):
+        sock = conn.sock
+        if conn.state == HANDSHAKING and events & _EVENT_WRITE and not conn.buf:
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                self.close(conn)
+                return
+            try:
+                sock.send(self.request)
+            except OSError:
+                self.close(conn)
+                return
+            conn.buf = b" "  # marks the request as sent
+            self.sel.modify(sock, _EVENT_READ, conn)
+            return
+        try:
+            data = sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close(conn)
+            return
+        now = time.time_ns()
+        if conn.state == HANDSHAKING:
+            conn.buf += data
+            end = conn.buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(conn.buf) > 8192:
+                    self.close(conn)
+                return
+            head = conn.buf[1 : end + 4]
+            data = conn.buf[end + 4 :]
+            conn.buf = b""
+            if not head.startswith(b"HTTP/1.1 101"):
+                self.close(conn)
+                return
+            conn.state = WAIT_READY
+            if not data:
+                return
+        self.feed(conn, data, now)
+
+    def feed(self, conn, data, now):
+        pos = 0
+        n = len(data)
+        while True:
+            if conn.opcode >= 0:
+                take = conn.skip if conn.skip <= n - pos else n - pos
+                if conn.ctl is not None:
+                    conn.ctl += data[pos : pos + take]
+                conn.skip -= take
+                pos += take
+                if conn.skip:
+                    return
+                self.frame_done(conn, now)
+            if pos >= n:
+                return
+            if conn.hdr:
+                data = conn.hdr + data[pos:]
+                conn.hdr = b""
+                pos = 0
+                n = len(data)
+            if n - pos < 2:
+                conn.hdr = data[pos:]
+                return
+            b0 = data[pos]
+            length = data[pos + 1] & 0x7F
+            if length == 126:
+                if n - pos < 4:
+                    conn.hdr = data[pos:]
+                    return
+                length = (data[pos + 2] << 8) | data[pos + 3]
+                pos += 4
+            elif length == 127:
+                if n - pos < 10:
+                    conn.hdr = data[pos:]
+                    return
+                length = int.from_bytes(data[pos + 2 : pos + 10], "big")
+                pos += 10
+            else:
+                pos += 2
+            opcode = b0 & 0x0F
+            conn.opcode = opcode
+            conn.skip = length
+            conn.ctl = b"" if opcode >= 8 else None
+
+    def frame_done(self, conn, now):
+        opcode = conn.opcode
+        conn.opcode = -1
+        if opcode >= 8:
+            payload, conn.ctl = conn.ctl, None
+            if opcode == 9:
+                self.pong(conn, payload)
+            elif opcode == 8:
+                self.close(conn)
+            return
+        if conn.state == WAIT_READY:
+            conn.state = OPEN
+            self.ready += 1
+            return
+        index = conn.count
+        conn.count = index + 1
+        if index < self.expected:
+            self.received += 1
+            last = self.last
+            if now > last[index]:
+                last[index] = now
+            if not self.first or now < self.first:
+                self.first = now
+            if index + 1 == self.expected:
+                self.complete += 1
+
+    def pong(self, conn, payload):
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i & 3] for i, b in enumerate(payload))
+        frame = struct.pack("!BB", 0x8A, 0x80 | len(payload)) + mask + masked
+        try:
+            conn.sock.send(frame)
+        except OSError:
+            self.close(conn)
+
+    # -- phases -------------------------------------------------------------
+
+    def start_phase(self, count, timeout):
+        for conn in self.conns:
+            conn.count = 0
+        self.expected = count
+        self.last = [0] * count
+        self.first = 0
+        self.received = 0
+        self.complete = 0
+        self.phase_cpu = time.process_time()
+        self.phase_deadline = time.monotonic() + timeout
+        self.reply({"ok": True})
+
+    def end_phase(self):
+        open_conns = sum(1 for c in self.conns if c.state == OPEN)
+        self.reply(
+            {
+                "last": self.last,
+                "first": self.first,
+                "received": self.received,
+                "complete": self.complete,
+                "open": open_conns,
+                "cpu": time.process_time() - self.phase_cpu,
+            }
+        )
+        self.expected = 0
+        self.phase_deadline = None
+
+    def run(self):
+        self.sel.register(0, _EVENT_READ, None)
+        while True:
+            timeout = 0.5
+            if self.phase_deadline is not None:
+                open_conns = sum(1 for c in self.conns if c.state == OPEN)
+                if (
+                    self.complete >= open_conns
+                    or time.monotonic() >= self.phase_deadline
+                ):
+                    self.end_phase()
+                timeout = 0.05
+            for key, events in self.sel.select(timeout):
+                conn = key.data
+                if conn is not None:
+                    self.on_event(conn, events)
+                    continue
+                for command in self.read_commands():
+                    op = command["op"]
+                    if op == "connect":
+                        self.connect_all(command.get("timeout", 60))
+                    elif op == "expect":
+                        self.start_phase(command["count"], command.get("timeout", 60))
+                    elif op == "quit":
+                        for conn in self.conns:
+                            self.close(conn)
+                        return
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="benchmark load generator")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--path", default="/listen")
+    parser.add_argument("--n", type=int, required=True)
+    parser.add_argument("--compress", action="store_true")
+    parser.add_argument("--source", default=None, help="local address to bind")
+    args = parser.parse_args(argv)
+    raise_nofile()
+    Client(args).run()
+
+
+if __name__ == "__main__":
+    main()

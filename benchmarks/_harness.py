@@ -1,0 +1,371 @@
+"""What the benchmarks share: server and client processes, control, tables.
+
+Every process started here is started by :class:`ServerProcess` or
+:class:`ClientPool`, asks the kernel to kill it if the benchmark dies
+(``PR_SET_PDEATHSIG``), and is stopped by its PID when the benchmark ends.
+"""
+
+import ctypes
+import json
+import math
+import os
+import queue
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results")
+
+#: Connections per load-generating client process.
+CONNECTIONS_PER_CLIENT = 2500
+
+
+def raise_nofile():
+    """Raise this process's open-file limit to the hard limit; returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def _die_with_parent():
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+class _Lines:
+    """Lines from a child's stdout, read by a thread, with timeouts."""
+
+    def __init__(self, stream):
+        self.queue = queue.Queue()
+        self.thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _pump(self, stream):
+        for line in stream:
+            self.queue.put(line)
+        self.queue.put(None)
+
+    def get(self, timeout):
+        try:
+            line = self.queue.get(timeout=max(timeout, 0.01))
+        except queue.Empty:
+            raise TimeoutError("no answer from a benchmark process") from None
+        if line is None:
+            raise RuntimeError("a benchmark process exited")
+        return line
+
+
+class ServerProcess:
+    """One server under test (see :mod:`benchmarks._servers`)."""
+
+    def __init__(self, kind, *, workers=1, redis=None, profile=None, timeout=30):
+        command = [sys.executable, "-m", "benchmarks._servers", kind]
+        command += ["--workers", str(workers)]
+        if redis:
+            command += ["--redis", redis]
+        if profile:
+            command += ["--profile", profile]
+        self.kind = kind
+        self.workers = workers
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=_env(),
+            preexec_fn=_die_with_parent,
+        )
+        self.lines = _Lines(self.process.stdout)
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.lines.get(deadline - time.monotonic())
+            if line.startswith("PORT "):
+                self.port = int(line.split()[1])
+                break
+        self._control = None
+
+    @property
+    def pid(self):
+        return self.process.pid
+
+    def rss(self):
+        """Resident memory of the server: its process and all its children."""
+        import psutil
+
+        parent = psutil.Process(self.pid)
+        total = parent.memory_info().rss
+        for child in parent.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def cpu_times(self):
+        import psutil
+
+        parent = psutil.Process(self.pid)
+        procs = [parent] + parent.children(recursive=True)
+        total = 0.0
+        for proc in procs:
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def control(self):
+        if self._control is None:
+            from websockets.sync.client import connect
+
+            self._control = connect(
+                f"ws://127.0.0.1:{self.port}/control",
+                compression=None,
+                max_size=None,
+                open_timeout=20,
+                ping_interval=None,
+            )
+        return self._control
+
+    def command(self, timeout=120, **command):
+        ws = self.control()
+        ws.send(json.dumps(command))
+        return json.loads(ws.recv(timeout=timeout))
+
+    def stop(self):
+        if self._control is not None:
+            try:
+                self._control.close()
+            except Exception:
+                pass
+            self._control = None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class ClientPool:
+    """``n`` listener connections, spread over lean client processes."""
+
+    def __init__(self, port, n, *, compress=False, per_process=None, source_base=10):
+        per_process = per_process or CONNECTIONS_PER_CLIENT
+        count = max(1, math.ceil(n / per_process))
+        self.n = n
+        self.procs = []
+        self.lines = []
+        share, extra = divmod(n, count)
+        for i in range(count):
+            size = share + (1 if i < extra else 0)
+            # One loopback source address per process: 28k ephemeral ports each.
+            command = [
+                sys.executable,
+                "-m",
+                "benchmarks._client",
+                "--port",
+                str(port),
+                "--n",
+                str(size),
+                "--source",
+                f"127.0.0.{source_base + i}",
+            ]
+            if compress:
+                command.append("--compress")
+            proc = subprocess.Popen(
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=ROOT,
+                env=_env(),
+                preexec_fn=_die_with_parent,
+            )
+            self.procs.append(proc)
+            self.lines.append(_Lines(proc.stdout))
+
+    def _send(self, proc, command):
+        proc.stdin.write(json.dumps(command) + "\n")
+        proc.stdin.flush()
+
+    def _gather(self, timeout):
+        deadline = time.monotonic() + timeout
+        return [
+            json.loads(lines.get(deadline - time.monotonic())) for lines in self.lines
+        ]
+
+    def connect(self, timeout=120):
+        """Open every connection; returns (open, failed, seconds, client cpu s)."""
+        start = time.monotonic()
+        for proc in self.procs:
+            self._send(proc, {"op": "connect", "timeout": timeout})
+        replies = self._gather(timeout + 30)
+        return (
+            sum(r["open"] for r in replies),
+            sum(r["failed"] for r in replies),
+            time.monotonic() - start,
+            sum(r["cpu"] for r in replies),
+        )
+
+    def expect(self, count, timeout):
+        for proc in self.procs:
+            self._send(proc, {"op": "expect", "count": count, "timeout": timeout})
+        self._gather(30)
+        self._timeout = timeout
+
+    def collect(self):
+        """Merge the phase reports: per-message last arrival over every process."""
+        replies = self._gather(self._timeout + 30)
+        count = len(replies[0]["last"])
+        last = [max(r["last"][i] for r in replies) for i in range(count)]
+        firsts = [r["first"] for r in replies if r["first"]]
+        return {
+            "last": last,
+            "first": min(firsts) if firsts else 0,
+            "received": sum(r["received"] for r in replies),
+            "complete": sum(r["complete"] for r in replies),
+            "open": sum(r["open"] for r in replies),
+            "cpu": sum(r["cpu"] for r in replies),
+        }
+
+    def close(self):
+        for proc in self.procs:
+            try:
+                self._send(proc, {"op": "quit"})
+                proc.stdin.close()
+            except (OSError, ValueError):
+                pass
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def percentile(values, p):
+    """The ``p``-th percentile (0-100) by linear interpolation."""
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    rank = (len(values) - 1) * p / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(values) - 1)
+    return values[low] + (values[high] - values[low]) * (rank - low)
+
+
+def run_phase(server, clients, *, count, size, binary, interval=0.0, timeout=60):
+    """Broadcast ``count`` messages; returns throughput and latency figures.
+
+    ``rate`` is deliveries per second from the first publish to the moment
+    the last listener got the last message; ``latencies`` (seconds) are,
+    per message, its publish time to its arrival at its last listener.
+    """
+    clients.expect(count, timeout)
+    cpu0 = server.cpu_times()
+    reply = server.command(
+        op="broadcast",
+        count=count,
+        size=size,
+        binary=binary,
+        interval=interval,
+        timeout=timeout + 30,
+    )
+    report = clients.collect()
+    server_cpu = server.cpu_times() - cpu0
+    stamps = reply["ts"]
+    last = report["last"]
+    latencies = [(a - s) / 1e9 for a, s in zip(last, stamps) if a]
+    end = max(last) if any(last) else stamps[-1]
+    elapsed = max((end - stamps[0]) / 1e9, 1e-9)
+    expected = count * clients.n
+    return {
+        "rate": report["received"] / elapsed,
+        "elapsed": elapsed,
+        "received": report["received"],
+        "expected": expected,
+        "latencies": latencies,
+        "client_cpu": report["cpu"],
+        "server_cpu": server_cpu,
+    }
+
+
+def print_table(title, columns, rows):
+    """Print ``rows`` (lists of already formatted cells) under ``columns``."""
+    widths = [
+        max(len(str(c)), *(len(str(r[i])) for r in rows)) if rows else len(str(c))
+        for i, c in enumerate(columns)
+    ]
+    print()
+    print(title)
+    header = "  ".join(str(c).rjust(w) for c, w in zip(columns, widths))
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print("  ".join(str(v).rjust(w) for v, w in zip(row, widths)))
+    sys.stdout.flush()
+
+
+def fmt_rate(value):
+    if value >= 1e6:
+        return f"{value / 1e6:.2f}M"
+    if value >= 1e3:
+        return f"{value / 1e3:.1f}k"
+    return f"{value:.0f}"
+
+
+def fmt_ms(seconds):
+    return f"{seconds * 1e3:.2f}"
+
+
+def ratio(a, b):
+    if not b or a != a or b != b:
+        return "n/a"
+    return f"{a / b:.2f}x"
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def rotate(items, shift):
+    """``items`` rotated by ``shift``: the order of peers changes each round."""
+    shift %= len(items)
+    return list(items[shift:]) + list(items[:shift])

@@ -1,0 +1,366 @@
+"""The servers under test, each run in its own process by the harness.
+
+::
+
+    python -m benchmarks._servers KIND [--workers N] [--redis URL] [--profile PATH]
+
+``KIND`` is one of:
+
+``stargate``
+    a Pyramid app served by :func:`stargate.factory.serve`: ``/listen`` is a
+    ``WebSocketView`` whose handler ``add_listener()``\\ s the connection to
+    a ``WebSocketAwareResource``; a broadcast is ``resource.send(message)``.
+    ``--redis URL`` sets ``stargate.backend`` (with ``--workers``).
+``websockets``
+    a ``websockets`` asyncio server; a broadcast is
+    ``websockets.broadcast(connections, message)``. With ``--redis URL`` each
+    of the ``--workers`` processes relays through redis-py's asyncio pub/sub
+    and broadcasts what it receives to its own connections.
+``eventlet``
+    eventlet's own ``eventlet.websocket.WebSocketWSGI`` with the loop the
+    original stack ran: ``for ws in sockets: ws.send(message)``.
+
+Every kind listens on a socket made here (backlog 4096; shared by the
+worker processes when there are several), prints ``PORT <n>`` on stdout,
+sends ``ready`` to each listener once it is registered, and takes commands
+as JSON text messages on ``/control``:
+
+``{"op": "broadcast", "count": m, "size": s, "binary": b, "interval": t}``
+    publish ``m`` messages of ``s`` bytes, ``t`` seconds apart (0: back to
+    back); each carries the ``time.time_ns()`` taken just before it was
+    published. Replies ``{"ts": [ns, ...]}``.
+``{"op": "listeners"}``
+    replies ``{"listeners": n}`` (this process's listeners).
+"""
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import sys
+import time
+import warnings
+
+warnings.filterwarnings("ignore", message=r"(?s).*Eventlet is deprecated")
+
+CHANNEL_PATH = "/listen"
+REDIS_CHANNEL = "stargate-bench"
+
+_WORDS = (
+    "stargate pyramid eventlet socket frame message listener broadcast hub "
+    "channel redis worker latency payload deflate client server event chat "
+    "room user status update price order quantity alpha beta gamma delta"
+).split()
+_PADDING = {}
+
+
+def padding(size):
+    """Seeded word soup of ``size`` ASCII characters: compressible, not trivially."""
+    text = _PADDING.get(size)
+    if text is None:
+        rng = random.Random(size)
+        parts, total = [], 0
+        while total < size:
+            word = rng.choice(_WORDS)
+            parts.append(word)
+            total += len(word) + 1
+        text = _PADDING[size] = " ".join(parts)[:size]
+    return text
+
+
+def make_message(seq, size, binary):
+    """Returns ``(timestamp_ns, message)``; the timestamp is embedded."""
+    ts = time.time_ns()
+    head = f"{ts:020d}:{seq:08d}:"
+    text = head + padding(size)[len(head) :]
+    return ts, (text.encode("ascii") if binary else text)
+
+
+def listen_socket():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(4096)
+    return sock
+
+
+def announce(sock):
+    print(f"PORT {sock.getsockname()[1]}", flush=True)
+
+
+def raise_nofile():
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class Profiler:
+    """Accumulates a cProfile of every broadcast command when a path is set."""
+
+    def __init__(self, path):
+        self.path = path
+        self.profile = None
+        if path:
+            import cProfile
+
+            self.profile = cProfile.Profile()
+
+    def __enter__(self):
+        if self.profile is not None:
+            self.profile.enable()
+
+    def __exit__(self, *exc):
+        if self.profile is not None:
+            self.profile.disable()
+            self.profile.dump_stats(self.path)
+
+
+def run_broadcast(command, publish, sleep):
+    """The broadcast command, for a blocking (green) server."""
+    count, size = command["count"], command["size"]
+    binary, interval = command.get("binary", False), command.get("interval", 0)
+    stamps = []
+    for seq in range(count):
+        ts, message = make_message(seq, size, binary)
+        stamps.append(ts)
+        publish(message)
+        if interval:
+            sleep(interval)
+    return {"ts": stamps}
+
+
+# -- stargate -----------------------------------------------------------------
+
+
+def serve_stargate(args):
+    import eventlet
+
+    eventlet.monkey_patch()
+    from pyramid.config import Configurator
+
+    from stargate import WebSocketAwareResource, WebSocketView
+    from stargate.factory import serve
+
+    class Root(WebSocketAwareResource):
+        __name__ = ""
+        __parent__ = None
+
+    root = Root()
+    profiler = Profiler(args.profile)
+
+    class ListenView(WebSocketView):
+        def handler(self, websocket):
+            self.request.context.add_listener(websocket)
+            websocket.send("ready")
+            while websocket.wait() is not None:
+                pass
+
+    class ControlView(WebSocketView):
+        def handler(self, websocket):
+            resource = self.request.context
+            while (text := websocket.wait()) is not None:
+                command = json.loads(text)
+                if command["op"] == "broadcast":
+                    with profiler:
+                        reply = run_broadcast(command, resource.send, eventlet.sleep)
+                else:
+                    reply = {"listeners": len(resource.listeners)}
+                websocket.send(json.dumps(reply))
+
+    settings = {"stargate.backend": args.redis or "memory"}
+    with Configurator(settings=settings, root_factory=lambda request: root) as config:
+        config.include("stargate")
+        config.add_route("listen", CHANNEL_PATH, factory=lambda request: root)
+        config.add_route("control", "/control", factory=lambda request: root)
+        config.add_view(ListenView, route_name="listen")
+        config.add_view(ControlView, route_name="control")
+        app = config.make_wsgi_app()
+    sock = eventlet.greenio.GreenSocket(listen_socket())
+    serve(
+        app,
+        workers=args.workers,
+        listen_socket=sock,
+        access_log=False,
+        shutdown_timeout=2.0,
+        ready=lambda address: announce(sock),
+    )
+
+
+# -- eventlet's own WebSocketWSGI ------------------------------------------------
+
+
+def serve_eventlet(args):
+    import eventlet
+
+    eventlet.monkey_patch()
+    import eventlet.websocket
+    import eventlet.wsgi
+
+    sockets = set()
+    profiler = Profiler(args.profile)
+
+    def publish(message):
+        for ws in list(sockets):
+            try:
+                ws.send(message)
+            except OSError:
+                sockets.discard(ws)
+
+    @eventlet.websocket.WebSocketWSGI
+    def app(ws):
+        if ws.path == "/control":
+            while (text := ws.wait()) is not None:
+                command = json.loads(text)
+                if command["op"] == "broadcast":
+                    with profiler:
+                        reply = run_broadcast(command, publish, eventlet.sleep)
+                else:
+                    reply = {"listeners": len(sockets)}
+                ws.send(json.dumps(reply))
+            return
+        sockets.add(ws)
+        try:
+            ws.send("ready")
+            while ws.wait() is not None:
+                pass
+        finally:
+            sockets.discard(ws)
+
+    sock = eventlet.greenio.GreenSocket(listen_socket())
+    announce(sock)
+    signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
+    eventlet.wsgi.server(sock, app, log_output=False, max_size=100_000)
+
+
+# -- websockets (asyncio) ---------------------------------------------------
+
+
+def serve_websockets(args):
+    sock = listen_socket()
+    announce(sock)
+    if args.workers == 1:
+        _websockets_worker(sock, args)
+        return
+    children = []
+    for _ in range(args.workers):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _websockets_worker(sock, args)
+            finally:
+                os._exit(0)
+        children.append(pid)
+
+    def stop(*_):
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for _ in children:
+        os.wait()
+
+
+def _websockets_worker(sock, args):
+    import asyncio
+
+    from websockets.asyncio.server import broadcast, serve
+
+    profiler = Profiler(args.profile)
+
+    async def main():
+        connections = set()
+        redis = None
+        if args.redis:
+            import redis.asyncio
+
+            redis = redis.asyncio.from_url(args.redis)
+            pubsub = redis.pubsub()
+            await pubsub.subscribe(REDIS_CHANNEL)
+
+            async def relay():
+                async for item in pubsub.listen():
+                    if item["type"] != "message":
+                        continue
+                    data = item["data"]
+                    message = data[1:] if data[:1] == b"b" else data[1:].decode()
+                    broadcast(connections, message)
+
+            asyncio.get_running_loop().create_task(relay())
+
+        async def publish(message):
+            if redis is None:
+                broadcast(connections, message)
+            elif isinstance(message, str):
+                await redis.publish(REDIS_CHANNEL, b"t" + message.encode())
+            else:
+                await redis.publish(REDIS_CHANNEL, b"b" + message)
+
+        async def handler(ws):
+            if ws.request.path == "/control":
+                async for text in ws:
+                    command = json.loads(text)
+                    if command["op"] == "broadcast":
+                        with profiler:
+                            reply = await _async_broadcast(command, publish)
+                    else:
+                        reply = {"listeners": len(connections)}
+                    await ws.send(json.dumps(reply))
+                return
+            connections.add(ws)
+            try:
+                await ws.send("ready")
+                await ws.wait_closed()
+            finally:
+                connections.discard(ws)
+
+        async with serve(handler, sock=sock, max_size=None):
+            await asyncio.get_running_loop().create_future()
+
+    asyncio.run(main())
+
+
+async def _async_broadcast(command, publish):
+    import asyncio
+
+    count, size = command["count"], command["size"]
+    binary, interval = command.get("binary", False), command.get("interval", 0)
+    stamps = []
+    for seq in range(count):
+        ts, message = make_message(seq, size, binary)
+        stamps.append(ts)
+        await publish(message)
+        if interval:
+            await asyncio.sleep(interval)
+    return {"ts": stamps}
+
+
+SERVERS = {
+    "stargate": serve_stargate,
+    "websockets": serve_websockets,
+    "eventlet": serve_eventlet,
+}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="a server under benchmark")
+    parser.add_argument("kind", choices=sorted(SERVERS))
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--redis", default=None, help="relay through this Redis")
+    parser.add_argument("--profile", default=None, help="cProfile output path")
+    args = parser.parse_args(argv)
+    raise_nofile()
+    sys.setrecursionlimit(10000)
+    SERVERS[args.kind](args)
+
+
+if __name__ == "__main__":
+    main()
