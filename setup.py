@@ -1,4 +1,4 @@
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 with open("README.md", encoding="utf-8") as f:
     long_description = f.read()
@@ -12,6 +12,10 @@ setup(
     license="BSD",
     packages=find_packages(include=["stargate", "stargate.*"]),
     include_package_data=True,
+    # Optional: without a C compiler, stargate runs on its pure Python path.
+    ext_modules=[
+        Extension("stargate._speedups", ["stargate/_speedups.c"], optional=True)
+    ],
     package_data={"stargate": ["demo/*.html", "demo/*.ini"]},
     python_requires=">=3.10",
     install_requires=[

@@ -89,7 +89,21 @@ _XOR_TABLES = [bytes(b ^ m for b in range(256)) for m in range(256)]
 def apply_mask(data, mask):
     """Return ``data`` XOR-ed with the repeated 4-byte ``mask`` as ``bytes``.
 
-    Masking and unmasking are the same operation. No per-byte Python loop:
+    Masking and unmasking are the same operation. It runs in C when the
+    optional ``stargate._speedups`` extension was built, else in Python
+    (:func:`apply_mask_python`).
+    """
+    if len(mask) != 4:
+        raise ValueError(f"mask must be 4 bytes, got {len(mask)}")
+    if _apply_mask_c is not None and (
+        type(data) is not memoryview or data.c_contiguous
+    ):
+        return _apply_mask_c(data, mask)
+    return apply_mask_python(data, mask)
+
+
+def apply_mask_python(data, mask):
+    """:func:`apply_mask` without the C speedup. No per-byte Python loop:
     payloads under 512 bytes are XOR-ed as one big integer
     (``int.from_bytes``), longer ones lane by lane with ``bytes.translate``.
     """
@@ -114,6 +128,12 @@ def apply_mask(data, mask):
     out[2::4] = out[2::4].translate(tables[mask[2]])
     out[3::4] = out[3::4].translate(tables[mask[3]])
     return bytes(out)
+
+
+try:
+    from stargate._speedups import apply_mask as _apply_mask_c
+except ImportError:  # not built: the pure Python version is used
+    _apply_mask_c = None
 
 
 def _header(first_byte, length, mask_bit=0):

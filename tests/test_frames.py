@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from stargate import frames
 from stargate.deflate import Decompressor, DeflateParams
 from stargate.exceptions import InvalidPayload, PayloadTooBig, ProtocolError
 from stargate.frames import (
@@ -508,3 +509,17 @@ def test_encode_message_is_pure():
 def test_encode_message_rejects_other_types_by_name(message):
     with pytest.raises(TypeError, match=type(message).__name__):
         encode_message(message, WireFormat())
+
+
+@pytest.mark.skipif(
+    frames._apply_mask_c is None, reason="the optional C speedup was not built"
+)
+@pytest.mark.parametrize("size", [0, 1, 3, 4, 7, 8, 9, 15, 16, 17, 511, 512, 4099])
+def test_c_and_python_masking_agree(size):
+    data = bytes(range(256)) * (size // 256 + 1)
+    data = data[:size]
+    for mask in (MASK, b"\x00\x00\x00\x00", b"\xff\xff\xff\xff"):
+        expected = naive_mask(data, mask)
+        assert frames._apply_mask_c(data, mask) == expected
+        assert frames.apply_mask_python(data, mask) == expected
+        assert frames._apply_mask_c(bytearray(data), bytearray(mask)) == expected
