@@ -1,0 +1,214 @@
+"""Fan-out through Redis across 1, 2 and 4 worker processes.
+
+A private ``redis-server`` (:class:`stargate.testing.redis_server.RedisServer`;
+never one on 6379) carries every message. Two servers, measured in the same
+run, interleaved:
+
+``stargate``
+    ``stargate.factory.serve(app, workers=W)`` with ``stargate.backend =
+    redis://<private>``: the control connection lands on one worker, whose
+    ``resource.send()`` publishes to Redis; every worker delivers to its own
+    listeners.
+``websockets``
+    ``W`` forked processes of a ``websockets`` asyncio server on one shared
+    listening socket, each relaying through redis-py's asyncio pub/sub: the
+    worker with the control connection publishes, every worker
+    ``websockets.broadcast()``\\ s what it receives.
+
+N listeners (raw-socket clients, :mod:`benchmarks._client`) spread over the
+workers by the kernel. A burst of M messages gives deliveries per second; a
+paced phase (same interval for both peers) gives latency from publish to
+the last listener, p50 and p99.
+
+    python -m benchmarks fanout            # N = 2,000; W = 1, 2, 4
+    python -m benchmarks fanout --quick    # N = 20
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+from benchmarks._harness import (
+    DEFAULT_OUT,
+    ClientPool,
+    ServerProcess,
+    fmt_ms,
+    fmt_rate,
+    percentile,
+    print_table,
+    pyplot,
+    raise_nofile,
+    ratio,
+    rotate,
+    run_phase,
+)
+
+PEERS = ("stargate", "websockets")
+TITLE = "fanout: broadcast through Redis across worker processes"
+SIZE = 1024
+
+
+def warm_up(server, pool, attempts=5):
+    """Broadcast until every listener got a message: every worker subscribed."""
+    for _ in range(attempts):
+        m = run_phase(server, pool, count=1, size=32, binary=False, timeout=5)
+        if m["received"] == pool.n:
+            return True
+    return False
+
+
+def run(workers_list, n, *, rounds, burst, paced, out):
+    from stargate.testing.redis_server import RedisServer
+
+    raise_nofile()
+    results = []
+    with RedisServer() as redis:
+        for workers in workers_list:
+            servers, pools = {}, {}
+            try:
+                for peer in PEERS:
+                    servers[peer] = ServerProcess(
+                        peer, workers=workers, redis=redis.url
+                    )
+                    pools[peer] = ClientPool(servers[peer].port, n)
+                    pools[peer].connect(timeout=120)
+                    if not warm_up(servers[peer], pools[peer]):
+                        print(f"  {peer}: not every listener reached after warm-up")
+                data = {p: {"rates": [], "lat": [], "got": []} for p in PEERS}
+                for r in range(rounds):
+                    per_message = 0.0
+                    for peer in rotate(PEERS, r):
+                        m = run_phase(
+                            servers[peer],
+                            pools[peer],
+                            count=burst,
+                            size=SIZE,
+                            binary=False,
+                            timeout=60,
+                        )
+                        data[peer]["rates"].append(m["rate"])
+                        data[peer]["got"].append(m["received"] / m["expected"])
+                        per_message = max(per_message, m["elapsed"] / burst)
+                    interval = min(max(2 * per_message, 0.002), 0.25)
+                    for peer in rotate(PEERS, r + 1):
+                        m = run_phase(
+                            servers[peer],
+                            pools[peer],
+                            count=paced,
+                            size=SIZE,
+                            binary=False,
+                            interval=interval,
+                            timeout=60 + paced * interval,
+                        )
+                        data[peer]["lat"] += m["latencies"]
+                        data[peer]["got"].append(m["received"] / m["expected"])
+                row = {"workers": workers, "n": n}
+                for peer in PEERS:
+                    d = data[peer]
+                    row[peer] = {
+                        "rate": statistics.median(d["rates"]),
+                        "p50": percentile(d["lat"], 50),
+                        "p99": percentile(d["lat"], 99),
+                        "delivered": min(d["got"]),
+                    }
+                results.append(row)
+            finally:
+                for pool in pools.values():
+                    pool.close()
+                for server in servers.values():
+                    server.stop()
+    report(results)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "fanout.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    plot(results, out)
+    return results
+
+
+def report(results):
+    columns = ["workers", "N"]
+    for p in PEERS:
+        columns += [f"{p} /s", "p50 ms", "p99 ms"]
+    columns += ["rate sg/ws", "p99 sg/ws", "delivered"]
+    rows = []
+    for r in results:
+        row = [r["workers"], f"{r['n']:,}"]
+        for p in PEERS:
+            row += [fmt_rate(r[p]["rate"]), fmt_ms(r[p]["p50"]), fmt_ms(r[p]["p99"])]
+        row += [
+            ratio(r["stargate"]["rate"], r["websockets"]["rate"]),
+            ratio(r["stargate"]["p99"], r["websockets"]["p99"]),
+            f"{min(r[p]['delivered'] for p in PEERS):.0%}",
+        ]
+        rows.append(row)
+    print_table(f"{TITLE} ({SIZE} B text messages)", columns, rows)
+
+
+def plot(results, out):
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    ws = [r["workers"] for r in results]
+    for i, peer in enumerate(PEERS):
+        left.plot(
+            ws, [r[peer]["rate"] for r in results], "o-", color=f"C{i}", label=peer
+        )
+        right.plot(
+            ws,
+            [r[peer]["p50"] * 1e3 for r in results],
+            "o-",
+            color=f"C{i}",
+            label=f"{peer} p50",
+        )
+        right.plot(
+            ws,
+            [r[peer]["p99"] * 1e3 for r in results],
+            "x--",
+            color=f"C{i}",
+            label=f"{peer} p99",
+        )
+    left.set_xlabel("worker processes")
+    left.set_ylabel("deliveries/s")
+    left.set_title("throughput through Redis")
+    left.legend(fontsize=8)
+    right.set_xlabel("worker processes")
+    right.set_ylabel("ms, publish -> last listener")
+    right.set_title("latency through Redis")
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.set_xticks(ws)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "fanout.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=TITLE)
+    parser.add_argument("--quick", action="store_true", help="N = 20, one round")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="directory for plots")
+    parser.add_argument("--listeners", type=int, default=None, help="N (2000)")
+    parser.add_argument(
+        "--workers",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1, 2, 4],
+        help="comma-separated worker counts (1,2,4)",
+    )
+    parser.add_argument("--rounds", type=int, default=None)
+    args = parser.parse_args(argv)
+    n = args.listeners or (20 if args.quick else 2000)
+    rounds = args.rounds or (1 if args.quick else 3)
+    start = time.monotonic()
+    run(
+        args.workers,
+        n,
+        rounds=rounds,
+        burst=5 if args.quick else 30,
+        paced=3 if args.quick else 20,
+        out=args.out,
+    )
+    print(f"\nfanout: done in {time.monotonic() - start:.0f} s; plots in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

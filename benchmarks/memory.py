@@ -1,0 +1,145 @@
+"""Memory per idle connection: stargate against the same peers as broadcast.
+
+For each server (``stargate``, ``websockets``, ``eventlet``; see
+:mod:`benchmarks.broadcast`), in a fresh process: connect 10 listeners and
+broadcast once (so lazily imported code and first-use caches are in
+place), read the server's RSS, connect N more idle listeners, wait a
+second, read the RSS again. Memory per connection = (after - before) / N.
+Clients that offer permessage-deflate and clients that do not are measured
+apart. Peers are interleaved and their order rotates every round; the table
+shows the median over rounds.
+
+    python -m benchmarks memory            # N = 1,000 and 10,000
+    python -m benchmarks memory --quick    # N = 100
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+from benchmarks._harness import (
+    DEFAULT_OUT,
+    ClientPool,
+    ServerProcess,
+    print_table,
+    pyplot,
+    raise_nofile,
+    ratio,
+    rotate,
+    run_phase,
+)
+
+PEERS = ("stargate", "websockets", "eventlet")
+TITLE = "memory: server RSS per idle connection"
+WARM = 10
+
+
+def measure(peer, n, compress, settle=1.0):
+    """Bytes of server RSS per idle connection, for one fresh server."""
+    with ServerProcess(peer) as server:
+        with ClientPool(server.port, WARM, compress=compress) as warm:
+            warm.connect(timeout=30)
+            run_phase(server, warm, count=1, size=32, binary=False)
+            time.sleep(0.3)
+            before = server.rss()
+            with ClientPool(server.port, n, compress=compress) as pool:
+                opened, failed, _, _ = pool.connect(timeout=120)
+                time.sleep(settle)
+                after = server.rss()
+    return {"per_conn": (after - before) / max(opened, 1), "open": opened}
+
+
+def run(counts, *, rounds, out, settle=1.0, compressions=(False, True)):
+    raise_nofile()
+    samples = {}
+    for r in range(rounds):
+        for n in counts:
+            for compress in compressions:
+                for peer in rotate(PEERS, r + compress):
+                    m = measure(peer, n, compress, settle)
+                    samples.setdefault((n, compress, peer), []).append(m)
+    results = []
+    for n in counts:
+        for compress in compressions:
+            row = {"n": n, "compress": compress}
+            for peer in PEERS:
+                ms = samples[(n, compress, peer)]
+                row[peer] = statistics.median(m["per_conn"] for m in ms)
+                row[f"{peer}_open"] = min(m["open"] for m in ms)
+            results.append(row)
+    report(results)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "memory.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    plot(results, out)
+    return results
+
+
+def report(results):
+    columns = ["N", "deflate"] + [f"{p} KiB/conn" for p in PEERS]
+    columns += ["sg/ws", "sg/ev", "connected"]
+    rows = []
+    for r in results:
+        sg, ws, ev = (r[p] for p in PEERS)
+        rows.append(
+            [
+                f"{r['n']:,}",
+                "yes" if r["compress"] else "no",
+                f"{sg / 1024:.1f}",
+                f"{ws / 1024:.1f}",
+                f"{ev / 1024:.1f}",
+                ratio(sg, ws),
+                ratio(sg, ev),
+                "/".join(f"{r[f'{p}_open']}" for p in PEERS),
+            ]
+        )
+    print_table(TITLE, columns, rows)
+
+
+def plot(results, out):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    labels = [
+        f"N={r['n']:,}\n{'deflate' if r['compress'] else 'plain'}" for r in results
+    ]
+    width = 0.8 / len(PEERS)
+    for i, peer in enumerate(PEERS):
+        ax.bar(
+            [x + (i - 1) * width for x in range(len(results))],
+            [r[peer] / 1024 for r in results],
+            width=width,
+            label=peer,
+        )
+    ax.set_xticks(list(range(len(results))))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("server RSS per idle connection (KiB)")
+    ax.set_title(TITLE)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "memory.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=TITLE)
+    parser.add_argument("--quick", action="store_true", help="N = 100, one round")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="directory for plots")
+    parser.add_argument(
+        "--connections",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=None,
+        help="comma-separated connection counts (1000,10000)",
+    )
+    parser.add_argument("--rounds", type=int, default=None)
+    args = parser.parse_args(argv)
+    counts = args.connections or ([100] if args.quick else [1000, 10000])
+    rounds = args.rounds or (1 if args.quick else 2)
+    start = time.monotonic()
+    run(counts, rounds=rounds, out=args.out, settle=0.3 if args.quick else 1.0)
+    print(f"\nmemory: done in {time.monotonic() - start:.0f} s; plots in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
