@@ -253,3 +253,22 @@ def test_the_custom_backend_delivers_later_and_in_order():
     assert received == [("a", "one"), ("a", b"two")]
     backend.close()
     backend.close()
+
+
+def test_every_command_option_is_documented(html):
+    from stargate.__main__ import build_parser
+
+    ids = ids_in(html / "reference")
+    parser = build_parser()
+    demo = parser._subparsers._group_actions[0].choices["demo"]
+    for action in demo._actions:
+        for option in action.option_strings:
+            if option.startswith("--") and option != "--help":
+                assert f"cmdoption-stargate-demo-{option.lstrip('-')}" in ids, option
+
+
+def test_every_benchmark_is_documented(html):
+    main = pytest.importorskip("benchmarks.__main__")
+    page = (html / "reference" / "commands.html").read_text(encoding="utf-8")
+    for name in main.BENCHMARKS:
+        assert f'<span class="pre">{name}</span>' in page, f"{name} is undocumented"
