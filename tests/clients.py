@@ -164,7 +164,7 @@ class ServerProcess:
         return self
 
     def __exit__(self, *exc_info):
-        self.stop()
+        self.stop(timeout=5)
 
 
 def connect(url, **kwargs):

@@ -27,7 +27,7 @@ def demo():
         server.wait_ready()
         yield server
     finally:
-        server.stop()
+        server.stop(timeout=5)
 
 
 def recv_json(ws):
@@ -116,10 +116,26 @@ class TestRooms:
             # registration: make sure all three listen before the real test.
             wait_all_listening([a, b, c])
             a.send("from a")
-            b.send(b"\x00binary from b")
             for ws in (a, b, c):
                 assert ws.recv(timeout=10) == "from a"
+            b.send(b"\x00binary from b")
+            for ws in (a, b, c):
                 assert ws.recv(timeout=10) == b"\x00binary from b"
+
+    def test_messages_from_several_senders_all_arrive(self, demo):
+        url = demo.ws_url + "/rooms/many-senders"
+        with connect(url) as a, connect(url) as b, connect(url) as c:
+            wait_all_listening([a, b, c])
+            for ws, name in ((a, "a"), (b, "b"), (c, "c")):
+                for i in range(10):
+                    ws.send(f"{name}{i}")
+            expected = {f"{name}{i}" for name in "abc" for i in range(10)}
+            for ws in (a, b, c):
+                received = [ws.recv(timeout=10) for _ in range(30)]
+                assert set(received) == expected
+                for name in "abc":  # one sender's messages keep their order
+                    mine = [m for m in received if m[0] == name]
+                    assert mine == [f"{name}{i}" for i in range(10)]
 
     def test_rooms_are_apart(self, demo):
         with (

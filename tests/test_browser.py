@@ -1,0 +1,108 @@
+"""The demo's chat page in a real, headless Chromium: two tabs talk.
+
+The browser runs in a subprocess (this file run as a script): Playwright's
+sync API drives its own event loop on greenlets, which does not mix with
+the eventlet monkey-patching ``tests/conftest.py`` applies to the test
+process.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SCREENSHOT = ROOT / "artifacts" / "browser-chat.png"
+
+
+def chat_in_two_pages(url, screenshot):
+    """Open the chat twice, say something in one, see it in the other."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000
+        )
+        try:
+            context = browser.new_context(viewport={"width": 900, "height": 640})
+            context.set_default_timeout(15_000)
+            alice = context.new_page()
+            bob = context.new_page()
+            alice.goto(f"{url}/?name=alice&room=browsers")
+            bob.goto(f"{url}/?name=bob&room=browsers")
+            for page in (alice, bob):
+                expect(page.locator("#status")).to_have_text("connected to browsers")
+                expect(page.locator("#send")).to_be_enabled()
+            # bob listens once his join message came back to him
+            expect(bob.locator("#log")).to_contain_text("bob joined")
+
+            alice.fill("#text", "hello from alice")
+            alice.click("#send")
+            expect(bob.locator("#log")).to_contain_text("alice:hello from alice")
+            expect(alice.locator("#log")).to_contain_text("alice:hello from alice")
+
+            bob.fill("#text", "hi alice, bob here")
+            bob.press("#text", "Enter")
+            expect(alice.locator("#log")).to_contain_text("bob:hi alice, bob here")
+            expect(bob.locator("#text")).to_have_value("")
+
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            alice.screenshot(path=str(screenshot))
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from tests.clients import ServerProcess, stargate_command
+
+    server = ServerProcess(
+        stargate_command("demo", "--port", "0", "--log-level", "warning"),
+        url_pattern=r"stargate demo: (http://\S+)",
+    )
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop(timeout=5)
+
+
+def require_chromium():
+    """Skip without Chromium; fail instead under ./.ci/run, which installs it."""
+    if os.path.exists(CHROMIUM):
+        return
+    reason = f"{CHROMIUM} is missing: apt-get install chromium (./.ci/run does)"
+    if os.environ.get("STARGATE_REQUIRE_BROWSER"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.mark.timeout(180)
+def test_two_pages_chat_through_the_demo(demo):
+    require_chromium()
+    if SCREENSHOT.exists():
+        SCREENSHOT.unlink()
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", __file__, demo.url, str(SCREENSHOT)],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert SCREENSHOT.stat().st_size > 0
+
+
+if __name__ == "__main__":
+    chat_in_two_pages(sys.argv[1], pathlib.Path(sys.argv[2]))

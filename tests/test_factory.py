@@ -1,0 +1,218 @@
+"""The server: pserve with the shipped development.ini, ``stargate demo``
+with several workers, and how both stop. Real processes, real clients."""
+
+import importlib.resources
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from paste.deploy.loadwsgi import SERVER, loadcontext
+from websockets.exceptions import ConnectionClosed
+
+from tests.clients import (
+    ServerProcess,
+    connect,
+    free_port,
+    http,
+    stargate_command,
+    wait_until,
+)
+
+INI = str(importlib.resources.files("stargate.demo").joinpath("development.ini"))
+
+#: Seconds a server may take to close its WebSockets and exit on SIGTERM.
+STOP_TIMEOUT = 5.0
+
+
+def pserve(*args):
+    return [sys.executable, "-W", "ignore", "-m", "pyramid.scripts.pserve", *args]
+
+
+def start_pserve():
+    port = free_port()
+    server = ServerProcess(pserve(INI, f"http_port={port}"), port=port)
+    server.wait_ready()
+    return server
+
+
+@pytest.fixture
+def pserved():
+    server = start_pserve()
+    try:
+        yield server
+    finally:
+        server.stop(timeout=5)
+
+
+class TestDevelopmentIni:
+    def server_conf(self, **global_conf):
+        return loadcontext(SERVER, "config:" + INI, global_conf=global_conf).local_conf
+
+    def test_it_ships_inside_the_package(self):
+        assert os.path.isfile(INI)
+
+    def test_it_serves_on_6543_unless_told_otherwise(self):
+        conf = self.server_conf()
+        assert (conf["host"], conf["port"]) == ("127.0.0.1", "6543")
+
+    def test_http_port_on_the_pserve_command_line_picks_the_port(self):
+        assert self.server_conf(http_port="7001")["port"] == "7001"
+
+
+class TestPserve:
+    def test_it_serves_the_demo_page(self, pserved):
+        response = http(pserved.url + "/")
+        assert response.status == 200
+        assert "stargate chat" in response.text
+
+    def test_echo_text_and_binary(self, pserved):
+        with connect(pserved.ws_url + "/echo") as ws:
+            ws.send("text over pserve")
+            assert ws.recv(timeout=10) == "text over pserve"
+            ws.send(b"\xffbinary\x00")
+            assert ws.recv(timeout=10) == b"\xffbinary\x00"
+
+    def test_the_access_log_goes_to_the_configured_logging(self, pserved):
+        http(pserved.url + "/jobs/logged")
+        wait_until(
+            lambda: "GET /jobs/logged" in pserved.output, 10, message="access log"
+        )
+
+    @pytest.mark.xfail(
+        reason="stargate.factory: SIGTERM is acted on only when eventlet's hub "
+        "next wakes up, which can be seconds later; see the report",
+        strict=False,
+    )
+    def test_sigterm_closes_open_websockets_with_1001_and_exits(self):
+        server = start_pserve()
+        try:
+            first = connect(server.ws_url + "/echo")
+            second = connect(server.ws_url + "/rooms/shutdown")
+            with first, second:
+                first.send("before")
+                assert first.recv(timeout=10) == "before"
+                started = time.monotonic()
+                server.signal(signal.SIGTERM)
+                for ws in (first, second):
+                    with pytest.raises(ConnectionClosed) as info:
+                        ws.recv(timeout=STOP_TIMEOUT)
+                    assert info.value.rcvd is not None, "no close frame received"
+                    assert info.value.rcvd.code == 1001
+            remaining = STOP_TIMEOUT - (time.monotonic() - started)
+            assert server.wait(timeout=max(remaining, 0.1)) == 0
+        finally:
+            server.stop(timeout=5)
+
+    @pytest.mark.xfail(
+        reason="stargate.factory: a SIGTERM handler's Event.send() does not wake "
+        "eventlet's hub, which sleeps until its next timer (up to "
+        "ping_interval, 20 s); see the report",
+        strict=False,
+    )
+    def test_sigterm_on_an_idle_server_exits_at_once(self):
+        server = start_pserve()
+        try:
+            with connect(server.ws_url + "/echo") as ws:
+                ws.send("x")
+                ws.recv(timeout=10)
+            time.sleep(0.5)  # the connection has ended; the server is idle
+            server.signal(signal.SIGTERM)
+            assert server.wait(timeout=STOP_TIMEOUT) == 0
+        finally:
+            server.stop(timeout=5)
+
+
+class TestStargateDemoCommand:
+    def test_help_lists_the_demo_subcommand(self):
+        result = subprocess.run(
+            stargate_command("--help"), capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0
+        assert "demo" in result.stdout
+
+    def test_a_bad_worker_count_is_refused_with_a_message(self):
+        result = subprocess.run(
+            stargate_command("demo", "--workers", "0"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2
+        assert "must be a positive integer" in result.stderr
+
+    def test_a_bad_backend_is_refused_with_a_message(self):
+        result = subprocess.run(
+            stargate_command("demo", "--port", "0", "--backend", "carrier-pigeon"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode != 0
+        assert "carrier-pigeon" in result.stderr
+
+    def test_it_prints_the_url_it_serves(self):
+        port = free_port()
+        with ServerProcess(
+            stargate_command("demo", "--port", str(port)),
+            url_pattern=r"stargate demo: (http://\S+)",
+        ) as server:
+            assert server.wait_ready() == f"http://127.0.0.1:{port}"
+
+
+def worker_pids(server):
+    try:
+        return {child.pid for child in psutil.Process(server.pid).children()}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def alive(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def two_workers(server, without=None):
+    """The two worker pids, once there are two and ``without`` is gone."""
+    pids = worker_pids(server)
+    if len(pids) == 2 and without not in pids:
+        return pids
+    return None
+
+
+class TestWorkers:
+    def test_a_killed_worker_is_replaced_and_the_server_keeps_serving(self):
+        server = ServerProcess(
+            stargate_command("demo", "--port", "0", "--workers", "2"),
+            url_pattern=r"stargate demo: (http://\S+)",
+        )
+        try:
+            server.wait_ready()
+            workers = wait_until(lambda: two_workers(server), 20, message="two workers")
+            victim = sorted(workers)[0]
+            os.kill(victim, signal.SIGKILL)
+            replaced = wait_until(
+                lambda: two_workers(server, without=victim),
+                20,
+                message="a new worker in place of the killed one",
+            )
+            assert replaced & workers == workers - {victim}
+            for i in range(6):  # several connections, so both workers serve
+                with connect(server.ws_url + "/echo") as ws:
+                    ws.send(f"still serving {i}")
+                    assert ws.recv(timeout=10) == f"still serving {i}"
+            assert "starting another" in server.output
+            server.signal(signal.SIGTERM)
+            assert server.wait(timeout=20) == 0
+            wait_until(
+                lambda: not any(alive(pid) for pid in replaced),
+                5,
+                message="the workers to exit with the supervisor",
+            )
+        finally:
+            server.stop(timeout=5)
