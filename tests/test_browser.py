@@ -63,6 +63,54 @@ def chat_in_two_pages(url, screenshot):
             browser.close()
 
 
+def start_demo(port):
+    """``stargate demo`` on ``port`` (no monkey-patching here); the process."""
+    process = subprocess.Popen(
+        [sys.executable, "-W", "ignore", "-m", "stargate", "demo"]
+        + ["--port", str(port), "--log-level", "warning"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    line = process.stdout.readline()  # the URL line, once it accepts
+    assert "stargate demo: http://" in line, line
+    return process
+
+
+def reconnects_after_a_drop(port):
+    """The page says the connection dropped, retries, and comes back."""
+    from playwright.sync_api import expect, sync_playwright
+
+    server = start_demo(port)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000
+            )
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(20_000)
+                page.goto(f"http://127.0.0.1:{port}/?name=carol&room=drops")
+                expect(page.locator("#status")).to_have_text("connected to drops")
+
+                server.kill()  # a drop: no closing handshake at all
+                server.wait(timeout=10)
+                expect(page.locator("#status")).to_contain_text("reconnecting")
+                expect(page.locator("#log")).to_contain_text("connection lost")
+                expect(page.locator("#send")).to_be_disabled()
+
+                server = start_demo(port)
+                expect(page.locator("#status")).to_have_text("connected to drops")
+                page.fill("#text", "back again")
+                page.click("#send")
+                expect(page.locator("#log")).to_contain_text("carol:back again")
+            finally:
+                browser.close()
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+
+
 @pytest.fixture(scope="module")
 def demo():
     from tests.clients import ServerProcess, stargate_command
@@ -104,5 +152,23 @@ def test_two_pages_chat_through_the_demo(demo):
     assert SCREENSHOT.stat().st_size > 0
 
 
+@pytest.mark.timeout(180)
+def test_the_page_reconnects_after_the_server_drops():
+    require_chromium()
+    from tests.clients import free_port
+
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", __file__, "reconnect", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 if __name__ == "__main__":
-    chat_in_two_pages(sys.argv[1], pathlib.Path(sys.argv[2]))
+    if sys.argv[1] == "reconnect":
+        reconnects_after_a_drop(int(sys.argv[2]))
+    else:
+        chat_in_two_pages(sys.argv[1], pathlib.Path(sys.argv[2]))
