@@ -122,6 +122,11 @@ class Settings:
     ping_interval: float | None = 20.0
     #: Seconds to wait for an answer to a ping before dropping the connection.
     ping_timeout: float = 20.0
+    #: Seconds without a message (text or binary) from the client before the
+    #: connection is closed with 1001 "idle timeout"; pings and pongs do not
+    #: count as activity. Off by default: keepalive pings already find dead
+    #: peers; this closes live but silent ones.
+    idle_timeout: float | None = None
     #: Seconds to wait for the peer's close frame when closing.
     close_timeout: float = 10.0
     #: Seconds a client has to send the rest of the handshake.
@@ -132,6 +137,12 @@ class Settings:
     slow_listener: str = "close"
     #: Open WebSockets per worker process; more get 503. 0 means no limit.
     max_connections: int = 0
+    #: Messages of history kept per channel, so listeners can resume from a
+    #: position; 0 (the default) keeps none. Resources override it with a
+    #: ``history_size`` class attribute.
+    history_size: int = 0
+    #: Seconds a channel's history is kept after its last message.
+    history_ttl: float = 3600.0
     #: Keyword options for the backend, from ``stargate.backend.<name>``.
     backend_options: dict = dataclasses.field(default_factory=dict)
 
@@ -140,6 +151,7 @@ class Settings:
         return {
             "ping_interval": self.ping_interval,
             "ping_timeout": self.ping_timeout,
+            "idle_timeout": self.idle_timeout,
             "close_timeout": self.close_timeout,
             "max_send_buffer": self.max_send_buffer,
             "slow_listener": self.slow_listener,
@@ -156,11 +168,14 @@ _COERCE = {
     "max_message_size": _optional_size,
     "ping_interval": _optional_seconds,
     "ping_timeout": _seconds,
+    "idle_timeout": _optional_seconds,
     "close_timeout": _seconds,
     "handshake_timeout": _seconds,
     "max_send_buffer": _size,
     "slow_listener": _slow_listener,
     "max_connections": _count,
+    "history_size": _count,
+    "history_ttl": _seconds,
 }
 
 
@@ -221,5 +236,11 @@ def includeme(config):
             written[PREFIX + field.name] = getattr(settings, field.name)
     config.registry.stargate_settings = settings
     backend = load_backend(settings.backend, **settings.backend_options)
+    if settings.history_size and not getattr(backend, "supports_history", False):
+        raise IncorrectlyConfigured(
+            f"stargate.history_size = {settings.history_size} needs a backend "
+            f"that keeps history, and {settings.backend!r} does not; use memory "
+            "or redis+streams://host:port/db, or set stargate.history_size = 0"
+        )
     config.registry.stargate_hub = Hub(backend)
     log.debug("stargate configured: %s", settings)

@@ -16,6 +16,21 @@ hub does the local part the same way for every backend:
   being slow. One bad listener never raises to the caller nor stops delivery
   to the others.
 
+History and recovery
+--------------------
+
+With a backend that keeps history, :meth:`Hub.publish` returns the message's
+:class:`~stargate.backends.base.Position` and :meth:`Hub.deliver` receives
+it. A channel may have a *formatter* (``formatter(message, position)``, the
+resource's ``format_message``): the hub applies it once per delivered
+message, before encoding, so clients can learn positions. ``Hub.add(channel,
+ws, since=position)`` recovers a listener: the listener is subscribed and
+marked as catching up (live messages for it are buffered), the backend's
+history after ``since`` is sent to it, then the buffered live messages with
+a higher offset, then it is an ordinary listener again. Nothing yields
+between the last buffer check and the switch, so there is no gap and no
+duplicate at the seam.
+
 :func:`get_hub` finds the hub of the running application.
 
 Logging goes to the ``stargate.hub`` logger.
@@ -29,7 +44,8 @@ import weakref
 from pyramid.threadlocal import get_current_registry
 
 from stargate.backends import load_backend
-from stargate.exceptions import BackendError, BackendUnavailable
+from stargate.backends.base import Position
+from stargate.exceptions import BackendError, BackendUnavailable, HistoryUnavailable
 from stargate.frames import encode_message
 
 __all__ = ["Hub", "HubStats", "get_hub", "default_hub"]
@@ -175,6 +191,12 @@ class Hub:
         self._closed_slow = 0
         self._dropped = 0
         self._skipped = 0
+        self._formatters = {}  # channel -> format_message(message, position)
+        self._catching_up = {}  # channel -> {ws: [(message, position), ...]}
+        #: Counters of recoveries (``Hub.add(..., since=...)``): listeners
+        #: ``recovered``, messages ``replayed`` to them from history, and
+        #: recoveries refused as ``unavailable`` (HistoryUnavailable).
+        self.history_stats = {"recovered": 0, "replayed": 0, "unavailable": 0}
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -198,8 +220,9 @@ class Hub:
             self._channels.clear()
             self._memberships.clear()
             self._watched = weakref.WeakSet()
-        self._started = pid
         self.backend.start(self.deliver)
+        # Only now: a backend that failed to start is tried again next time.
+        self._started = pid
         for channel in list(self._channels):
             self.backend.subscribe(channel)
 
@@ -224,14 +247,32 @@ class Hub:
 
     # -- listeners ---------------------------------------------------------
 
-    def add(self, channel, ws):
+    def add(self, channel, ws, since=None, formatter=None):
         """Attach ``ws`` to ``channel``. Adding it twice changes nothing.
 
         The first local listener of a channel subscribes the backend to it
         (an error from the backend is raised and the listener is not added).
         A close callback is registered on ``ws``, so it leaves every channel
         when its connection ends, however it ends.
+
+        ``formatter`` (optional) becomes the channel's formatter (see the
+        module docstring); the most recent one given wins.
+
+        ``since`` (a :class:`~stargate.backends.base.Position` or an
+        ``(epoch, offset)`` pair) first sends ``ws`` every message published
+        on ``channel`` after that position, then live ones, none twice.
+        Raises :class:`~stargate.exceptions.HistoryUnavailable` (carrying the
+        channel's current epoch and offset; ``ws`` is then not attached) when
+        the backend no longer holds all of them.
         """
+        if formatter is not None:
+            self._formatters[channel] = formatter
+        if since is not None:
+            self._add_since(channel, ws, Position.coerce(since))
+            return
+        self._add(channel, ws)
+
+    def _add(self, channel, ws):
         if self._started != os.getpid():
             self.start()
         listeners = self._channels.get(channel)
@@ -247,6 +288,69 @@ class Hub:
         if getattr(ws, "closed", False):
             # It ended before we could watch it: its callback may have run.
             self._drop_everywhere(ws)
+
+    def _add_since(self, channel, ws, since):
+        """Attach ``ws`` and replay the history after ``since`` to it."""
+        if ws in self._channels.get(channel, ()):
+            return  # already a live listener: it has not missed anything
+        buffered = self._catching_up.setdefault(channel, {})
+        buffered[ws] = []
+        try:
+            self._add(channel, ws)
+            try:
+                replay = self.backend.history(channel, since)
+            except HistoryUnavailable:
+                self.history_stats["unavailable"] += 1
+                self.remove(channel, ws)
+                raise
+            except Exception:
+                self.remove(channel, ws)
+                raise
+            last = since.offset
+            sent = 0
+            for position, message in replay:
+                if not self._replay_one(channel, ws, message, position):
+                    return
+                last, sent = position.offset, sent + 1
+            # Live messages that arrived while we read and sent the history;
+            # those the history already held are skipped by their offset.
+            # Sending may yield, and more may arrive: loop until none is left,
+            # then switch without yielding.
+            pending = buffered[ws]
+            while pending:
+                message, position = pending.pop(0)
+                if (
+                    position is not None
+                    and position.epoch == since.epoch
+                    and position.offset <= last
+                ):
+                    continue
+                if not self._replay_one(channel, ws, message, position):
+                    return
+                if position is not None:
+                    last = position.offset
+                sent += 1
+            self.history_stats["recovered"] += 1
+            self.history_stats["replayed"] += sent
+        finally:
+            buffered.pop(ws, None)
+            if not buffered:
+                self._catching_up.pop(channel, None)
+
+    def _replay_one(self, channel, ws, message, position):
+        """Send one message to a listener catching up; False if it died."""
+        formatter = self._formatters.get(channel)
+        if formatter is not None and position is not None:
+            message = formatter(message, position)
+        try:
+            outcome = self._send_one(ws, message, {})
+        except Exception as exc:
+            logger.debug("replaying to %r failed: %r", ws, exc)
+            outcome = _DEAD
+        if outcome is _DEAD or outcome is _SLOW:
+            self._drop_everywhere(ws)
+            return False
+        return True
 
     def remove(self, channel, ws):
         """Detach ``ws`` from ``channel``; no error if it was not attached.
@@ -265,6 +369,7 @@ class Hub:
                 del self._memberships[ws]
         if not listeners:
             del self._channels[channel]
+            self._formatters.pop(channel, None)
             if not self._closed:
                 try:
                     self.backend.unsubscribe(channel)
@@ -333,8 +438,15 @@ class Hub:
 
     # -- messages ----------------------------------------------------------
 
-    def publish(self, channel, message):
+    def publish(self, channel, message, history=None):
         """Broadcast ``message`` to every listener of ``channel``, everywhere.
+
+        ``history`` is a :class:`~stargate.backends.base.HistoryPolicy` (or
+        ``None``: the backend's default, no history on the memory backend).
+        Returns the message's :class:`~stargate.backends.base.Position`, or
+        ``None`` when the backend gives it none. A policy given to a backend
+        that keeps no history raises
+        :class:`~stargate.exceptions.IncorrectlyConfigured`.
 
         ``message`` is a ``str`` (sent as a text frame) or ``bytes`` (a binary
         frame; ``bytearray`` and ``memoryview`` are copied to ``bytes``). With
@@ -354,9 +466,19 @@ class Hub:
         if self._started != os.getpid():
             self.start()
         self._messages += 1
-        self.backend.publish(channel, message)
+        if history is None:
+            return self.backend.publish(channel, message)
+        if not getattr(self.backend, "supports_history", False):
+            from stargate.exceptions import IncorrectlyConfigured
 
-    def deliver(self, channel, message):
+            raise IncorrectlyConfigured(
+                f"history is on for {channel!r} but the backend "
+                f"{self.backend!r} keeps none; use the memory backend or "
+                "redis+streams://, or set stargate.history_size = 0"
+            )
+        return self.backend.publish(channel, message, history=history)
+
+    def deliver(self, channel, message, position=None):
         """Send ``message`` to this process's listeners on ``channel``.
 
         Called by the backend. The frame is encoded once per wire format;
@@ -368,15 +490,32 @@ class Hub:
         ``closed_slow``, ``DROPPED`` keeps it and counts ``dropped``. Never
         raises.
 
+        ``position`` is the message's place in the channel's history (from a
+        backend that keeps one): the channel's formatter, if any, turns
+        ``(message, position)`` into what is sent, once. Listeners catching
+        up get the message in their buffer instead.
+
         Returns the number of listeners that took the message.
         """
         self._received += 1
         listeners = self._channels.get(channel)
         if not listeners:
             return 0
+        catching_up = self._catching_up.get(channel)
+        raw = message
+        formatter = self._formatters.get(channel)
+        if position is not None and formatter is not None:
+            try:
+                message = formatter(raw, position)
+            except Exception:
+                logger.exception("formatting a message on %r failed", channel)
+                return 0
         encoded = {}
         delivered = dead = slow = dropped = skipped = 0
         for ws in list(listeners):
+            if catching_up and ws in catching_up:
+                catching_up[ws].append((raw, position))
+                continue
             try:
                 outcome = self._send_one(ws, message, encoded)
             except Exception as exc:

@@ -25,6 +25,16 @@ By default the channel is the resource's traversal path,
 choose another name, for example from ``request.matchdict`` in a URL
 dispatch factory.
 
+History and recovery
+--------------------
+
+With ``stargate.history_size`` set (or a ``history_size`` class attribute)
+and a backend that keeps history, :meth:`~WebSocketAwareResource.send`
+returns the message's :class:`~stargate.backends.base.Position`, and
+:meth:`~WebSocketAwareResource.format_message` decides how a message and its
+position go on the wire (by default the position is not sent). A client
+that kept its last position resumes with ``add_listener(ws, since=...)``.
+
 A resource without a location (no ``__name__`` attribute, as a plain URL
 dispatch factory object has) gets a channel unique to that object and to
 this process: only that very object sees those listeners, and a Redis
@@ -37,6 +47,8 @@ import os
 
 from pyramid.traversal import resource_path
 
+from stargate.backends.base import HistoryPolicy
+from stargate.config import get_settings
 from stargate.hub import get_hub
 
 __all__ = ["WebSocketAwareResource"]
@@ -51,6 +63,13 @@ class WebSocketAwareResource:
     clients; it works as well when it is built per request, because its
     listeners are kept per channel by the process's hub.
     """
+
+    #: Messages of history this resource's channel keeps; ``None`` means the
+    #: ``stargate.history_size`` setting, 0 no history.
+    history_size = None
+    #: Seconds that history is kept after the channel's last message;
+    #: ``None`` means the ``stargate.history_ttl`` setting.
+    history_ttl = None
 
     # -- where the listeners live ---------------------------------------
 
@@ -114,13 +133,48 @@ class WebSocketAwareResource:
 
     # -- the documented API -------------------------------------------------
 
-    def add_listener(self, ws):
+    def add_listener(self, ws, since=None):
         """Adds ``ws`` to the set of listeners.
 
         It is removed again by :meth:`remove_listener`, or by itself when
         its connection closes.
+
+        ``since`` (a :class:`~stargate.backends.base.Position` or an
+        ``(epoch, offset)`` pair a client kept) first sends ``ws`` every
+        message published after that position, formatted by
+        :meth:`format_message`, then the live ones: no gap, no duplicate.
+        Raises :class:`~stargate.exceptions.HistoryUnavailable` when the
+        history no longer holds them (too old, or the epoch changed); its
+        ``epoch`` and ``offset`` are the channel's current position, and
+        ``ws`` is not added: reload the client's state, then add it again.
         """
-        self.hub.add(self.channel, ws)
+        self.hub.add(self.channel, ws, since=since, formatter=self.format_message)
+
+    def format_message(self, message, position):
+        """What is sent for ``message`` at ``position`` (history on only).
+
+        Called once per message (never per listener) when the backend
+        gives the message a :class:`~stargate.backends.base.Position`.
+        Returns ``str`` or ``bytes``; the default returns ``message``
+        unchanged. Override it to tell clients where they are, for example
+        by adding ``position.epoch`` and ``position.offset`` to a JSON
+        message.
+        """
+        return message
+
+    def history_policy(self):
+        """This channel's :class:`~stargate.backends.base.HistoryPolicy`,
+        or ``None`` when it keeps no history."""
+        settings = get_settings()
+        size = self.history_size
+        if size is None:
+            size = settings.history_size
+        if not size:
+            return None
+        ttl = self.history_ttl
+        if ttl is None:
+            ttl = settings.history_ttl
+        return HistoryPolicy(int(size), float(ttl))
 
     def remove_listener(self, ws):
         """Removes ``ws`` from the set of listeners (no error if absent)."""
@@ -136,5 +190,9 @@ class WebSocketAwareResource:
         worker process a moment later. Raises
         :class:`~stargate.exceptions.BackendUnavailable` if the backend
         cannot take the message.
+
+        Returns the message's :class:`~stargate.backends.base.Position` when
+        the channel keeps history (see :meth:`history_policy`), else
+        ``None``.
         """
-        self.hub.publish(self.channel, message)
+        return self.hub.publish(self.channel, message, history=self.history_policy())

@@ -9,11 +9,72 @@ back to the hub through the ``deliver`` callback given to :meth:`start`.
 
 Messages are ``str`` (sent as text frames) or ``bytes`` (binary frames); a
 backend must hand back the same type it was given.
+
+History (optional)
+------------------
+
+A backend that keeps a window of recent messages per channel sets
+:attr:`Backend.supports_history`. Then :meth:`Backend.publish` takes a
+:class:`HistoryPolicy` and returns the message's :class:`Position`,
+``deliver`` gets that position as a third argument, and
+:meth:`Backend.history` reads what a channel published after a position.
+A backend without history keeps the two-argument ``deliver`` and ignores
+none of this: the hub never asks it for positions.
 """
 
 import abc
+import dataclasses
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "Position", "HistoryPolicy"]
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Position:
+    """Where a message sits in its channel's history.
+
+    ``epoch`` is a token naming one unbroken history of the channel: it
+    changes whenever that history is lost (a Redis without persistence
+    restarted, its keys flushed or expired, a process on the memory backend
+    restarted). ``offset`` is the message's number in that history: 1 for
+    the first message, one more for each message after it. Offset 0 names
+    the position before the first message.
+    """
+
+    epoch: str
+    offset: int
+
+    @classmethod
+    def coerce(cls, value):
+        """A :class:`Position` from a position or an ``(epoch, offset)`` pair.
+
+        Raises ``TypeError`` or ``ValueError`` for anything else (an offset
+        that is not a non-negative integer, an empty epoch).
+        """
+        if isinstance(value, cls):
+            return value
+        try:
+            epoch, offset = value
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"a position is Position(epoch, offset) or an (epoch, offset) "
+                f"pair, not {value!r}"
+            ) from None
+        if isinstance(offset, bool):
+            raise ValueError(f"offset must be an integer, not {offset!r}")
+        offset = int(offset)
+        if offset < 0 or not epoch:
+            raise ValueError(f"not a position: epoch {epoch!r}, offset {offset!r}")
+        return cls(str(epoch), offset)
+
+
+@dataclasses.dataclass(frozen=True)
+class HistoryPolicy:
+    """How much history a channel keeps: ``size`` messages (at least; a
+    backend may keep a few more) for ``ttl`` seconds after the channel's
+    last message."""
+
+    size: int
+    ttl: float
 
 
 class Backend(abc.ABC):
@@ -28,6 +89,11 @@ class Backend(abc.ABC):
     #: returns (the in-memory backend does; network backends do not).
     synchronous = False
 
+    #: Whether this backend keeps history: :meth:`publish` accepts
+    #: ``history=`` and returns a :class:`Position`, ``deliver`` is called
+    #: with a position, and :meth:`history` works.
+    supports_history = False
+
     def __init__(self, url=None, **options):
         self.url = url
         self.options = options
@@ -36,7 +102,9 @@ class Backend(abc.ABC):
     def start(self, deliver):
         """Begin delivering. ``deliver(channel, message)`` is called once per
         message published on a subscribed channel, in publish order per
-        channel, from a green thread of this process."""
+        channel, from a green thread of this process. A backend with
+        history calls ``deliver(channel, message, position)``, with the
+        message's :class:`Position` (``None`` when it has none)."""
 
     @abc.abstractmethod
     def subscribe(self, channel):
@@ -51,8 +119,24 @@ class Backend(abc.ABC):
         """Send ``message`` to every process subscribed to ``channel``.
 
         Raises :class:`~stargate.exceptions.BackendUnavailable` when the
-        message could not be handed over.
+        message could not be handed over. A backend with history takes a
+        ``history=`` keyword (a :class:`HistoryPolicy`, or ``None`` for
+        the backend's default) and returns the message's :class:`Position`.
         """
+
+    def history(self, channel, since):
+        """The messages published on ``channel`` after ``since``.
+
+        ``since`` is a :class:`Position`. Returns a list of ``(position,
+        message)`` pairs in publish order (empty when nothing was published
+        since). Raises :class:`~stargate.exceptions.HistoryUnavailable`,
+        carrying the channel's current epoch and offset, when the window no
+        longer holds every message after ``since`` or its epoch is not the
+        channel's. Backends without history always raise it.
+        """
+        from stargate.exceptions import HistoryUnavailable
+
+        raise HistoryUnavailable(f"{type(self).__name__} keeps no history")
 
     def listener_count(self, channel, local_count):
         """Listeners on ``channel`` across every process.
