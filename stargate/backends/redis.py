@@ -160,6 +160,10 @@ def decode_message(data):
     raise ValueError(f"not a stargate message (tag {tag!r})")
 
 
+def _new_process_id():
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+
+
 def redact_url(url):
     """``url`` with its password replaced by ``***``, for messages and logs."""
     parts = urllib.parse.urlsplit(url)
@@ -283,7 +287,7 @@ class RedisBackend(Backend):
         self.reconnect_backoff = _backoff_pair(reconnect_backoff)
         self.socket_timeout = _positive_float("socket_timeout", socket_timeout)
         self.presence_ttl = _positive_float("presence_ttl", presence_ttl)
-        self.process_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+        self.process_id = _new_process_id()
         self.stats = {
             "published": 0,
             "received": 0,
@@ -370,6 +374,10 @@ class RedisBackend(Backend):
             self._forget_parent()
         if self._receiver is not None:
             raise BackendError("this Redis backend is already started")
+        if self._started_in is None:
+            # Made in the process that starts it: a backend built before the
+            # server forked its workers gives each worker its own identity.
+            self.process_id = _new_process_id()
         self._started_in = os.getpid()
         if not eventlet.patcher.is_monkey_patched("socket"):
             raise IncorrectlyConfigured(
@@ -411,7 +419,7 @@ class RedisBackend(Backend):
         self._wake_r = self._wake_w = None
         self._lock = eventlet.semaphore.Semaphore()
         self._stopping = eventlet.event.Event()
-        self.process_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+        self.process_id = _new_process_id()
 
     # -- subscriptions -------------------------------------------------------
 
