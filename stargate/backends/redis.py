@@ -181,7 +181,8 @@ def _positive_float(name, value):
         number = float("nan")
     if not number > 0:
         raise IncorrectlyConfigured(
-            f"stargate.{name} must be a positive number of seconds, not {value!r}"
+            f"stargate.backend.{name} must be a positive number of seconds, "
+            f"not {value!r}"
         )
     return number
 
@@ -193,14 +194,14 @@ def _backoff_pair(value):
         initial, maximum = value
     except (TypeError, ValueError):
         raise IncorrectlyConfigured(
-            "stargate.reconnect_backoff must be two numbers of seconds, the "
+            "stargate.backend.reconnect_backoff must be two numbers of seconds, the "
             f"first delay and the longest one (e.g. '0.1 10'), not {value!r}"
         ) from None
     initial = _positive_float("reconnect_backoff", initial)
     maximum = _positive_float("reconnect_backoff", maximum)
     if maximum < initial:
         raise IncorrectlyConfigured(
-            "stargate.reconnect_backoff: the longest delay must not be shorter "
+            "stargate.backend.reconnect_backoff: the longest delay must not be shorter "
             f"than the first one, got {value!r}"
         )
     return initial, maximum
@@ -217,7 +218,7 @@ class RedisBackend(Backend):
 
     ``url``: where Redis is (see the module docstring for the forms).
 
-    Options (each is also a ``stargate.*`` setting of the same name):
+    Options (each is also a ``stargate.backend.<name>`` setting):
 
     ``prefix="stargate:"``
         Put in front of every Redis channel and key, so several applications
@@ -281,7 +282,7 @@ class RedisBackend(Backend):
         self._client_url = f"{scheme}://{rest}"
         if not isinstance(prefix, str):
             raise IncorrectlyConfigured(
-                f"stargate.prefix must be a string, not {prefix!r}"
+                f"stargate.backend.prefix must be a string, not {prefix!r}"
             )
         self.prefix = prefix
         self.reconnect_backoff = _backoff_pair(reconnect_backoff)
