@@ -42,6 +42,11 @@ READ_SIZE = 65536
 #: Close code sent to a listener that fell ``max_send_buffer`` bytes behind.
 SLOW_LISTENER_CLOSE_CODE = 1013
 
+#: Close code sent to a client silent for ``idle_timeout`` seconds: 1001
+#: (going away) rather than 1000, because the server, not the purpose of the
+#: connection, ended it; a client may reconnect when it has something to say.
+IDLE_CLOSE_CODE = 1001
+
 _open = weakref.WeakSet()
 
 
@@ -87,6 +92,9 @@ class WebSocket:
         received (RFC 6455 only); ``None`` disables them.
     :param ping_timeout: seconds to wait for any data after a keepalive ping
         before the connection is taken for dead and aborted.
+    :param idle_timeout: seconds without a text or binary message from the
+        peer before the connection is closed with 1001 ``"idle timeout"``
+        (pings and pongs are not activity); ``None`` (the default) disables it.
     :param close_timeout: seconds to wait for the peer's close frame and for
         queued bytes to drain when closing.
     :param max_send_buffer: bytes that may wait in the send queue before the
@@ -104,6 +112,7 @@ class WebSocket:
         subprotocol=None,
         ping_interval=20.0,
         ping_timeout=20.0,
+        idle_timeout=None,
         close_timeout=10.0,
         max_send_buffer=2**20,
         slow_listener="close",
@@ -118,6 +127,7 @@ class WebSocket:
         self.subprotocol = subprotocol
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
+        self.idle_timeout = idle_timeout
         self.close_timeout = close_timeout
         self.max_send_buffer = max_send_buffer
         self.slow_listener = slow_listener
@@ -132,6 +142,7 @@ class WebSocket:
         self._closed_event = eventlet.Event()
         self._close_callbacks = []
         self._last_received = time.monotonic()
+        self._last_message = self._last_received
         self._ping_timer = None
         self._awaiting_pong_since = None
         self._local_close_code = None
@@ -365,6 +376,7 @@ class WebSocket:
             for event in self.protocol.events_received():
                 if isinstance(event, (_protocol.TextMessage, _protocol.BinaryMessage)):
                     self._messages.append(event.data)
+                    self._last_message = self._last_received
             self._write(self.protocol.data_to_send())
             if not data or self.protocol.should_close_transport:
                 self._flush_then_finish()
@@ -424,14 +436,26 @@ class WebSocket:
             except Exception:
                 log.exception("close callback %r failed", callback)
 
-    # Keepalive: one hub timer per connection; a short-lived green thread
-    # runs each check, because timer callbacks must not block the hub.
+    # Keepalive and idle timeout: one hub timer per connection; a short-lived
+    # green thread runs each check, because timer callbacks must not block
+    # the hub.
+
+    def _pings(self):
+        return self.ping_interval is not None and self.draft == "rfc6455"
 
     def _schedule_keepalive(self):
-        if self.ping_interval is None or self.draft != "rfc6455":
+        delays = []
+        if self._pings():
+            delays.append(self.ping_interval)
+            if self._awaiting_pong_since is not None:
+                delays.append(self.ping_timeout)
+        if self.idle_timeout is not None:
+            idle_left = self._last_message + self.idle_timeout - time.monotonic()
+            delays.append(max(idle_left, 0.0))
+        if not delays:
             return
         self._ping_timer = hubs.get_hub().schedule_call_global(
-            self.ping_interval, eventlet.spawn_n, self._keepalive
+            min(delays), eventlet.spawn_n, self._keepalive
         )
 
     def _keepalive(self):
@@ -439,22 +463,27 @@ class WebSocket:
         if self.closed:
             return
         now = time.monotonic()
-        if self._awaiting_pong_since is not None:
-            if now - self._awaiting_pong_since >= self.ping_timeout:
-                log.debug("%s: no answer to a ping in %ss", self, self.ping_timeout)
-                self._local_close_code = 1006
-                self.abort()
-                return
-        elif now - self._last_received >= self.ping_interval:
-            self.protocol.send_ping(b"")
-            self._write(self.protocol.data_to_send())
-            self._awaiting_pong_since = now
-        delay = self.ping_interval
-        if self._awaiting_pong_since is not None:
-            delay = min(delay, self.ping_timeout)
-        self._ping_timer = hubs.get_hub().schedule_call_global(
-            delay, eventlet.spawn_n, self._keepalive
-        )
+        if (
+            self.idle_timeout is not None
+            and now - self._last_message >= self.idle_timeout
+        ):
+            log.debug("%s: no message in %ss, closing", self, self.idle_timeout)
+            self.close(IDLE_CLOSE_CODE, "idle timeout")
+            return
+        if self._pings():
+            if self._awaiting_pong_since is not None:
+                if now - self._awaiting_pong_since >= self.ping_timeout:
+                    log.debug(
+                        "%s: no answer to a ping in %ss", self, self.ping_timeout
+                    )
+                    self._local_close_code = 1006
+                    self.abort()
+                    return
+            elif now - self._last_received >= self.ping_interval:
+                self.protocol.send_ping(b"")
+                self._write(self.protocol.data_to_send())
+                self._awaiting_pong_since = now
+        self._schedule_keepalive()
 
     def __repr__(self):
         peer = self.environ.get("REMOTE_ADDR", "?")

@@ -189,7 +189,41 @@ def _http_protocol_class():
     class HttpProtocol(eventlet.wsgi.HttpProtocol):
         """eventlet's protocol, but ``SERVER_PROTOCOL`` is the request's own
         HTTP version (eventlet always says HTTP/1.0), so the handshake can
-        refuse HTTP/1.0 upgrades as RFC 6455 requires."""
+        refuse HTTP/1.0 upgrades as RFC 6455 requires; and the request line
+        and headers must arrive within ``request_timeout`` in total.
+
+        eventlet's ``socket_timeout`` bounds each wait for a byte, so a
+        client trickling a byte at a time (slowloris) would hold a
+        connection forever; here one deadline covers the whole request head.
+        eventlet bounds its size: a request line of 8192 bytes or more gets
+        414, a header line of 8192 bytes or more 400 "Header Line Too Long",
+        more than 65536 bytes of headers 400 "Headers Too Large", and more
+        than 100 header lines 431 (Python's ``http.client`` limit).
+        """
+
+        def handle_one_request(self):
+            timeout = self.server.socket_timeout
+            self._head_deadline = None
+            if timeout:
+                self._head_deadline = eventlet.Timeout(
+                    timeout, socket.timeout("request head not received in time")
+                )
+            try:
+                super().handle_one_request()
+            finally:
+                self._cancel_head_deadline()
+
+        def parse_request(self):
+            try:
+                return super().parse_request()
+            finally:
+                self._cancel_head_deadline()
+
+        def _cancel_head_deadline(self):
+            deadline = getattr(self, "_head_deadline", None)
+            if deadline is not None:
+                deadline.cancel()
+                self._head_deadline = None
 
         def get_environ(self, *args, **kwargs):
             environ = super().get_environ(*args, **kwargs)
