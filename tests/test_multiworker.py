@@ -31,7 +31,6 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from tests.clients import ServerProcess, connect, free_port, stargate_command
-from tests.test_demo import wait_all_listening
 
 DEMO_READY = r"stargate demo: (http://\S+)"
 SERVING = r"stargate serving on (http://\S+)"
@@ -219,8 +218,44 @@ def serving_pid(client, pids):
     return wait_for(find, f"the worker serving {local}")
 
 
-def spread_clients(stack, server, url, per_worker=2, max_clients=60):
-    """Connect to ``url`` until every worker serves ``per_worker`` clients.
+class Room:
+    """Clients of one demo room, each listening before the next connects.
+
+    :meth:`join` makes a client send a marker and waits for it to come back
+    through Redis: from then on the client listens, and so does its worker.
+    Joining one client at a time also keeps a worker's first clients from
+    racing its backend's start (see
+    test_clients_arriving_together_at_a_fresh_server). :meth:`settle` reads
+    the markers of later joins off every client, so each is left with
+    nothing to read.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.markers = []
+        self.clients = {}  # client -> how many markers it has read
+
+    def join(self, client):
+        marker = f"joined {len(self.markers)} {uuid.uuid4().hex[:6]}"
+        client.send(marker)
+        while receive(client, 1) != [marker]:
+            pass  # markers of the clients that joined before it
+        self.markers.append(marker)
+        self.clients[client] = len(self.markers)
+        return client
+
+    def forget(self, clients):
+        for client in clients:
+            self.clients.pop(client, None)
+
+    def settle(self):
+        for client, seen in self.clients.items():
+            assert receive(client, len(self.markers) - seen) == self.markers[seen:]
+            self.clients[client] = len(self.markers)
+
+
+def spread_clients(stack, server, room, per_worker=2, max_clients=60):
+    """Join ``room`` until every worker serves ``per_worker`` of its clients.
 
     Returns ``{pid: [client, ...]}`` holding every client connected; each is
     closed when ``stack`` (a :class:`contextlib.ExitStack`) closes.
@@ -228,9 +263,11 @@ def spread_clients(stack, server, url, per_worker=2, max_clients=60):
     pids = worker_pids(server)
     by_pid = {pid: [] for pid in pids}
     for _ in range(max_clients):
-        client = stack.enter_context(connect(url))
+        client = stack.enter_context(connect(server.ws_url + room.path))
+        room.join(client)
         by_pid[serving_pid(client, pids)].append(client)
         if all(len(clients) >= per_worker for clients in by_pid.values()):
+            room.settle()
             return by_pid
     counts = {pid: len(clients) for pid, clients in by_pid.items()}
     raise AssertionError(
@@ -302,15 +339,18 @@ def unique_room(name):
 
 @pytest.mark.parametrize("workers", [2, 4])
 def test_a_room_spans_every_worker_in_one_order(redis_server, workers):
-    room = unique_room(f"workers{workers}")
+    room = Room(unique_room(f"workers{workers}"))
     messages_each = 5
     with demo_server(redis_server.url, workers) as server, ExitStack() as stack:
-        by_pid = spread_clients(stack, server, server.ws_url + room)
+        by_pid = spread_clients(stack, server, room)
         assert len(by_pid) == workers
         clients = [client for group in by_pid.values() for client in group]
-        wait_all_listening(clients)
         with redis_server.client() as r:
-            assert subscribers(r, room) == workers  # one per worker, not client
+            # one subscription per worker, not per client
+            assert subscribers(r, room.path) == workers
+            # Presence: each worker counts its own clients, under its PID.
+            expected = {pid: len(group) for pid, group in by_pid.items()}
+            wait_for(lambda: presence(r, room.path) == expected, "presence")
 
         # Every client talks at once; the messages meet in Redis.
         for k in range(messages_each):
@@ -330,41 +370,37 @@ def test_a_room_spans_every_worker_in_one_order(redis_server, workers):
 
 
 @pytest.mark.xfail(
-    strict=True,
-    reason="product bug: RedisBackend.process_id is made in __init__ and kept "
-    "by every forked worker when the backend was not started in the parent "
-    "(the demo's case), so all workers write one presence field",
+    strict=False,
+    reason="product bug (regression in 4033b1f): Hub.start sets _started "
+    "only after backend.start returns; backend.start yields on network I/O, "
+    "so clients arriving together start the Redis backend twice: two "
+    "receivers read one socket ('Second simultaneous read'), reconnect in a "
+    "loop, drop subscriptions, and an IOClosed thrown into a receiver "
+    "blocked on its lock ends the whole server process",
 )
-def test_presence_counts_each_workers_listeners_and_forgets_a_dead_one(
-    redis_server, tmp_path
-):
-    room = unique_room("presence")
-    with (
-        pserve_server(tmp_path, redis_server.url, 2, FAST_BACKEND) as server,
-        ExitStack() as stack,
-        redis_server.client() as r,
-    ):
-        by_pid = spread_clients(stack, server, server.ws_url + room)
-        expected = {pid: len(group) for pid, group in by_pid.items()}
-        wait_for(lambda: presence(r, room) == expected, "presence", timeout=3)
-
-        victim, survivor = sorted(by_pid)
-        os.kill(victim, signal.SIGKILL)
-        killed = time.monotonic()
-        ttl = float(FAST_BACKEND["presence_ttl"])
-        wait_for(
-            lambda: presence(r, room) == {survivor: expected[survivor]},
-            "the dead worker to leave the presence hash",
-            timeout=ttl + 1,
-        )
-        report(
-            f"presence forgot a SIGKILLed worker {time.monotonic() - killed:.2f} s"
-            f" after its death (presence_ttl {ttl} s)"
-        )
+def test_clients_arriving_together_at_a_fresh_server(redis_server):
+    room = Room(unique_room("together"))
+    with demo_server(redis_server.url) as server, ExitStack() as stack:
+        url = server.ws_url + room.path
+        pool = eventlet.GreenPool()
+        clients = list(pool.imap(lambda _: connect(url), range(8)))
+        for client in clients:
+            stack.enter_context(client)
+        try:
+            for client in clients:
+                room.join(client)
+            room.settle()
+            clients[0].send("to everybody")
+            for client in clients:
+                assert receive(client, 1) == ["to everybody"]
+        finally:
+            assert server.process.poll() is None, "the server process died"
+            assert "Second simultaneous read" not in server.output
+            assert "ERROR" not in server.output
 
 
 def test_two_separate_servers_on_one_redis_share_a_room(redis_server):
-    room = unique_room("two-servers")
+    room = Room(unique_room("two-servers"))
     with (
         demo_server(redis_server.url) as first,
         demo_server(redis_server.url) as second,
@@ -372,10 +408,10 @@ def test_two_separate_servers_on_one_redis_share_a_room(redis_server):
     ):
         assert first.url != second.url
         clients = [
-            stack.enter_context(connect(server.ws_url + room))
+            room.join(stack.enter_context(connect(server.ws_url + room.path)))
             for server in (first, second, first, second)
         ]
-        wait_all_listening(clients)
+        room.settle()
         clients[0].send("from the first server")
         clients[1].send(b"\x00binary from the second")
         received = [receive(client, 2) for client in clients]
@@ -385,9 +421,9 @@ def test_two_separate_servers_on_one_redis_share_a_room(redis_server):
         }
         assert all(got == received[0] for got in received)  # one order
         with redis_server.client() as r:
-            assert subscribers(r, room) == 2
+            assert subscribers(r, room.path) == 2
             assert wait_for(
-                lambda: presence(r, room) == {first.pid: 2, second.pid: 2},
+                lambda: presence(r, room.path) == {first.pid: 2, second.pid: 2},
                 "presence of both servers",
             )
 
@@ -452,15 +488,16 @@ def indices(messages):
 def test_redis_killed_and_restarted_mid_stream(fresh_redis_server, tmp_path):
     """Nothing but the messages of the outage is lost, and that is logged."""
     redis_server = fresh_redis_server
-    room = unique_room("restart")
+    room = Room(unique_room("restart"))
     with (
         pserve_server(tmp_path, redis_server.url, 2, FAST_BACKEND) as server,
         ExitStack() as stack,
     ):
-        by_pid = spread_clients(stack, server, server.ws_url + room)
+        by_pid = spread_clients(stack, server, room)
         listeners = [(pid, c) for pid, group in by_pid.items() for c in group]
-        stream = Stream(server.ws_url + room)
-        wait_all_listening([c for _, c in listeners] + [stream._client])
+        stream = Stream(server.ws_url + room.path)
+        room.join(stream._client)
+        room.settle()
         stream.start()
         stack.callback(stream.stop)
 
@@ -472,7 +509,7 @@ def test_redis_killed_and_restarted_mid_stream(fresh_redis_server, tmp_path):
         redis_server.restart()
         down_for = time.monotonic() - down_from
         with redis_server.client() as r:
-            wait_for(lambda: subscribers(r, room) == 2, "both workers resubscribed")
+            wait_for(lambda: subscribers(r, room.path) == 2, "both resubscribed")
         resubscribed = time.monotonic()
         recovered_at = len(stream.sent)
         wait_for(
@@ -549,25 +586,42 @@ def report(text):
 def test_a_killed_worker_is_replaced_and_the_others_keep_talking(
     tmp_path, redis_server
 ):
-    room = unique_room("worker-killed")
+    room = Room(unique_room("worker-killed"))
     with (
         pserve_server(tmp_path, redis_server.url, 3, FAST_BACKEND) as server,
         ExitStack() as stack,
+        redis_server.client() as r,
     ):
-        by_pid = spread_clients(stack, server, server.ws_url + room)
-        wait_all_listening([c for group in by_pid.values() for c in group])
+        by_pid = spread_clients(stack, server, room)
         victim, *survivors = sorted(by_pid)
+        expected = {pid: len(group) for pid, group in by_pid.items()}
+        wait_for(lambda: presence(r, room.path) == expected, "presence per worker")
+        assert subscribers(r, room.path) == 3
 
         os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
         for client in by_pid[victim]:
             with pytest.raises(ConnectionClosed):
                 receive_until_quiet(client, quiet=DEADLINE)
             assert client.close_code == 1006  # dropped, no close frame
+        room.forget(by_pid[victim])
 
         staying = [c for pid in survivors for c in by_pid[pid]]
         staying[0].send("after the kill")
         for client in staying:
             assert receive(client, 1) == ["after the kill"]
+        wait_for(lambda: subscribers(r, room.path) == 2, "Redis to drop the dead")
+
+        # The dead worker's presence expires: within presence_ttl, the count
+        # is the survivors' alone.
+        ttl = float(FAST_BACKEND["presence_ttl"])
+        survivors_only = {pid: expected[pid] for pid in survivors}
+        wait_for(
+            lambda: presence(r, room.path) == survivors_only,
+            "the dead worker to leave the presence hash",
+            timeout=ttl + 1,
+        )
+        forgotten_after = time.monotonic() - killed
 
         def replaced():
             pids = worker_pids(server)
@@ -580,13 +634,19 @@ def test_a_killed_worker_is_replaced_and_the_others_keep_talking(
         # The replacement serves the room like the others.
         newcomer = None
         for _ in range(40):
-            client = stack.enter_context(connect(server.ws_url + room))
+            client = room.join(stack.enter_context(connect(server.ws_url + room.path)))
             if serving_pid(client, {newcomer_pid, *survivors}) == newcomer_pid:
                 newcomer = client
                 break
             staying.append(client)
         assert newcomer is not None, "no connection reached the new worker"
-        wait_all_listening([*staying, newcomer])
+        room.settle()
         newcomer.send("from the new worker")
         for client in [*staying, newcomer]:
             assert receive(client, 1) == ["from the new worker"]
+        assert subscribers(r, room.path) == 3
+        report(
+            f"a SIGKILLed worker left the presence count {forgotten_after:.2f} s "
+            f"after its death (presence_ttl {ttl} s); replacement pid "
+            f"{newcomer_pid} serves the room"
+        )
