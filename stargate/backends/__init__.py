@@ -7,6 +7,9 @@ The ``stargate.backend`` setting accepts:
 ``redis://...``, ``rediss://...``, ``unix://...``, ``redis+cluster://...``
     :class:`stargate.backends.redis.RedisBackend`, imported only when asked
     for, so the ``redis`` package is needed only by those who use it.
+``redis+streams://...``, ``rediss+streams://...``
+    :class:`stargate.backends.redis_streams.RedisStreamsBackend`: Redis
+    Streams, with message history and recovery after a disconnection.
 ``package.module:Class`` or ``package.module.Class``
     a class of your own that subclasses :class:`~stargate.backends.base.Backend`.
 """
@@ -16,13 +19,16 @@ import importlib
 from stargate.backends.base import Backend
 from stargate.exceptions import IncorrectlyConfigured
 
-__all__ = ["Backend", "load_backend", "REDIS_SCHEMES"]
+__all__ = ["Backend", "load_backend", "REDIS_SCHEMES", "STREAMS_SCHEMES"]
 
 #: URL schemes handed to the Redis backend.
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://")
+#: URL schemes handed to the Redis Streams backend.
+STREAMS_SCHEMES = ("redis+streams://", "rediss+streams://")
 
 _ACCEPTED = (
-    "'memory', a redis://, rediss://, unix:// or redis+cluster:// URL, "
+    "'memory', a redis://, rediss://, unix://, redis+cluster:// or "
+    "redis+streams:// URL, "
     "or the dotted name of a Backend subclass (package.module:Class)"
 )
 
@@ -51,6 +57,10 @@ def load_backend(setting="memory", **options):
         from stargate.backends.memory import MemoryBackend
 
         return MemoryBackend(**options)
+    if value.lower().startswith(STREAMS_SCHEMES):
+        from stargate.backends.redis_streams import RedisStreamsBackend
+
+        return RedisStreamsBackend(value, **options)
     if value.lower().startswith(REDIS_SCHEMES):
         from stargate.backends.redis import RedisBackend
 

@@ -35,10 +35,22 @@ def make_redis_cluster(request, **options):
     return RedisBackend(cluster.url, **options)
 
 
+def make_redis_streams(request, **options):
+    from stargate.backends.redis_streams import RedisStreamsBackend
+
+    server = request.getfixturevalue("redis_server")
+    options.setdefault("prefix", f"contract-{request.node.nodeid}:")
+    options.setdefault("reconnect_backoff", (0.05, 0.5))
+    return RedisStreamsBackend(
+        server.url.replace("redis://", "redis+streams://"), **options
+    )
+
+
 BACKENDS = {
     "memory": make_memory,
     "redis": make_redis,
     "redis-cluster": make_redis_cluster,
+    "redis-streams": make_redis_streams,
 }
 
 

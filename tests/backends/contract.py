@@ -24,7 +24,7 @@ class Collector:
     def __init__(self):
         self.received = []
 
-    def __call__(self, channel, message):
+    def __call__(self, channel, message, position=None):
         if isinstance(message, str) and message.startswith(self.PROBE):
             self.received.append((channel, self.PROBE))
             return

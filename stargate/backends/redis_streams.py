@@ -1,0 +1,703 @@
+"""The Redis Streams backend: broadcast across workers, with history.
+
+``stargate.backend = redis+streams://host:port/db`` (or ``rediss+streams://``
+for TLS). Where the pub/sub backend (:mod:`stargate.backends.redis`) loses
+whatever is published while a worker is cut off, this one keeps every
+channel's recent messages in Redis, so
+
+* a worker that loses Redis (or is paused, or too slow) resumes from the last
+  message it delivered and gives its listeners what they missed, in order,
+  once each, as long as it is still in the window;
+* a client that reconnects with its last position gets what it missed
+  (``add_listener(ws, since=position)``, see :mod:`stargate.hub`).
+
+Keys
+----
+
+Each channel has two keys, both expiring ``history_ttl`` seconds after the
+channel's last message:
+
+``<prefix>stream:<channel>``
+    A stream capped near ``history_size`` entries (``XADD ... MAXLEN ~``, so
+    Redis may keep a few more). Each entry's ID is ``<offset>-0`` and it
+    holds the epoch (``e``) and the tagged message (``d``).
+``<prefix>meta:<channel>``
+    A hash with the channel's ``epoch`` (a random token, set only when the
+    hash does not exist: the equivalent of ``SET NX``) and its last
+    ``offset`` (``HINCRBY``).
+
+One Lua script publishes: it creates the epoch if the hash is gone (and
+then drops any stream left from the lost epoch), increments the offset,
+adds the entry with that offset as its ID and refreshes both TTLs. So the
+offset *is* the stream ID: a per-channel integer that grows by one per
+message, which clients can compare and the window can be read by
+(``XRANGE stream <since+1>-0 +``). When Redis loses the keys (restarted
+without persistence, flushed, expired) the next message starts a new epoch
+at offset 1, and every position of the old epoch is refused with
+:class:`~stargate.exceptions.HistoryUnavailable`.
+
+Receiving
+---------
+
+Each process runs one receiving green thread. It holds a cursor per channel
+with local listeners (the epoch and the last offset delivered) and reads
+every such stream with one blocking ``XREAD`` on its own connection (named
+``<prefix>reader:<process id>`` in ``CLIENT LIST``). A new subscription
+sets its cursor to the channel's current offset and wakes the reader with
+``CLIENT UNBLOCK``. After losing Redis it reconnects with a bounded,
+jittered exponential backoff and reads on from its cursors: what other
+workers published meanwhile is delivered, in order, once. If the window no
+longer holds it, the gap is logged with its size and counted in
+:attr:`RedisStreamsBackend.stats` (``gaps``, ``missed``); if the epoch
+changed, the loss is logged and counted (``epoch_changes``) and delivery
+goes on with the new epoch's messages. Epochs are checked on every
+reconnect and every ``block`` seconds.
+
+Presence is not kept: :meth:`~RedisStreamsBackend.listener_count` reports
+this process's listeners only.
+"""
+
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+
+import eventlet
+import eventlet.event
+import eventlet.patcher
+import greenlet
+from redis import Redis
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from stargate.backends.base import Backend, HistoryPolicy, Position
+from stargate.backends.redis import (
+    DEFAULT_PREFIX,
+    DEFAULT_RECONNECT_BACKOFF,
+    DEFAULT_SOCKET_TIMEOUT,
+    _backoff_pair,
+    _positive_float,
+    decode_message,
+    encode_message,
+    redact_url,
+)
+from stargate.exceptions import (
+    BackendError,
+    BackendUnavailable,
+    HistoryUnavailable,
+    IncorrectlyConfigured,
+)
+
+__all__ = ["RedisStreamsBackend"]
+
+log = logging.getLogger(__name__)
+
+#: Messages kept per channel when the resource sets no history policy.
+DEFAULT_HISTORY_SIZE = 1000
+#: Seconds a channel's history outlives its last message, by default.
+DEFAULT_HISTORY_TTL = 3600.0
+#: Seconds one XREAD blocks; also how often epochs are checked.
+DEFAULT_BLOCK = 1.0
+#: Entries read per stream per XREAD.
+DEFAULT_READ_COUNT = 500
+
+_SCHEMES = {"redis+streams": "redis", "rediss+streams": "rediss"}
+
+_NETWORK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+# KEYS: stream, meta. ARGV: a new epoch, the tagged message, maxlen, ttl ms.
+_PUBLISH = """
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'epoch', epoch)
+end
+local offset = redis.call('HINCRBY', KEYS[2], 'offset', 1)
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], offset .. '-0',
+           'e', epoch, 'd', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return {epoch, offset}
+"""
+
+
+def _text(value):
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def _offset(entry_id):
+    """The offset in a stream entry ID ``b"<offset>-0"``."""
+    return int(entry_id.split(b"-", 1)[0])
+
+
+def _fields(flat):
+    """``[k1, v1, k2, v2]`` -> ``{k1: v1, k2: v2}`` (redis-py's XRANGE
+    already returns a dict; a raw XREAD reply is a flat list)."""
+    if isinstance(flat, dict):
+        return flat
+    return dict(zip(flat[::2], flat[1::2]))
+
+
+class RedisStreamsBackend(Backend):
+    """Broadcast through one Redis stream per channel, with history.
+
+    ``url``: ``redis+streams://[[user]:password@]host[:port][/db]`` (or
+    ``rediss+streams://``, or a plain ``redis://`` URL).
+
+    Options (each is also a ``stargate.backend.<name>`` setting):
+
+    ``prefix="stargate:"``
+        Put in front of every key.
+    ``history_size=1000``, ``history_ttl=3600``
+        The window of a channel whose resource gives no history policy
+        (``stargate.history_size`` = 0): the stream is how this backend
+        carries messages, so every channel has one.
+    ``reconnect_backoff=(0.1, 10.0)``
+        Seconds before the first reconnection attempt and the longest wait
+        between two (doubling, jittered).
+    ``socket_timeout=5.0``
+        Seconds any one Redis operation may take (XREAD adds ``block``).
+    ``block=1.0``
+        Seconds one XREAD waits for new entries; epochs are checked this
+        often.
+    ``read_count=500``
+        Entries read per stream per XREAD.
+
+    :attr:`stats` counts ``published`` and ``received`` messages,
+    ``reconnects``, ``gap_seconds`` (time disconnected), ``gaps`` and
+    ``missed`` (messages that left the window before this process read
+    them), ``epoch_changes`` (histories lost), ``undecodable`` and
+    ``delivery_errors``.
+    """
+
+    synchronous = False
+    supports_history = True
+
+    def __init__(
+        self,
+        url="redis+streams://localhost:6379/0",
+        *,
+        prefix=DEFAULT_PREFIX,
+        history_size=DEFAULT_HISTORY_SIZE,
+        history_ttl=DEFAULT_HISTORY_TTL,
+        reconnect_backoff=DEFAULT_RECONNECT_BACKOFF,
+        socket_timeout=DEFAULT_SOCKET_TIMEOUT,
+        block=DEFAULT_BLOCK,
+        read_count=DEFAULT_READ_COUNT,
+        **options,
+    ):
+        super().__init__(url, **options)
+        if not isinstance(url, str) or "://" not in url:
+            raise IncorrectlyConfigured(
+                f"stargate.backend: {url!r} is not a Redis URL; use "
+                "redis+streams://host:port/db"
+            )
+        scheme, _, rest = url.partition("://")
+        scheme = _SCHEMES.get(scheme.lower(), scheme.lower())
+        if scheme not in ("redis", "rediss"):
+            raise IncorrectlyConfigured(
+                f"stargate.backend: {redact_url(url)!r} is not a URL the streams "
+                "backend takes; use redis+streams://host:port/db or rediss+streams://"
+            )
+        self._client_url = f"{scheme}://{rest}"
+        if not isinstance(prefix, str):
+            raise IncorrectlyConfigured(f"prefix must be a string, not {prefix!r}")
+        self.prefix = prefix
+        try:
+            size = int(history_size)
+        except (TypeError, ValueError):
+            size = 0
+        if size <= 0:
+            raise IncorrectlyConfigured(
+                f"history_size must be a positive number of messages, not "
+                f"{history_size!r}"
+            )
+        self.default_policy = HistoryPolicy(
+            size, _positive_float("history_ttl", history_ttl)
+        )
+        self.reconnect_backoff = _backoff_pair(reconnect_backoff)
+        self.socket_timeout = _positive_float("socket_timeout", socket_timeout)
+        self.block = _positive_float("block", block)
+        self.read_count = int(read_count)
+        self.stats = dict.fromkeys(
+            (
+                "published",
+                "received",
+                "reconnects",
+                "gaps",
+                "missed",
+                "epoch_changes",
+                "undecodable",
+                "delivery_errors",
+            ),
+            0,
+        )
+        self.stats["gap_seconds"] = 0.0
+        self._reset_process_state()
+        self._closed = False
+
+    def _reset_process_state(self):
+        self.process_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._started_in = None
+        self._deliver = None
+        self._client = None
+        self._publish_script = None
+        self._reader = None  # the receiver's own connection
+        self._reader_id = None
+        self._receiver = None
+        self._stopping = eventlet.event.Event()
+        self._idle = eventlet.event.Event()  # woken when the first channel comes
+        self._blocked = False  # the reader is inside a blocking XREAD
+        #: channel -> [epoch or None, last offset delivered]; None while the
+        #: current offset could not be read (it is read on reconnect).
+        self._cursors = {}
+        self._check_epochs_at = 0.0
+        self._lost_at = None
+
+    def __repr__(self):
+        return f"<RedisStreamsBackend {redact_url(self.url)} prefix={self.prefix!r}>"
+
+    # -- names ---------------------------------------------------------------
+
+    def _stream_key(self, channel):
+        return f"{self.prefix}stream:{channel}"
+
+    def _meta_key(self, channel):
+        return f"{self.prefix}meta:{channel}"
+
+    def _unavailable(self, doing, exc):
+        return BackendUnavailable(
+            f"Redis at {redact_url(self.url)} is unavailable: could not "
+            f"{doing} ({type(exc).__name__}: {exc})"
+        )
+
+    # -- set-up --------------------------------------------------------------
+
+    def _connection_kwargs(self):
+        return {
+            "socket_timeout": self.socket_timeout,
+            "socket_connect_timeout": self.socket_timeout,
+            "retry": Retry(NoBackoff(), 0),
+            "protocol": 2,
+            "health_check_interval": 0,
+            "client_name": f"{self.prefix}client:{self.process_id}",
+        }
+
+    def start(self, deliver):
+        """Connect and start the receiving green thread.
+
+        Raises :class:`~stargate.exceptions.BackendUnavailable` when Redis
+        cannot be reached, and
+        :class:`~stargate.exceptions.IncorrectlyConfigured` without eventlet's
+        monkey-patching.
+        """
+        if self._closed:
+            raise BackendError("this Redis streams backend is closed; make a new one")
+        if self._started_in is not None and self._started_in != os.getpid():
+            # A forked child: the parent's sockets and thread are not ours.
+            receiver = self._receiver
+            self._reset_process_state()
+            if receiver is not None:
+                receiver.kill()
+        if self._receiver is not None:
+            raise BackendError("this Redis streams backend is already started")
+        if not eventlet.patcher.is_monkey_patched("socket"):
+            raise IncorrectlyConfigured(
+                "the Redis streams backend needs eventlet.monkey_patch() to run "
+                "before anything else in the process"
+            )
+        self._started_in = os.getpid()
+        self._deliver = deliver
+        try:
+            self._client = Redis.from_url(self._client_url, **self._connection_kwargs())
+            self._client.ping()
+            self._publish_script = self._client.register_script(_PUBLISH)
+        except (RedisError, OSError) as exc:
+            self._close_client()
+            raise self._unavailable("connect", exc) from exc
+        self._receiver = eventlet.spawn(self._run)
+
+    # -- subscriptions -------------------------------------------------------
+
+    def subscribe(self, channel):
+        """Deliver ``channel``'s messages published from now on.
+
+        Reads the channel's current offset (so nothing published after this
+        returns is missed) and wakes the reader. When Redis is unreachable
+        the offset is read when the reader reconnects; this never raises.
+        """
+        if channel in self._cursors:
+            return
+        try:
+            cursor = self._head(channel)
+        except (RedisError, OSError) as exc:
+            log.debug("could not read the offset of %r yet: %s", channel, exc)
+            cursor = None
+        self._cursors[channel] = cursor
+        self._wake()
+
+    def unsubscribe(self, channel):
+        """Stop delivering ``channel`` (entries already read are dropped)."""
+        self._cursors.pop(channel, None)
+
+    def _head(self, channel):
+        """``[epoch or None, offset]`` of ``channel`` now."""
+        epoch, offset = self._client.hmget(self._meta_key(channel), "epoch", "offset")
+        if epoch is None:
+            return [None, 0]
+        return [_text(epoch), int(offset or 0)]
+
+    def _wake(self):
+        """Make the reader start a new XREAD (with the new channel list)."""
+        if not self._idle.ready():
+            self._idle.send(True)
+        if self._client is None or self._reader_id is None:
+            return
+        for _ in range(20):
+            if not self._blocked:
+                return  # it will build its channel list afresh
+            try:
+                if self._client.client_unblock(self._reader_id):
+                    return
+            except (RedisError, OSError):
+                return
+            # The XREAD may not have reached Redis yet: try again shortly.
+            eventlet.sleep(0.005)
+
+    # -- publishing and history ----------------------------------------------
+
+    def publish(self, channel, message, history=None):
+        """Add ``message`` to ``channel``'s stream; returns its Position.
+
+        ``history`` is the channel's :class:`HistoryPolicy` (``None``: the
+        backend's ``history_size`` and ``history_ttl``). Raises
+        :class:`~stargate.exceptions.BackendUnavailable` when Redis cannot be
+        reached within ``socket_timeout``.
+        """
+        data = encode_message(message)
+        if self._closed:
+            raise BackendUnavailable("this Redis streams backend is closed")
+        if self._client is None:
+            raise BackendError("the Redis streams backend is not started")
+        policy = history if history is not None else self.default_policy
+        try:
+            epoch, offset = self._publish_script(
+                keys=[self._stream_key(channel), self._meta_key(channel)],
+                args=[
+                    uuid.uuid4().hex[:16],
+                    data,
+                    max(1, int(policy.size)),
+                    max(1, int(policy.ttl * 1000)),
+                ],
+            )
+        except _NETWORK_ERRORS as exc:
+            raise self._unavailable(f"publish on {channel!r}", exc) from exc
+        except RedisError as exc:
+            raise BackendError(
+                f"Redis at {redact_url(self.url)} refused to publish on "
+                f"{channel!r}: {exc}"
+            ) from exc
+        self.stats["published"] += 1
+        position = Position(_text(epoch), int(offset))
+        cursor = self._cursors.get(channel)
+        if cursor is not None and cursor[0] not in (None, position.epoch):
+            self._check_epochs_at = 0.0  # the reader must notice the new epoch
+            self._wake()
+        return position
+
+    def history(self, channel, since):
+        """``(position, message)`` pairs published on ``channel`` after
+        ``since``, read atomically with the channel's epoch and offset.
+
+        Raises :class:`~stargate.exceptions.HistoryUnavailable` (with the
+        current epoch, ``None`` if the channel has none, and offset) when
+        the epoch differs or the window starts after ``since``.
+        """
+        since = Position.coerce(since)
+        if self._client is None:
+            raise BackendError("the Redis streams backend is not started")
+        try:
+            with self._client.pipeline(transaction=True) as pipe:
+                pipe.hmget(self._meta_key(channel), "epoch", "offset")
+                pipe.xrange(self._stream_key(channel), f"{since.offset + 1}-0", "+")
+                (epoch, offset), entries = pipe.execute()
+        except _NETWORK_ERRORS as exc:
+            raise self._unavailable(f"read the history of {channel!r}", exc) from exc
+        except RedisError as exc:
+            raise BackendError(f"could not read the history of {channel!r}: {exc}")
+        epoch = _text(epoch)
+        head = int(offset or 0)
+        if epoch != since.epoch:
+            raise HistoryUnavailable(
+                f"{channel!r}: epoch {since.epoch!r} is not the current one "
+                f"({epoch!r}); its history was lost",
+                epoch=epoch,
+                offset=head,
+            )
+        if since.offset == head:
+            return []
+        if (
+            since.offset > head
+            or not entries
+            or _offset(entries[0][0]) != (since.offset + 1)
+        ):
+            first = _offset(entries[0][0]) if entries else head + 1
+            raise HistoryUnavailable(
+                f"{channel!r}: offset {since.offset} is no longer in the window "
+                f"(offsets {first}-{head} are)",
+                epoch=epoch,
+                offset=head,
+            )
+        result = []
+        for entry_id, flat in entries:
+            fields = _fields(flat)
+            try:
+                message = decode_message(fields[b"d"])
+            except (KeyError, ValueError):
+                continue
+            result.append((Position(epoch, _offset(entry_id)), message))
+        return result
+
+    def listener_count(self, channel, local_count):
+        return local_count
+
+    # -- the receiver --------------------------------------------------------
+
+    def _backoff(self, attempt):
+        initial, maximum = self.reconnect_backoff
+        delay = min(maximum, initial * 2 ** min(attempt, 32))
+        return random.uniform(delay / 2, delay)
+
+    def _connect_reader(self):
+        pool = self._client.connection_pool
+        kwargs = dict(pool.connection_kwargs)
+        kwargs["socket_timeout"] = self.socket_timeout + self.block
+        kwargs["client_name"] = f"{self.prefix}reader:{self.process_id}"
+        reader = pool.connection_class(**kwargs)
+        reader.connect()
+        reader.send_command("CLIENT", "ID")
+        self._reader_id = int(reader.read_response())
+        self._reader = reader
+
+    def _disconnect_reader(self):
+        reader, self._reader = self._reader, None
+        self._reader_id = None
+        self._blocked = False
+        if reader is not None:
+            try:
+                reader.disconnect()
+            except Exception:
+                pass
+
+    def _run(self):
+        attempt = 0
+        while not self._stopping.ready():
+            if self._reader is None:
+                try:
+                    self._connect_reader()
+                    self._check_epochs()
+                except (RedisError, OSError) as exc:
+                    self._disconnect_reader()
+                    if self._lost_at is None:
+                        self._lost_at = time.monotonic()
+                    delay = self._backoff(attempt)
+                    attempt += 1
+                    log.debug(
+                        "reconnecting to Redis at %s failed (%s); next try in %.2f s",
+                        redact_url(self.url),
+                        exc,
+                        delay,
+                    )
+                    self._stopping.wait(delay)
+                    continue
+                attempt = 0
+                self._reconnected()
+            try:
+                self._read_once()
+            except (RedisError, OSError) as exc:
+                if self._stopping.ready():
+                    break
+                self._disconnect_reader()
+                if self._lost_at is None:
+                    self._lost_at = time.monotonic()
+                log.warning(
+                    "lost connection to Redis at %s (%s: %s); reconnecting",
+                    redact_url(self.url),
+                    type(exc).__name__,
+                    exc,
+                )
+            except Exception:
+                log.exception("unexpected error in the Redis streams receiver")
+                self._disconnect_reader()
+                self._stopping.wait(self._backoff(0))
+
+    def _reconnected(self):
+        if self._lost_at is None:
+            return
+        gap = time.monotonic() - self._lost_at
+        self._lost_at = None
+        self.stats["reconnects"] += 1
+        self.stats["gap_seconds"] += gap
+        log.warning(
+            "reconnected to Redis after %.1f s; reading on from the last offset "
+            "delivered on %d channels",
+            gap,
+            len(self._cursors),
+        )
+
+    def _check_epochs(self):
+        """Compare every cursor's epoch with Redis's; resync those that moved.
+
+        Also reads the offset of channels subscribed while Redis was away.
+        """
+        self._check_epochs_at = time.monotonic() + self.block
+        channels = list(self._cursors)
+        if not channels:
+            return
+        with self._client.pipeline(transaction=False) as pipe:
+            for channel in channels:
+                pipe.hmget(self._meta_key(channel), "epoch", "offset")
+            heads = pipe.execute()
+        for channel, (epoch, offset) in zip(channels, heads):
+            cursor = self._cursors.get(channel, False)
+            if cursor is False:
+                continue  # unsubscribed meanwhile
+            epoch = _text(epoch)
+            if cursor is None:
+                self._cursors[channel] = [epoch, int(offset or 0)]
+            elif cursor[0] is not None and epoch != cursor[0]:
+                self._epoch_changed(channel, cursor, epoch)
+
+    def _epoch_changed(self, channel, cursor, epoch):
+        self.stats["epoch_changes"] += 1
+        log.warning(
+            "the history of %r was lost in Redis (epoch %s -> %s; last offset "
+            "delivered %d): messages published before the loss and not yet "
+            "received here are gone; delivering the new epoch's messages",
+            channel,
+            cursor[0],
+            epoch,
+            cursor[1],
+        )
+        self._cursors[channel] = [epoch, 0]
+
+    def _read_once(self):
+        if self._check_epochs_at <= time.monotonic():
+            self._check_epochs()
+        channels = [c for c, cursor in self._cursors.items() if cursor is not None]
+        if not channels:
+            self._idle = eventlet.event.Event()
+            self._idle.wait(self.block)
+            return
+        ids = [f"{self._cursors[c][1]}-0" for c in channels]
+        keys = [self._stream_key(c) for c in channels]
+        self._reader.send_command(
+            "XREAD",
+            "COUNT",
+            self.read_count,
+            "BLOCK",
+            int(self.block * 1000),
+            "STREAMS",
+            *keys,
+            *ids,
+        )
+        self._blocked = True
+        try:
+            response = self._reader.read_response()
+        finally:
+            self._blocked = False
+        if not response:
+            return  # timed out, or woken by CLIENT UNBLOCK
+        by_key = dict(zip(keys, channels))
+        handled = 0
+        for key, entries in response:
+            channel = by_key.get(_text(key))
+            if channel is not None:
+                handled += self._handle(channel, entries)
+        if handled:
+            eventlet.sleep(0)
+
+    def _handle(self, channel, entries):
+        """Deliver ``channel``'s entries, checking each against its cursor."""
+        handled = 0
+        for entry_id, flat in entries:
+            cursor = self._cursors.get(channel)
+            if cursor is None:
+                return handled  # unsubscribed (or not yet positioned)
+            offset = _offset(entry_id)
+            fields = _fields(flat)
+            epoch = _text(fields.get(b"e"))
+            if cursor[0] is None:
+                cursor[0] = epoch
+            elif epoch != cursor[0]:
+                # The keys were lost and made anew while we were reading:
+                # start over from the new epoch's first message.
+                self._epoch_changed(channel, cursor, epoch)
+                return handled
+            if offset <= cursor[1]:
+                continue
+            if offset > cursor[1] + 1:
+                missed = offset - cursor[1] - 1
+                self.stats["gaps"] += 1
+                self.stats["missed"] += missed
+                log.warning(
+                    "%d messages on %r (offsets %d-%d) left the history window "
+                    "before this process could read them",
+                    missed,
+                    channel,
+                    cursor[1] + 1,
+                    offset - 1,
+                )
+            cursor[1] = offset
+            try:
+                message = decode_message(fields[b"d"])
+            except (KeyError, ValueError) as exc:
+                self.stats["undecodable"] += 1
+                log.warning("skipped an entry on %r: %s", channel, exc)
+                continue
+            self.stats["received"] += 1
+            handled += 1
+            try:
+                self._deliver(channel, message, Position(epoch, offset))
+            except Exception:
+                self.stats["delivery_errors"] += 1
+                log.exception("delivering a message on %r failed", channel)
+        return handled
+
+    # -- shutting down -------------------------------------------------------
+
+    def close(self, timeout=None):
+        """Stop the receiver and close every connection. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping.send(True)
+        if not self._idle.ready():
+            self._idle.send(True)
+        receiver, self._receiver = self._receiver, None
+        if receiver is not None:
+            self._wake()
+            with eventlet.Timeout(timeout or self.socket_timeout, False):
+                try:
+                    receiver.wait()
+                except greenlet.GreenletExit:
+                    pass
+            receiver.kill()
+        self._disconnect_reader()
+        self._cursors.clear()
+        self._close_client()
+
+    def _close_client(self):
+        client, self._client = self._client, None
+        self._publish_script = None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:
+                pass
