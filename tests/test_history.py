@@ -7,10 +7,16 @@ backend, and the demo in a subprocess with real WebSocket clients.
 """
 
 import json
+import os
+import pathlib
+import signal
+import sys
 import time
+import uuid
 
 import eventlet
 import pytest
+from eventlet.green import subprocess as green_subprocess
 from pyramid.config import Configurator
 
 from stargate.backends.base import HistoryPolicy, Position
@@ -364,3 +370,123 @@ class TestResource:
         with Configurator(settings=settings) as config:
             with pytest.raises(IncorrectlyConfigured, match="redis\\+streams"):
                 config.include("stargate")
+
+
+# -- fault tests: two worker processes on one private Redis -------------------
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+WORKER = ROOT / "tests" / "history_worker.py"
+
+
+class Worker:
+    """A hub on the streams backend in its own OS process (history_worker.py)."""
+
+    def __init__(self, server, prefix, channel, listeners, tmp_path, name):
+        self.errors = open(tmp_path / f"{name}.stderr", "w+")
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
+        url = server.url.replace("redis://", "redis+streams://")
+        self.process = green_subprocess.Popen(
+            [sys.executable, str(WORKER), url, prefix, channel, str(listeners)],
+            stdin=green_subprocess.PIPE,
+            stdout=green_subprocess.PIPE,
+            stderr=self.errors,
+            cwd=ROOT,
+            env=env,
+        )
+        hello = self.read(30)
+        self.pid, self.process_id = hello["pid"], hello["process_id"]
+
+    def read(self, timeout):
+        line = b""
+        with eventlet.Timeout(timeout, False):
+            line = self.process.stdout.readline()
+        if not line:
+            self.errors.seek(0)
+            raise AssertionError(f"worker said nothing: {self.errors.read()[-3000:]}")
+        return json.loads(line)
+
+    def call(self, _timeout=60, **command):
+        timeout = _timeout
+        self.process.stdin.write(json.dumps(command).encode() + b"\n")
+        self.process.stdin.flush()
+        return self.read(timeout)
+
+    def stop(self):
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGCONT)
+            try:
+                self.process.stdin.write(b'{"cmd": "exit"}\n')
+                self.process.stdin.flush()
+            except OSError:
+                pass
+            try:
+                self.process.wait(10)
+            except green_subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        self.errors.close()
+
+
+@pytest.fixture
+def workers(redis_server, tmp_path):
+    prefix = f"faults-{uuid.uuid4().hex[:8]}:"
+    started = []
+
+    def start(name, listeners=3):
+        worker = Worker(redis_server, prefix, "numbers", listeners, tmp_path, name)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def kill_connections(server, process_id):
+    """CLIENT KILL every connection a worker has open (found by its name)."""
+    killed = 0
+    with server.client() as r:
+        for client in r.client_list():
+            if process_id in client.get("name", ""):
+                r.client_kill_filter(_id=client["id"])
+                killed += 1
+    return killed
+
+
+EVERY_NUMBER = list(range(1000))
+
+
+@pytest.mark.timeout(180)
+def test_a_worker_whose_redis_connections_are_killed_misses_nothing(
+    redis_server, workers
+):
+    cut_off, publisher = workers("cut-off"), workers("publisher", listeners=1)
+    kills = 0
+    for start in range(0, 1000, 100):
+        kills += kill_connections(redis_server, cut_off.process_id)
+        assert publisher.call(cmd="publish", start=start, count=100) == {
+            "published": 100
+        }
+    assert kills >= 10
+    report = cut_off.call(cmd="wait", count=1000, timeout=60, _timeout=90)
+    for received in report["listeners"]:
+        assert received == EVERY_NUMBER  # all of them, in order, none twice
+    assert report["stats"]["reconnects"] >= 1
+    assert report["stats"]["gaps"] == 0
+    mine = publisher.call(cmd="wait", count=1000, timeout=60)
+    assert mine["listeners"] == [EVERY_NUMBER]
+
+
+@pytest.mark.timeout(180)
+def test_a_paused_worker_catches_up_after_sigcont(workers):
+    paused, publisher = workers("paused"), workers("publisher", listeners=1)
+    os.kill(paused.pid, signal.SIGSTOP)
+    try:
+        publisher.call(cmd="publish", start=0, count=1000)
+        eventlet.sleep(1.0)  # longer than a block: Redis answered into the void
+    finally:
+        os.kill(paused.pid, signal.SIGCONT)
+    report = paused.call(cmd="wait", count=1000, timeout=60, _timeout=90)
+    for received in report["listeners"]:
+        assert received == EVERY_NUMBER
+    assert report["stats"]["gaps"] == 0
