@@ -41,6 +41,7 @@ import logging
 import os
 import weakref
 
+import eventlet.event
 from pyramid.threadlocal import get_current_registry
 
 from stargate.backends import load_backend
@@ -183,6 +184,8 @@ class Hub:
         self._memberships = {}
         self._watched = weakref.WeakSet()
         self._started = 0  # the process id the backend was started in
+        self._starting = None  # (pid, Event) while the backend starts
+        self._subscribing = {}  # channel -> Event while its first add subscribes
         self._closed = False
         self._messages = 0
         self._received = 0
@@ -215,16 +218,33 @@ class Hub:
         pid = os.getpid()
         if self._started == pid:
             return
+        starting = self._starting
+        if starting is not None and starting[0] == pid:
+            # Another green thread is starting the backend: wait for it, and
+            # share its failure if it fails.
+            starting[1].wait()
+            return
         if self._started:
             logger.debug("hub %r used in a forked process: starting afresh", self)
             self._channels.clear()
             self._memberships.clear()
+            self._subscribing.clear()
             self._watched = weakref.WeakSet()
-        self.backend.start(self.deliver)
-        # Only now: a backend that failed to start is tried again next time.
-        self._started = pid
-        for channel in list(self._channels):
-            self.backend.subscribe(channel)
+        done = eventlet.event.Event()
+        self._starting = (pid, done)
+        try:
+            self.backend.start(self.deliver)
+            # Only now: a backend that failed to start is tried again next time.
+            self._started = pid
+            for channel in list(self._channels):
+                self.backend.subscribe(channel)
+        except BaseException as exc:
+            done.send_exception(exc)
+            raise
+        else:
+            done.send(None)
+        finally:
+            self._starting = None
 
     def close(self):
         """Stop the backend and forget every listener. Safe to call twice.
@@ -276,11 +296,27 @@ class Hub:
         if self._started != os.getpid():
             self.start()
         listeners = self._channels.get(channel)
-        if listeners is not None and ws in listeners:
+        while listeners is None:
+            subscribing = self._subscribing.get(channel)
+            if subscribing is not None:
+                # Another first listener is subscribing the backend (which
+                # yields): wait for it rather than subscribe twice.
+                subscribing.wait()
+                listeners = self._channels.get(channel)
+                continue
+            subscribing = self._subscribing[channel] = eventlet.event.Event()
+            try:
+                self.backend.subscribe(channel)
+            except BaseException as exc:
+                subscribing.send_exception(exc)
+                raise
+            else:
+                listeners = self._channels[channel] = set()
+                subscribing.send(None)
+            finally:
+                del self._subscribing[channel]
+        if ws in listeners:
             return
-        if listeners is None:
-            self.backend.subscribe(channel)
-            listeners = self._channels[channel] = set()
         listeners.add(ws)
         self._memberships.setdefault(ws, set()).add(channel)
         self._watch(ws)

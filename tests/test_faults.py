@@ -309,11 +309,6 @@ class SlowSubscribe(MemoryBackend):
         return super().subscribe(channel)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in Hub._add: two first listeners of a channel both subscribe; "
-    "the second set() replaces the first and a listener is lost",
-)
 def test_concurrent_first_listeners_of_a_channel_are_all_kept():
     # Seen live: 5 clients joining a room at once on the Redis backend left
     # hub.stats.listeners at 4, the lost one open but never receiving.

@@ -5,6 +5,7 @@ import time
 import eventlet
 import pytest
 
+from stargate.backends.memory import MemoryBackend
 from stargate.exceptions import BackendUnavailable
 from stargate.hub import Hub
 
@@ -31,5 +32,32 @@ def test_a_hub_retries_a_backend_that_was_down_at_first_use(fresh_redis_server):
         while not received and time.monotonic() < deadline:
             eventlet.sleep(0.01)
         assert received == ["delivered"]
+    finally:
+        hub.close()
+
+
+class SlowStart(MemoryBackend):
+    """A memory backend whose start waits on I/O, as Redis's does."""
+
+    starts = 0
+
+    def start(self, deliver):
+        type(self).starts += 1
+        eventlet.sleep(0.05)
+        if type(self).starts > 1:
+            raise AssertionError("the backend was started twice")
+        return super().start(deliver)
+
+
+def test_listeners_arriving_together_start_the_backend_once():
+    hub = Hub(SlowStart())
+    listeners = [object() for _ in range(5)]
+    pool = eventlet.GreenPool()
+    for listener in listeners:
+        pool.spawn(hub.add, "/room", listener)
+    pool.waitall()
+    try:
+        assert SlowStart.starts == 1
+        assert hub.listener_count("/room") == 5
     finally:
         hub.close()
