@@ -35,6 +35,9 @@ log = logging.getLogger("stargate.server")
 #: Concurrent connections one worker serves (eventlet's default is 1024).
 DEFAULT_MAX_CLIENTS = 100_000
 
+#: Seconds between checks for SIGTERM/SIGINT in a worker.
+SIGNAL_POLL_INTERVAL = 0.2
+
 #: Seconds a client has to send its request (headers and body).
 DEFAULT_REQUEST_TIMEOUT = 10.0
 
@@ -162,6 +165,11 @@ def _run_worker(
         socket_timeout=request_timeout,
     )
     server.link(lambda gt: stopping.ready() or stopping.send(None))
+    # A signal handler runs while the hub waits in epoll, but the hub only
+    # notices what the handler scheduled when it next wakes: poll, so a
+    # SIGTERM is acted on within a fraction of a second.
+    while not stopping.ready():
+        eventlet.sleep(SIGNAL_POLL_INTERVAL)
     signum = stopping.wait()
     log.info(
         "worker %d stopping (%s); closing %d WebSocket(s)",

@@ -82,11 +82,6 @@ class TestPserve:
             lambda: "GET /jobs/logged" in pserved.output, 10, message="access log"
         )
 
-    @pytest.mark.xfail(
-        reason="stargate.factory: SIGTERM is acted on only when eventlet's hub "
-        "next wakes up, which can be seconds later; see the report",
-        strict=False,
-    )
     def test_sigterm_closes_open_websockets_with_1001_and_exits(self):
         server = start_pserve()
         try:
@@ -107,12 +102,6 @@ class TestPserve:
         finally:
             server.stop(timeout=5)
 
-    @pytest.mark.xfail(
-        reason="stargate.factory: a SIGTERM handler's Event.send() does not wake "
-        "eventlet's hub, which sleeps until its next timer (up to "
-        "ping_interval, 20 s); see the report",
-        strict=False,
-    )
     def test_sigterm_on_an_idle_server_exits_at_once(self):
         server = start_pserve()
         try:
