@@ -86,7 +86,7 @@ def chat_across_servers(alice_url, bob_url, room, artifacts):
 )
 @pytest.mark.timeout(180)
 def test_two_pages_on_two_servers_chat_through_redis(redis_server):
-    from tests.test_multiworker import demo_server, unique_room
+    from tests.test_multiworker import demo_servers, unique_room
 
     screenshots = [
         ARTIFACTS / "browser-multiworker-alice.png",
@@ -96,10 +96,8 @@ def test_two_pages_on_two_servers_chat_through_redis(redis_server):
         if path.exists():
             path.unlink()
     room = unique_room("browsers").rpartition("/")[2]
-    with (
-        demo_server(redis_server.url) as first,
-        demo_server(redis_server.url) as second,
-    ):
+    first, second = demo_servers(redis_server.url, 2)
+    with first, second:
         assert first.url != second.url
         result = subprocess.run(
             [sys.executable, "-W", "ignore", __file__]
