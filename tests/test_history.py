@@ -6,6 +6,7 @@ processes (this file run as a script) on a private Redis with the streams
 backend, and the demo in a subprocess with real WebSocket clients.
 """
 
+import contextlib
 import json
 import os
 import pathlib
@@ -490,3 +491,120 @@ def test_a_paused_worker_catches_up_after_sigcont(workers):
     for received in report["listeners"]:
         assert received == EVERY_NUMBER
     assert report["stats"]["gaps"] == 0
+
+
+# -- clients that reconnect, through the demo in a subprocess ------------------
+
+
+@contextlib.contextmanager
+def demo(backend="memory"):
+    from tests.clients import ServerProcess, stargate_command
+
+    server = ServerProcess(
+        stargate_command(
+            "demo", "--port", "0", "--backend", backend, "--log-level", "warning"
+        ),
+        url_pattern=r"stargate demo: (http://\S+)",
+    )
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def say(ws, text):
+    ws.send(json.dumps({"type": "message", "name": "test", "text": text}))
+
+
+def receive(ws, count):
+    return [json.loads(ws.recv(timeout=10)) for _ in range(count)]
+
+
+def joined(server, room, position=None):
+    """A client in ``room`` that listens (its own marker came back)."""
+    from tests.clients import connect
+
+    query = ""
+    if position is not None:
+        query = f"?epoch={position[0]}&offset={position[1]}"
+    ws = connect(f"{server.ws_url}/rooms/{room}{query}")
+    return ws
+
+
+def marker(ws, text="ready"):
+    """Send a marker and read up to it: the client listens from then on."""
+    say(ws, text)
+    while True:
+        data = json.loads(ws.recv(timeout=10))
+        if data.get("text") == text:
+            return data
+
+
+def missed_then_live(first, second, room):
+    """``first`` leaves, 100 messages go by, it comes back with its position:
+    it gets exactly those 100, then live ones."""
+    stay = joined(second, room)
+    leave = joined(first, room)
+    marker(stay, "stay ready")
+    seen = marker(leave, "leave ready")
+    assert isinstance(seen["epoch"], str) and seen["offset"] >= 1
+    marker(stay, "both ready")
+    leave.close()
+    for i in range(100):
+        say(stay, f"missed {i}")
+    sent = receive(stay, 100)
+    assert [m["text"] for m in sent] == [f"missed {i}" for i in range(100)]
+    back = joined(first, room, (seen["epoch"], seen["offset"]))
+    try:
+        replayed = receive(back, 101)
+        assert [m["text"] for m in replayed] == ["both ready"] + [
+            f"missed {i}" for i in range(100)
+        ]
+        offsets = [m["offset"] for m in replayed]
+        assert offsets == list(range(seen["offset"] + 1, seen["offset"] + 102))
+        say(stay, "live")
+        assert receive(back, 1)[0]["text"] == "live"
+        with pytest.raises(TimeoutError):
+            back.recv(timeout=0.3)  # and nothing twice
+    finally:
+        back.close()
+        stay.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_client_gets_what_it_missed_on_the_memory_backend():
+    with demo() as server:
+        missed_then_live(server, server, "recover-memory")
+
+
+@pytest.mark.timeout(120)
+def test_a_client_gets_what_it_missed_across_two_streams_servers(redis_server):
+    url = redis_server.url.replace("redis://", "redis+streams://")
+    with demo(url) as first, demo(url) as second:
+        missed_then_live(first, second, f"recover-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.mark.timeout(120)
+def test_redis_restarted_without_persistence_clients_are_told(fresh_redis_server):
+    url = fresh_redis_server.url.replace("redis://", "redis+streams://")
+    with demo(url) as server:
+        ws = joined(server, "restart")
+        seen = marker(ws)
+        ws.close()
+        fresh_redis_server.restart()
+        # Nothing published since the restart: no epoch yet.
+        back = joined(server, "restart", (seen["epoch"], seen["offset"]))
+        reset = json.loads(back.recv(timeout=10))
+        assert reset["type"] == "reset"
+        assert reset["epoch"] is None and reset["offset"] == 0
+        after = marker(back, "after the restart")  # the room works again
+        assert after["epoch"] != seen["epoch"] and after["offset"] == 1
+        back.close()
+        # A client from the old epoch, once the new one exists, is told too.
+        late = joined(server, "restart", (seen["epoch"], seen["offset"]))
+        reset = json.loads(late.recv(timeout=10))
+        assert reset["type"] == "reset"
+        assert (reset["epoch"], reset["offset"]) == (after["epoch"], 1)
+        late.close()
+        assert server.process.poll() is None

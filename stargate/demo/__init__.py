@@ -13,7 +13,12 @@ ships next to this module). Endpoints:
     listener of the room, the sender included. The room resource is built
     per request by the route factory; its channel is its traversal path,
     ``/rooms/<name>``, so every request (and, with the Redis backend, every
-    worker process) agrees on who listens.
+    worker process) agrees on who listens. Rooms keep a history (on the
+    memory and ``redis+streams://`` backends): every JSON message gets the
+    room's ``epoch`` and ``offset``, and a page that reconnects with
+    ``/rooms/<name>?epoch=E&offset=N`` first gets what it missed. When that
+    is impossible it gets ``{"type": "reset", "epoch": ..., "offset": ...}``
+    and then the live messages.
 ``/jobs/{id}``
     The example of the original documentation: a long-lived ``Job``
     resource. A WebSocket to this URL listens to the job's state changes;
@@ -33,6 +38,8 @@ from pyramid.httpexceptions import HTTPNotFound
 from pyramid.response import Response
 
 from stargate import WebSocketAwareResource, WebSocketView
+from stargate.backends.base import Position
+from stargate.exceptions import HistoryUnavailable
 
 __all__ = ["main", "make_app", "Room", "Job", "EchoView", "RoomView", "JobView"]
 
@@ -71,9 +78,31 @@ class EchoView(WebSocketView):
 class Room(WebSocketAwareResource):
     """A chat room. Built per request; its channel is ``/rooms/<name>``."""
 
+    #: Messages a room keeps for pages that reconnect, and for how long.
+    history_size = 500
+    history_ttl = 3600
+
     def __init__(self, name):
         self.__name__ = name
         self.__parent__ = ROOMS
+
+    def history_policy(self):
+        if not getattr(self.hub.backend, "supports_history", False):
+            return None  # redis:// pub/sub keeps no history: plain broadcast
+        return super().history_policy()
+
+    def format_message(self, message, position):
+        """JSON objects get the room's ``epoch`` and ``offset``; anything
+        else is sent as it came."""
+        if isinstance(message, str) and message.startswith("{"):
+            try:
+                data = json.loads(message)
+            except ValueError:
+                return message
+            if isinstance(data, dict):
+                data["epoch"], data["offset"] = position.epoch, position.offset
+                return json.dumps(data)
+        return message
 
 
 def room_factory(request):
@@ -86,7 +115,22 @@ class RoomView(WebSocketView):
 
     def handler(self, websocket):
         room = self.request.context
-        room.add_listener(websocket)
+        since = _since(self.request.params)
+        try:
+            room.add_listener(websocket, since=since)
+        except HistoryUnavailable as exc:
+            # Too old, or the room's history was lost: say so, go on live.
+            websocket.send(
+                json.dumps(
+                    {
+                        "type": "reset",
+                        "epoch": exc.epoch,
+                        "offset": exc.offset,
+                        "reason": str(exc),
+                    }
+                )
+            )
+            room.add_listener(websocket)
         try:
             while True:
                 message = websocket.wait()
@@ -95,6 +139,16 @@ class RoomView(WebSocketView):
                 room.send(message)
         finally:
             room.remove_listener(websocket)
+
+
+def _since(params):
+    """The position a page asks to resume from, or ``None``."""
+    if "epoch" not in params or "offset" not in params:
+        return None
+    try:
+        return Position.coerce((params["epoch"], params["offset"]))
+    except (TypeError, ValueError):
+        return None
 
 
 # -- /jobs/{id} ---------------------------------------------------------------
