@@ -214,21 +214,16 @@ def wait_for(predicate, what, timeout=DEADLINE, interval=0.05):
 def serving_pids(clients, pids):
     """``{client: pid}``: which of ``pids`` holds the server end of each.
 
-    One scan of each worker's sockets serves every client (a scan reads the
-    whole TCP table, which is large on a busy machine).
+    One scan of the machine's TCP table serves every client and worker (the
+    table can be large on a busy machine).
     """
     wanted = {tuple(client.local_address[:2]): client for client in clients}
     found = {}
 
     def scan():
-        for pid in pids:
-            try:
-                connections = psutil.Process(pid).net_connections(kind="tcp4")
-            except psutil.NoSuchProcess:
-                continue
-            for conn in connections:
-                if conn.raddr and tuple(conn.raddr) in wanted:
-                    found[wanted[tuple(conn.raddr)]] = pid
+        for conn in psutil.net_connections(kind="tcp4"):
+            if conn.pid in pids and conn.raddr and tuple(conn.raddr) in wanted:
+                found[wanted[tuple(conn.raddr)]] = conn.pid
         return len(found) == len(wanted)
 
     wait_for(scan, f"the workers serving {len(wanted)} clients", interval=0.2)
@@ -461,10 +456,12 @@ def test_two_separate_servers_on_one_redis_share_a_room(redis_server):
 class Stream:
     """Sends ``"m <i>"`` to a room every ``interval`` seconds, in a green thread.
 
-    The sender is one more client of the room. When the server closes it
-    (the demo closes a client with 1011 when a message cannot be
-    published), the close code is kept and the stream goes on through a
-    new connection, which may land on any worker.
+    The sender is one more client of the room; it never reads, so it queues
+    what it receives without limit (``max_queue=None``): a full queue would
+    stop it reading, and it would not see the server's close frame. When
+    the server closes it (the demo closes a client with 1011 when a message
+    cannot be published), the close code is kept and the stream goes on
+    through a new connection, which may land on any worker.
     """
 
     def __init__(self, url, interval=0.02):
@@ -472,7 +469,7 @@ class Stream:
         self.interval = interval
         self.sent = []  # (index, monotonic time) of every send that succeeded
         self.closes = []  # close codes of the sender connections that ended
-        self._client = connect(url)
+        self._client = connect(url, max_queue=None)
         self._clients = [self._client]
         self._stop = False
         self._thread = None
@@ -488,7 +485,7 @@ class Stream:
                 self._client.send(f"m {index}")
             except ConnectionClosed:
                 self.closes.append(self._client.close_code)
-                self._client = connect(self.url)
+                self._client = connect(self.url, max_queue=None)
                 self._clients.append(self._client)
                 continue
             self.sent.append((index, time.monotonic()))
