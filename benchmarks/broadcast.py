@@ -67,8 +67,18 @@ def burst_count(n, size, quick):
     return max(floor, min(cap, budget // (n * (size + 14))))
 
 
-def run(listener_counts, *, quick, rounds, paced, out, compressions=(False, True)):
+def run(
+    listener_counts,
+    *,
+    quick,
+    rounds,
+    paced,
+    out,
+    sizes=None,
+    compressions=(False, True),
+):
     raise_nofile()
+    sizes = sizes or (QUICK_SIZES if quick else SIZES)
     results = []
     for n in listener_counts:
         servers = {}
@@ -77,8 +87,16 @@ def run(listener_counts, *, quick, rounds, paced, out, compressions=(False, True
                 servers[peer] = ServerProcess(peer)
             for compress in compressions:
                 results += _run_case(
-                    servers, n, compress, quick=quick, rounds=rounds, paced=paced
+                    servers,
+                    n,
+                    compress,
+                    sizes=sizes,
+                    quick=quick,
+                    rounds=rounds,
+                    paced=paced,
                 )
+                if not quick:  # a long run shows its progress
+                    report(results[-len(sizes) * 2 :])
         finally:
             for server in servers.values():
                 server.stop()
@@ -90,9 +108,8 @@ def run(listener_counts, *, quick, rounds, paced, out, compressions=(False, True
     return results
 
 
-def _run_case(servers, n, compress, *, quick, rounds, paced):
+def _run_case(servers, n, compress, *, sizes, quick, rounds, paced):
     pools = {}
-    sizes = QUICK_SIZES if quick else SIZES
     try:
         for peer in PEERS:
             pools[peer] = ClientPool(servers[peer].port, n, compress=compress)
@@ -130,6 +147,7 @@ def _run_case(servers, n, compress, *, quick, rounds, paced):
                         case[peer]["got"].append(m["received"] / m["expected"])
                         per_message = max(per_message, m["elapsed"] / count)
                     interval = min(max(2 * per_message, 0.002), 0.05 if quick else 0.25)
+                    slowest = max(interval, 1.5 * per_message)
                     for peer in rotate(PEERS, r + size + binary + 1):
                         m = run_phase(
                             servers[peer],
@@ -138,7 +156,7 @@ def _run_case(servers, n, compress, *, quick, rounds, paced):
                             size=size,
                             binary=binary,
                             interval=interval,
-                            timeout=timeout + paced * interval,
+                            timeout=timeout + paced * slowest,
                         )
                         case[peer]["lat"] += m["latencies"]
                         case[peer]["got"].append(m["received"] / m["expected"])
@@ -276,6 +294,12 @@ def main(argv=None):
         default=None,
         help="comma-separated listener counts (100,1000,10000)",
     )
+    parser.add_argument(
+        "--sizes",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=None,
+        help="comma-separated message sizes in bytes (32,1024,65536)",
+    )
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--paced", type=int, default=None, help="paced messages")
     args = parser.parse_args(argv)
@@ -283,7 +307,14 @@ def main(argv=None):
     rounds = args.rounds or (1 if args.quick else 2)
     paced = args.paced or (3 if args.quick else 20)
     start = time.monotonic()
-    run(counts, quick=args.quick, rounds=rounds, paced=paced, out=args.out)
+    run(
+        counts,
+        quick=args.quick,
+        rounds=rounds,
+        paced=paced,
+        out=args.out,
+        sizes=args.sizes,
+    )
     print(f"\nbroadcast: done in {time.monotonic() - start:.0f} s; plots in {args.out}")
 
 
