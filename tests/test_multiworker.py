@@ -12,8 +12,7 @@ its TCP connection (``psutil``), not by anything the product reports.
 * A worker killed (SIGKILL): its clients drop, the others keep talking, the
   supervisor starts a replacement, presence forgets the dead worker within
   ``presence_ttl``.
-* Clients arriving together at a fresh server (xfail: the backend is
-  started twice).
+* Clients arriving together at a fresh server: its backend starts once.
 
 The fault tests use ``pserve`` because ``stargate demo`` has no option for
 ``stargate.backend.*`` settings (``presence_ttl``, ``reconnect_backoff``,
@@ -240,11 +239,8 @@ class Room:
 
     :meth:`join` makes a client send a marker and waits for it to come back
     through Redis: from then on the client listens, and so does its worker.
-    Joining one client at a time also keeps a worker's first clients from
-    racing its backend's start (see
-    test_clients_arriving_together_at_a_fresh_server). :meth:`settle` reads
-    the markers of later joins off every client, so each is left with
-    nothing to read.
+    :meth:`settle` reads the markers of later joins off every client, so
+    each is left with nothing to read.
     """
 
     def __init__(self, path):
@@ -394,16 +390,10 @@ def test_a_room_spans_every_worker_in_one_order(redis_server, workers):
             assert own == [f"client {i} message {k}" for k in range(messages_each)]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="product bug (regression in 4033b1f): Hub.start sets _started "
-    "only after backend.start returns; backend.start yields on network I/O, "
-    "so clients arriving together start the Redis backend twice: two "
-    "receivers read one socket ('Second simultaneous read'), reconnect in a "
-    "loop, drop subscriptions, and an IOClosed thrown into a receiver "
-    "blocked on its lock ends the whole server process",
-)
 def test_clients_arriving_together_at_a_fresh_server(redis_server):
+    """The first listeners of a process arrive together and all start the
+    backend: it starts once (before 1d1ede5, twice: two receivers read one
+    socket and the server process died)."""
     room = Room(unique_room("together"))
     with demo_server(redis_server.url) as server, ExitStack() as stack:
         url = server.ws_url + room.path
