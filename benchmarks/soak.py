@@ -381,12 +381,11 @@ def sample_workers(workers):
 def warm_up(port, redis_server, workers, tries=200):
     """Join the room one connection at a time until every worker has
     subscribed to it in Redis; returns the connections, to be closed once
-    the crowd is in. Two hub races lose listeners when clients arrive
-    together: on a fresh worker the Redis backend starts twice (Hub.start,
-    see tests/test_multiworker.py), and the first listeners of a channel
-    replace each other's set (Hub._add, see tests/test_faults.py). Keeping
-    these connections until the crowd is in avoids both; ``--no-warmup``
-    shows them (clients counted as ``silent``)."""
+    the crowd is in. Before 1d1ede5 two hub races lost listeners when
+    clients arrived together (the Redis backend started twice on a fresh
+    worker; the first listeners of a channel replaced each other's set):
+    ``--no-warmup`` lets the crowd arrive at once, to check they stay
+    fixed (lost listeners show as ``silent`` clients)."""
     import warnings
 
     from websockets.sync.client import connect
