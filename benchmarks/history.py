@@ -1,0 +1,173 @@
+"""The cost of history: the Redis Streams backend against Redis pub/sub.
+
+One private ``redis-server`` (never one on 6379) carries both peers, measured
+in the same run, interleaved (each round alternates which goes first):
+
+``pubsub``
+    ``stargate.factory.serve(app, workers=W)`` with ``stargate.backend =
+    redis://<private>``: PUBLISH, one SUBSCRIBE connection per worker; no
+    history, a disconnected worker misses messages.
+``streams``
+    the same application with ``stargate.backend = redis+streams://<private>``:
+    one script call (HINCRBY + XADD MAXLEN ~ + PEXPIRE) per message, one
+    blocking XREAD per worker; history of 1,000 messages per channel, a
+    worker catches up after a disconnection, clients can resume.
+
+N listeners (raw-socket clients, :mod:`benchmarks._client`) spread over the
+workers by the kernel. A burst of M messages gives deliveries per second; a
+paced phase (same interval for both) gives the fan-out latency from publish
+to the last listener, p50 and p99.
+
+    python -m benchmarks.history            # N = 1,000; W = 1, 2; 3 rounds
+    python -m benchmarks.history --quick    # N = 20; W = 1; 1 round
+"""
+
+import argparse
+import json
+import os
+import statistics
+
+from benchmarks._harness import (
+    DEFAULT_OUT,
+    ClientPool,
+    ServerProcess,
+    fmt_ms,
+    fmt_rate,
+    percentile,
+    print_table,
+    raise_nofile,
+    ratio,
+    rotate,
+    run_phase,
+)
+
+PEERS = ("pubsub", "streams")
+TITLE = "history: Redis Streams (with history) against Redis pub/sub"
+SIZE = 256
+
+
+def warm_up(server, pool, attempts=5):
+    """Broadcast until every listener got a message: every worker subscribed."""
+    for _ in range(attempts):
+        m = run_phase(server, pool, count=1, size=32, binary=False, timeout=5)
+        if m["received"] == pool.n:
+            return True
+    return False
+
+
+def run(workers_list, n, *, rounds, burst, paced, out):
+    from stargate.testing.redis_server import RedisServer
+
+    raise_nofile()
+    results = []
+    with RedisServer() as redis:
+        urls = {
+            "pubsub": redis.url,
+            "streams": redis.url.replace("redis://", "redis+streams://"),
+        }
+        for workers in workers_list:
+            servers, pools = {}, {}
+            try:
+                for peer in PEERS:
+                    servers[peer] = ServerProcess(
+                        "stargate", workers=workers, redis=urls[peer]
+                    )
+                    pools[peer] = ClientPool(servers[peer].port, n)
+                    pools[peer].connect(timeout=120)
+                    if not warm_up(servers[peer], pools[peer]):
+                        print(f"  {peer}: not every listener reached after warm-up")
+                data = {p: {"rates": [], "lat": [], "got": []} for p in PEERS}
+                for r in range(rounds):
+                    per_message = 0.0
+                    for peer in rotate(PEERS, r):
+                        m = run_phase(
+                            servers[peer],
+                            pools[peer],
+                            count=burst,
+                            size=SIZE,
+                            binary=False,
+                            timeout=60,
+                        )
+                        data[peer]["rates"].append(m["rate"])
+                        data[peer]["got"].append(m["received"] / m["expected"])
+                        per_message = max(per_message, m["elapsed"] / burst)
+                    interval = min(max(2 * per_message, 0.002), 0.25)
+                    for peer in rotate(PEERS, r + 1):
+                        m = run_phase(
+                            servers[peer],
+                            pools[peer],
+                            count=paced,
+                            size=SIZE,
+                            binary=False,
+                            interval=interval,
+                            timeout=60 + paced * interval,
+                        )
+                        data[peer]["lat"] += m["latencies"]
+                        data[peer]["got"].append(m["received"] / m["expected"])
+                row = {"workers": workers, "n": n}
+                for peer in PEERS:
+                    d = data[peer]
+                    row[peer] = {
+                        "rate": statistics.median(d["rates"]),
+                        "p50": percentile(d["lat"], 50),
+                        "p99": percentile(d["lat"], 99),
+                        "delivered": min(d["got"]),
+                    }
+                results.append(row)
+            finally:
+                for pool in pools.values():
+                    pool.close()
+                for server in servers.values():
+                    server.stop()
+    report(results)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "history.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return results
+
+
+def report(results):
+    columns = ["workers", "N"]
+    for p in PEERS:
+        columns += [f"{p} /s", "p50 ms", "p99 ms"]
+    columns += ["rate st/ps", "p50 st/ps", "p99 st/ps", "delivered"]
+    rows = []
+    for r in results:
+        row = [r["workers"], f"{r['n']:,}"]
+        for p in PEERS:
+            row += [fmt_rate(r[p]["rate"]), fmt_ms(r[p]["p50"]), fmt_ms(r[p]["p99"])]
+        row += [
+            ratio(r["streams"]["rate"], r["pubsub"]["rate"]),
+            ratio(r["streams"]["p50"], r["pubsub"]["p50"]),
+            ratio(r["streams"]["p99"], r["pubsub"]["p99"]),
+            f"{min(r[p]['delivered'] for p in PEERS):.0%}",
+        ]
+        rows.append(row)
+    print_table(f"{TITLE} ({SIZE} B text messages)", columns, rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=TITLE)
+    parser.add_argument(
+        "--quick", action="store_true", help="N = 20, one worker, one round"
+    )
+    parser.add_argument("--out", default=DEFAULT_OUT, help="directory for JSON")
+    parser.add_argument("--listeners", type=int, default=None, help="N (1000)")
+    parser.add_argument(
+        "--workers",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=None,
+        help="comma-separated worker counts (1,2)",
+    )
+    parser.add_argument("--rounds", type=int, default=None)
+    args = parser.parse_args(argv)
+    n = args.listeners or (20 if args.quick else 1000)
+    rounds = args.rounds or (1 if args.quick else 3)
+    workers = args.workers or ([1] if args.quick else [1, 2])
+    burst, paced = (200, 100) if args.quick else (1000, 300)
+    run(workers, n, rounds=rounds, burst=burst, paced=paced, out=args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
