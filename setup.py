@@ -6,7 +6,9 @@ with open("README.md", encoding="utf-8") as f:
 setup(
     name="stargate",
     version="2.0.0.dev0",
-    description="WebSocket support and a pub/sub broadcast hub for Pyramid, on eventlet",
+    description=(
+        "WebSocket support and a pub/sub broadcast hub for Pyramid, on eventlet"
+    ),
     long_description=long_description,
     long_description_content_type="text/markdown",
     license="BSD",

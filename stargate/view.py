@@ -194,13 +194,7 @@ class WebSocketView:
     def refuse(self, error):
         """The response for a refused handshake: one status per error."""
         exc_class = _STATUS_EXCEPTIONS.get(error.status, HTTPBadRequest)
-        if error.status == 426:
-            body = (
-                "This is a WebSocket endpoint: connect to it with a WebSocket "
-                f"client. ({error.reason})"
-            )
-        else:
-            body = error.reason
+        body = error.reason
         response = exc_class(detail=body)
         for name, value in error.headers:
             response.headers[name] = value
