@@ -4,6 +4,7 @@ It is an independent implementation of RFC 6455, so a test that passes
 through it shows that stargate talks to a real client, not only to itself.
 """
 
+import socket
 import time
 
 __all__ = [
@@ -76,6 +77,8 @@ def connect(
             close_timeout=timeout,
             proxy=None,
             sock=sock,
+            # Over a socket pair: no TCP options to set.
+            unix=sock is not None and sock.family == socket.AF_UNIX,
         )
     except InvalidStatus as exc:
         response = exc.response
@@ -91,8 +94,6 @@ def connect_app(app, path="/", **options):
     pair. Takes the options of :func:`connect`; needs eventlet's
     monkey-patching, as :class:`~stargate.testing.server.LiveServer` does.
     """
-    import socket
-
     import eventlet
     import eventlet.wsgi
 
