@@ -32,6 +32,7 @@ ships next to this module). Endpoints:
 import datetime
 import importlib.resources
 import json
+import logging
 
 from pyramid.config import Configurator
 from pyramid.httpexceptions import HTTPNotFound
@@ -39,9 +40,11 @@ from pyramid.response import Response
 
 from stargate import WebSocketAwareResource, WebSocketView
 from stargate.backends.base import Position
-from stargate.exceptions import HistoryUnavailable
+from stargate.exceptions import BackendUnavailable, HistoryUnavailable
 
 __all__ = ["main", "make_app", "Room", "Job", "EchoView", "RoomView", "JobView"]
+
+log = logging.getLogger("stargate.demo")
 
 
 class Location:
@@ -136,7 +139,18 @@ class RoomView(WebSocketView):
                 message = websocket.wait()
                 if message is None:
                     return
-                room.send(message)
+                try:
+                    room.send(message)
+                except BackendUnavailable as exc:
+                    # The message was not sent: say so with "try again
+                    # later"; the page reconnects and the user resends.
+                    log.warning(
+                        "room %s: message not sent, BackendUnavailable: %s",
+                        room.__name__,
+                        exc,
+                    )
+                    websocket.close(1013, "message not sent: try again later")
+                    return
         finally:
             room.remove_listener(websocket)
 
