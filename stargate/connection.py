@@ -132,6 +132,9 @@ class WebSocket:
         self.max_send_buffer = max_send_buffer
         self.slow_listener = slow_listener
 
+        #: How messages are encoded for this peer (a canonical
+        #: :class:`~stargate.frames.WireFormat`, shared by equal peers).
+        self.wire_format = protocol.wire_format
         self._raw = getattr(sock, "fd", sock)
         self._queue = collections.deque()
         self._queued = 0
@@ -157,11 +160,6 @@ class WebSocket:
     def draft(self):
         """``"rfc6455"``, ``"hixie-76"`` or ``"hixie-75"``."""
         return self.protocol.wire_format.draft
-
-    @property
-    def wire_format(self):
-        """How messages are encoded for this peer (see :mod:`stargate.frames`)."""
-        return self.protocol.wire_format
 
     @property
     def path(self):
@@ -473,9 +471,7 @@ class WebSocket:
         if self._pings():
             if self._awaiting_pong_since is not None:
                 if now - self._awaiting_pong_since >= self.ping_timeout:
-                    log.debug(
-                        "%s: no answer to a ping in %ss", self, self.ping_timeout
-                    )
+                    log.debug("%s: no answer to a ping in %ss", self, self.ping_timeout)
                     self._local_close_code = 1006
                     self.abort()
                     return

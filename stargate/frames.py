@@ -508,8 +508,18 @@ class WireFormat:
         """True for the hixie-75 and hixie-76 drafts."""
         return self.draft != "rfc6455"
 
+    def canonical(self):
+        """The one shared instance equal to this one.
 
-_RFC6455 = WireFormat()
+        Connections hold canonical wire formats, so a broadcast can key its
+        per-message cache of encoded frames by identity, without hashing a
+        dataclass once per listener.
+        """
+        return _CANONICAL.setdefault(self, self)
+
+
+_CANONICAL = {}
+_RFC6455 = WireFormat().canonical()
 
 
 def encode_message(message, wire_format=_RFC6455):

@@ -46,6 +46,7 @@ from pyramid.threadlocal import get_current_registry
 
 from stargate.backends import load_backend
 from stargate.backends.base import Position
+from stargate.connection import SendResult
 from stargate.exceptions import BackendError, BackendUnavailable, HistoryUnavailable
 from stargate.frames import encode_message
 
@@ -591,15 +592,17 @@ class Hub:
             # encodes the message itself and raises when it is dead.
             ws.send(message)
             return _SENT
+        # Wire formats are canonical instances (WireFormat.canonical), so
+        # identity keys the cache: no dataclass hashing per listener.
         wire_format = ws.wire_format
-        data = encoded.get(wire_format)
+        data = encoded.get(id(wire_format))
         if data is None:
             try:
                 data = encode_message(message, wire_format)
             except (TypeError, ValueError) as exc:
                 logger.debug("cannot encode for %r: %s", wire_format, exc)
                 data = _UNENCODABLE
-            encoded[wire_format] = data
+            encoded[id(wire_format)] = data
         if data is _UNENCODABLE:
             return _SKIPPED
         return _outcome(ws, send_prepared(data))
@@ -635,6 +638,8 @@ def _outcome(ws, result):
     ``queued``, ``dropped``, ``closed_slow``, ``dead``); a plain boolean is
     read with the connection's ``closed`` and ``close_code``.
     """
+    if result is _SENT_RESULT:
+        return _SENT
     value = getattr(result, "value", result)
     if isinstance(value, str):
         outcome = _RESULTS.get(value)
@@ -649,6 +654,7 @@ def _outcome(ws, result):
     return _DEAD
 
 
+_SENT_RESULT = SendResult.SENT
 _SENT = "sent"
 _DROPPED = "dropped"
 _SLOW = "closed_slow"

@@ -146,7 +146,7 @@ class ServerProtocol:
         *,
         max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
     ):
-        self.wire_format = wire_format
+        self.wire_format = wire_format.canonical()
         self.max_message_size = max_message_size
         self._hixie = wire_format.draft != "rfc6455"
         params = wire_format.deflate

@@ -17,6 +17,7 @@ its connection limit 503.
 """
 
 import logging
+import socket
 
 import eventlet
 import eventlet.wsgi
@@ -221,6 +222,11 @@ class WebSocketView:
         # The server's request timeout guarded the handshake; from here on
         # the WebSocket's own ping settings decide when a peer is gone.
         sock.settimeout(None)
+        try:
+            # Small messages leave at once instead of waiting for an ACK.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # not TCP (a Unix socket in tests)
         return sock
 
     @staticmethod
