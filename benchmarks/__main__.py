@@ -1,7 +1,7 @@
 """``python -m benchmarks [NAME ...] [--quick] [--out DIR]``: run the suite.
 
 NAME is ``all`` (the default) or any of ``broadcast``, ``memory``,
-``fanout``, ``concurrency``, ``prune``, ``receive``. Each benchmark prints
+``fanout``, ``concurrency``, ``history``, ``prune``, ``receive``. Each benchmark prints
 its tables; plots (PNG) and raw figures (JSON) go to ``--out``
 (``benchmarks/results/``, which git ignores). Every benchmark bounds its own
 run time and stops the processes it started.
@@ -48,6 +48,7 @@ BENCHMARKS = {
     "memory": _module("memory"),
     "fanout": _module("fanout"),
     "concurrency": _module("concurrency"),
+    "history": _module("history"),
     "prune": _script("prune_dead.py", "--out", "{out}/prune_dead.png"),
     "receive": _script("bench_receive_path.py"),
 }

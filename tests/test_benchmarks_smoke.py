@@ -22,10 +22,11 @@ HEADERS = {
     "memory": "memory: server RSS per idle connection",
     "fanout": "fanout: broadcast through Redis",
     "concurrency": "concurrency: connect all",
+    "history": "history: Redis Streams (with history) against Redis pub/sub",
     "prune": "prune_dead:",
     "receive": "apply_mask throughput",
 }
-NEEDS_REDIS = {"fanout", "concurrency"}
+NEEDS_REDIS = {"fanout", "concurrency", "history"}
 
 
 def _have_redis():
