@@ -44,6 +44,9 @@ DEFAULT_REQUEST_TIMEOUT = 10.0
 #: Set in the environ by stargate's server: ``SERVER_PROTOCOL`` can be trusted.
 TRUE_PROTOCOL_KEY = "stargate.server_protocol_known"
 
+#: In the environ: a callable that frees the connection's HTTP buffers.
+RELEASE_BUFFERS_KEY = "stargate.release_http_buffers"
+
 #: A worker that dies sooner than this after starting counts as crashing,
 #: and the supervisor waits before starting another.
 CRASH_WINDOW = 5.0
@@ -237,7 +240,17 @@ def _http_protocol_class():
             environ = super().get_environ(*args, **kwargs)
             environ["SERVER_PROTOCOL"] = self.request_version
             environ[TRUE_PROTOCOL_KEY] = True
+            environ[RELEASE_BUFFERS_KEY] = self._release_buffers
             return environ
+
+        def _release_buffers(self):
+            """Free the HTTP read and write buffers (24 KiB) of a connection
+            that became a WebSocket: it never reads or writes HTTP again."""
+            for stream in (self.rfile, self.wfile):
+                try:
+                    stream.close()
+                except (OSError, ValueError):
+                    pass
 
     return HttpProtocol
 

@@ -34,7 +34,7 @@ from stargate import handshake as _handshake
 from stargate.config import get_settings
 from stargate.connection import WebSocket
 from stargate.exceptions import HandShakeFailed, IncorrectlyConfigured
-from stargate.factory import TRUE_PROTOCOL_KEY
+from stargate.factory import RELEASE_BUFFERS_KEY, TRUE_PROTOCOL_KEY
 from stargate.protocol import ServerProtocol
 
 __all__ = ["WebSocketView", "IncorrectlyConfigured"]
@@ -145,6 +145,9 @@ class WebSocketView:
         except OSError as exc:
             log.debug("client left during the handshake: %s", exc)
             return self._already_handled()
+        release_buffers = environ.get(RELEASE_BUFFERS_KEY)
+        if release_buffers is not None:
+            release_buffers()
         max_size = self.max_message_size
         if max_size is None:
             max_size = settings.max_message_size
