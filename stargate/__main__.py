@@ -31,6 +31,14 @@ def _positive(value):
     return number
 
 
+def _setting(value):
+    name, sep, setting = value.partition("=")
+    name = name.strip()
+    if not sep or not name.startswith("stargate."):
+        raise argparse.ArgumentTypeError(f"expected stargate.NAME=VALUE, not {value!r}")
+    return name, setting.strip()
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="stargate",
@@ -64,6 +72,16 @@ def build_parser():
         "broadcasts reach all of them",
     )
     demo.add_argument(
+        "--set",
+        dest="settings",
+        metavar="NAME=VALUE",
+        type=_setting,
+        action="append",
+        default=[],
+        help="any stargate.* setting, e.g. --set stargate.backend.presence_ttl=5 "
+        "(repeatable)",
+    )
+    demo.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -83,7 +101,8 @@ def run_demo(args):
             "listeners of the worker that sent it; use --backend redis://...",
             args.workers,
         )
-    app = make_app({"stargate.backend": args.backend})
+    settings = {"stargate.backend": args.backend, **dict(args.settings)}
+    app = make_app(settings)
 
     def ready(address):
         host, port = address

@@ -151,6 +151,33 @@ class TestStargateDemoCommand:
         ) as server:
             assert server.wait_ready() == f"http://127.0.0.1:{port}"
 
+    def test_set_passes_any_stargate_setting(self):
+        port = free_port()
+        with ServerProcess(
+            stargate_command(
+                "demo", "--port", str(port), "--set", "stargate.max_message_size=10"
+            ),
+            url_pattern=r"stargate demo: (http://\S+)",
+        ) as server:
+            server.wait_ready()
+            with connect(f"ws://127.0.0.1:{port}/echo") as client:
+                client.send("short")
+                assert client.recv(timeout=5) == "short"
+                client.send("more than ten bytes")
+                with pytest.raises(ConnectionClosed) as closed:
+                    client.recv(timeout=5)
+                assert closed.value.rcvd.code == 1009
+
+    def test_set_refuses_what_is_not_a_setting(self):
+        result = subprocess.run(
+            stargate_command("demo", "--set", "max_message_size=10"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2
+        assert "expected stargate.NAME=VALUE" in result.stderr
+
 
 def worker_pids(server):
     try:
