@@ -193,14 +193,14 @@ def test_quickstart_serves_its_page():
 def test_the_testing_howto_example_passes():
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-        + [str(EXAMPLES / "test_chat.py")],
+        + [str(EXAMPLES / "test_chat.py"), str(EXAMPLES / "test_chat_fixtures.py")],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=120,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert "4 passed" in result.stdout
+    assert "7 passed" in result.stdout
 
 
 def test_a_page_of_another_site_is_refused_by_default():
