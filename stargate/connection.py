@@ -81,6 +81,11 @@ class SendResult(str, enum.Enum):
         return self in (SendResult.SENT, SendResult.QUEUED, SendResult.DROPPED)
 
 
+_OPEN = _protocol.State.OPEN
+_SENT = SendResult.SENT
+_DEAD = SendResult.DEAD
+
+
 class WebSocket:
     """A WebSocket connection, as a handler sees it.
 
@@ -294,9 +299,21 @@ class WebSocket:
 
         Returns a :class:`SendResult`; never raises for a dead peer.
         """
-        if self.closed:
-            return SendResult.DEAD
-        return self._write(data)
+        # The broadcast hot path: checks in the cheapest order, and a
+        # straight write when nothing is queued.
+        if self._finished or self.protocol.state is not _OPEN:
+            return _DEAD
+        if self._queue or not data:
+            return self._write(data)
+        try:
+            sent = self._raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return self._write(data)  # sorts a dead peer from a real error
+        if sent == len(data):
+            return _SENT
+        return self._write_rest(memoryview(data)[sent:])
 
     # -- internals ------------------------------------------------------------
 
@@ -320,6 +337,10 @@ class WebSocket:
             data = memoryview(data)[sent:]
         elif self._queued + len(data) > self.max_send_buffer:
             return self._overflow()
+        return self._write_rest(data)
+
+    def _write_rest(self, data):
+        """Queue what the kernel did not take; the writer sends it."""
         self._queue.append(data)
         self._queued += len(data)
         if self._writer is None:

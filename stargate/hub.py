@@ -554,7 +554,27 @@ class Hub:
                 catching_up[ws].append((raw, position))
                 continue
             try:
-                outcome = self._send_one(ws, message, encoded)
+                send_prepared = ws.send_prepared
+            except AttributeError:
+                send_prepared = None
+            try:
+                if send_prepared is None:
+                    outcome = self._send_unprepared(ws, message)
+                else:
+                    # Wire formats are canonical instances
+                    # (WireFormat.canonical): identity keys the cache, and
+                    # each format is encoded once per message.
+                    data = encoded.get(id(ws.wire_format))
+                    if data is None:
+                        data = self._encode(message, ws.wire_format, encoded)
+                    if data is _UNENCODABLE:
+                        skipped += 1
+                        continue
+                    result = send_prepared(data)
+                    if result is _SENT_RESULT:
+                        delivered += 1
+                        continue
+                    outcome = _outcome(ws, result)
             except Exception as exc:
                 logger.debug("sending to %r failed: %r", ws, exc)
                 outcome = _DEAD
@@ -584,28 +604,36 @@ class Hub:
         return delivered
 
     @staticmethod
-    def _send_one(ws, message, encoded):
-        """Write ``message`` to one listener; returns what became of it."""
+    def _send_unprepared(ws, message):
+        """A listener of another kind (eventlet's own WebSocket): it encodes
+        the message itself and raises when it is dead."""
+        ws.send(message)
+        return _SENT
+
+    def _send_one(self, ws, message, encoded):
+        """Write ``message`` to one listener; returns what became of it.
+
+        The same steps as the loop of :meth:`deliver`, for one listener.
+        """
         send_prepared = getattr(ws, "send_prepared", None)
         if send_prepared is None:
-            # A listener of another kind (eventlet's own WebSocket): it
-            # encodes the message itself and raises when it is dead.
-            ws.send(message)
-            return _SENT
-        # Wire formats are canonical instances (WireFormat.canonical), so
-        # identity keys the cache: no dataclass hashing per listener.
-        wire_format = ws.wire_format
-        data = encoded.get(id(wire_format))
+            return self._send_unprepared(ws, message)
+        data = encoded.get(id(ws.wire_format))
         if data is None:
-            try:
-                data = encode_message(message, wire_format)
-            except (TypeError, ValueError) as exc:
-                logger.debug("cannot encode for %r: %s", wire_format, exc)
-                data = _UNENCODABLE
-            encoded[id(wire_format)] = data
+            data = self._encode(message, ws.wire_format, encoded)
         if data is _UNENCODABLE:
             return _SKIPPED
         return _outcome(ws, send_prepared(data))
+
+    @staticmethod
+    def _encode(message, wire_format, encoded):
+        try:
+            data = encode_message(message, wire_format)
+        except (TypeError, ValueError) as exc:
+            logger.debug("cannot encode for %r: %s", wire_format, exc)
+            data = _UNENCODABLE
+        encoded[id(wire_format)] = data
+        return data
 
     # -- counters ----------------------------------------------------------
 
