@@ -113,6 +113,10 @@ class Settings:
     #: unset means same-origin browsers and clients that send no Origin.
     allowed_origins: tuple | None = None
     #: Protocol versions accepted: 13 (RFC 6455), 76 and 75 (hixie drafts).
+    #: All three by default, so the 2010 clients stargate served still work
+    #: (no current browser speaks the drafts, so a page cannot use them for
+    #: the proxy cache-poisoning attack that retired them); set ``13`` where
+    #: no such client exists.
     protocols: tuple = ("13", "76", "75")
     #: Offer permessage-deflate (RFC 7692) to clients that ask for it.
     compression: bool = True
