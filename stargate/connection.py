@@ -329,7 +329,7 @@ class WebSocket:
                 sent = 0
             except OSError as exc:
                 if exc.errno in _DEAD_ERRNOS or isinstance(exc, ConnectionError):
-                    self._peer_gone()
+                    self.abort()  # the peer is gone
                     return SendResult.DEAD
                 raise
             if sent == len(data):
@@ -368,7 +368,7 @@ class WebSocket:
                 try:
                     self.socket.sendall(chunk)
                 except OSError:
-                    self._peer_gone()
+                    self.abort()  # the peer is gone
                     return
                 if self._queue and self._queue[0] is chunk:
                     self._queue.popleft()
@@ -414,16 +414,6 @@ class WebSocket:
             self._closed_event.wait()
             return True
         return False
-
-    def _peer_gone(self):
-        self._queue.clear()
-        self._queued = 0
-        try:
-            self._raw.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        if not self._reading:
-            self._finish()
 
     def _finish(self):
         if self._finished:
