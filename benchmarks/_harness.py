@@ -12,6 +12,7 @@ import os
 import queue
 import resource
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -369,3 +370,60 @@ def rotate(items, shift):
     """``items`` rotated by ``shift``: the order of peers changes each round."""
     shift %= len(items)
     return list(items[shift:]) + list(items[:shift])
+
+
+def warm_up(server, pool, attempts=5):
+    """Broadcast until every listener got a message: every worker subscribed."""
+    for _ in range(attempts):
+        m = run_phase(server, pool, count=1, size=32, binary=False, timeout=5)
+        if m["received"] == pool.n:
+            return True
+    return False
+
+
+def measure_interleaved(servers, pools, peers, *, rounds, burst, paced, size):
+    """Bursts (deliveries/s), then a paced phase (latency), peer after peer.
+
+    Each round rotates which peer goes first; the paced interval is twice
+    the slowest peer's per-message time in that round's bursts, so every
+    peer gets the same. Returns ``{peer: {rate, p50, p99, delivered}}``
+    with the median rate, latency percentiles over all paced messages and
+    the worst delivered fraction.
+    """
+    data = {p: {"rates": [], "lat": [], "got": []} for p in peers}
+    for r in range(rounds):
+        per_message = 0.0
+        for peer in rotate(peers, r):
+            m = run_phase(
+                servers[peer],
+                pools[peer],
+                count=burst,
+                size=size,
+                binary=False,
+                timeout=60,
+            )
+            data[peer]["rates"].append(m["rate"])
+            data[peer]["got"].append(m["received"] / m["expected"])
+            per_message = max(per_message, m["elapsed"] / burst)
+        interval = min(max(2 * per_message, 0.002), 0.25)
+        for peer in rotate(peers, r + 1):
+            m = run_phase(
+                servers[peer],
+                pools[peer],
+                count=paced,
+                size=size,
+                binary=False,
+                interval=interval,
+                timeout=60 + paced * interval,
+            )
+            data[peer]["lat"] += m["latencies"]
+            data[peer]["got"].append(m["received"] / m["expected"])
+    return {
+        peer: {
+            "rate": statistics.median(d["rates"]),
+            "p50": percentile(d["lat"], 50),
+            "p99": percentile(d["lat"], 99),
+            "delivered": min(d["got"]),
+        }
+        for peer, d in data.items()
+    }

@@ -25,7 +25,6 @@ to the last listener, p50 and p99.
 import argparse
 import json
 import os
-import statistics
 
 from benchmarks._harness import (
     DEFAULT_OUT,
@@ -33,26 +32,16 @@ from benchmarks._harness import (
     ServerProcess,
     fmt_ms,
     fmt_rate,
-    percentile,
+    measure_interleaved,
     print_table,
     raise_nofile,
     ratio,
-    rotate,
-    run_phase,
+    warm_up,
 )
 
 PEERS = ("pubsub", "streams")
 TITLE = "history: Redis Streams (with history) against Redis pub/sub"
 SIZE = 256
-
-
-def warm_up(server, pool, attempts=5):
-    """Broadcast until every listener got a message: every worker subscribed."""
-    for _ in range(attempts):
-        m = run_phase(server, pool, count=1, size=32, binary=False, timeout=5)
-        if m["received"] == pool.n:
-            return True
-    return False
 
 
 def run(workers_list, n, *, rounds, burst, paced, out):
@@ -76,43 +65,18 @@ def run(workers_list, n, *, rounds, burst, paced, out):
                     pools[peer].connect(timeout=120)
                     if not warm_up(servers[peer], pools[peer]):
                         print(f"  {peer}: not every listener reached after warm-up")
-                data = {p: {"rates": [], "lat": [], "got": []} for p in PEERS}
-                for r in range(rounds):
-                    per_message = 0.0
-                    for peer in rotate(PEERS, r):
-                        m = run_phase(
-                            servers[peer],
-                            pools[peer],
-                            count=burst,
-                            size=SIZE,
-                            binary=False,
-                            timeout=60,
-                        )
-                        data[peer]["rates"].append(m["rate"])
-                        data[peer]["got"].append(m["received"] / m["expected"])
-                        per_message = max(per_message, m["elapsed"] / burst)
-                    interval = min(max(2 * per_message, 0.002), 0.25)
-                    for peer in rotate(PEERS, r + 1):
-                        m = run_phase(
-                            servers[peer],
-                            pools[peer],
-                            count=paced,
-                            size=SIZE,
-                            binary=False,
-                            interval=interval,
-                            timeout=60 + paced * interval,
-                        )
-                        data[peer]["lat"] += m["latencies"]
-                        data[peer]["got"].append(m["received"] / m["expected"])
                 row = {"workers": workers, "n": n}
-                for peer in PEERS:
-                    d = data[peer]
-                    row[peer] = {
-                        "rate": statistics.median(d["rates"]),
-                        "p50": percentile(d["lat"], 50),
-                        "p99": percentile(d["lat"], 99),
-                        "delivered": min(d["got"]),
-                    }
+                row.update(
+                    measure_interleaved(
+                        servers,
+                        pools,
+                        PEERS,
+                        rounds=rounds,
+                        burst=burst,
+                        paced=paced,
+                        size=SIZE,
+                    )
+                )
                 results.append(row)
             finally:
                 for pool in pools.values():
