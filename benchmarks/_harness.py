@@ -427,3 +427,41 @@ def measure_interleaved(servers, pools, peers, *, rounds, burst, paced, size):
         }
         for peer, d in data.items()
     }
+
+
+def measure_across_workers(
+    workers_list, n, peers, start_server, *, rounds, burst, paced, size
+):
+    """For each worker count: start every peer's server
+    (``start_server(peer, workers)``), connect ``n`` listeners to each, warm
+    up, and measure them interleaved (:func:`measure_interleaved`). Returns
+    one row per worker count; every server and client is stopped."""
+    results = []
+    for workers in workers_list:
+        servers, pools = {}, {}
+        try:
+            for peer in peers:
+                servers[peer] = start_server(peer, workers)
+                pools[peer] = ClientPool(servers[peer].port, n)
+                pools[peer].connect(timeout=120)
+                if not warm_up(servers[peer], pools[peer]):
+                    print(f"  {peer}: not every listener reached after warm-up")
+            row = {"workers": workers, "n": n}
+            row.update(
+                measure_interleaved(
+                    servers,
+                    pools,
+                    peers,
+                    rounds=rounds,
+                    burst=burst,
+                    paced=paced,
+                    size=size,
+                )
+            )
+            results.append(row)
+        finally:
+            for pool in pools.values():
+                pool.close()
+            for server in servers.values():
+                server.stop()
+    return results

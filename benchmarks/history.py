@@ -28,15 +28,13 @@ import os
 
 from benchmarks._harness import (
     DEFAULT_OUT,
-    ClientPool,
     ServerProcess,
     fmt_ms,
     fmt_rate,
-    measure_interleaved,
+    measure_across_workers,
     print_table,
     raise_nofile,
     ratio,
-    warm_up,
 )
 
 PEERS = ("pubsub", "streams")
@@ -48,41 +46,25 @@ def run(workers_list, n, *, rounds, burst, paced, out):
     from stargate.testing.redis_server import RedisServer
 
     raise_nofile()
-    results = []
     with RedisServer() as redis:
         urls = {
             "pubsub": redis.url,
             "streams": redis.url.replace("redis://", "redis+streams://"),
         }
-        for workers in workers_list:
-            servers, pools = {}, {}
-            try:
-                for peer in PEERS:
-                    servers[peer] = ServerProcess(
-                        "stargate", workers=workers, redis=urls[peer]
-                    )
-                    pools[peer] = ClientPool(servers[peer].port, n)
-                    pools[peer].connect(timeout=120)
-                    if not warm_up(servers[peer], pools[peer]):
-                        print(f"  {peer}: not every listener reached after warm-up")
-                row = {"workers": workers, "n": n}
-                row.update(
-                    measure_interleaved(
-                        servers,
-                        pools,
-                        PEERS,
-                        rounds=rounds,
-                        burst=burst,
-                        paced=paced,
-                        size=SIZE,
-                    )
-                )
-                results.append(row)
-            finally:
-                for pool in pools.values():
-                    pool.close()
-                for server in servers.values():
-                    server.stop()
+
+        def start_server(peer, workers):
+            return ServerProcess("stargate", workers=workers, redis=urls[peer])
+
+        results = measure_across_workers(
+            workers_list,
+            n,
+            PEERS,
+            start_server,
+            rounds=rounds,
+            burst=burst,
+            paced=paced,
+            size=SIZE,
+        )
     report(results)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "history.json"), "w") as f:
