@@ -164,6 +164,15 @@ def _new_process_id():
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
 
 
+def backoff_delay(reconnect_backoff, attempt):
+    """Seconds to wait before reconnection ``attempt`` (0 for the first):
+    doubling from the first value of ``reconnect_backoff`` up to the second,
+    jittered to 50-100 % so workers do not reconnect in step."""
+    initial, maximum = reconnect_backoff
+    delay = min(maximum, initial * 2 ** min(attempt, 32))
+    return random.uniform(delay / 2, delay)
+
+
 def redact_url(url):
     """``url`` with its password replaced by ``***``, for messages and logs."""
     parts = urllib.parse.urlsplit(url)
@@ -633,11 +642,6 @@ class RedisBackend(Backend):
     def _heartbeat_interval(self):
         return self.presence_ttl / 3
 
-    def _backoff(self, attempt):
-        initial, maximum = self.reconnect_backoff
-        delay = min(maximum, initial * 2 ** min(attempt, 32))
-        return random.uniform(delay / 2, delay)
-
     def _run(self):
         attempt = 0
         self._next_heartbeat = time.monotonic()
@@ -649,7 +653,7 @@ class RedisBackend(Backend):
                             break
                         self._connect_all()
                 except (RedisError, OSError) as exc:
-                    delay = self._backoff(attempt)
+                    delay = backoff_delay(self.reconnect_backoff, attempt)
                     attempt += 1
                     log.debug(
                         "reconnecting to Redis at %s failed (%s); next try in %.2f s",
@@ -668,7 +672,7 @@ class RedisBackend(Backend):
             except Exception:
                 log.exception("unexpected error in the Redis receiver; reconnecting")
                 self._connection_lost(None)
-                self._stopping.wait(self._backoff(0))
+                self._stopping.wait(backoff_delay(self.reconnect_backoff, 0))
 
     def _connection_lost(self, exc):
         if self._stopping.ready():

@@ -59,7 +59,6 @@ this process's listeners only.
 
 import logging
 import os
-import random
 import socket
 import time
 import uuid
@@ -82,6 +81,7 @@ from stargate.backends.redis import (
     DEFAULT_SOCKET_TIMEOUT,
     _backoff_pair,
     _positive_float,
+    backoff_delay,
     decode_message,
     encode_message,
     redact_url,
@@ -469,11 +469,6 @@ class RedisStreamsBackend(Backend):
 
     # -- the receiver --------------------------------------------------------
 
-    def _backoff(self, attempt):
-        initial, maximum = self.reconnect_backoff
-        delay = min(maximum, initial * 2 ** min(attempt, 32))
-        return random.uniform(delay / 2, delay)
-
     def _connect_reader(self):
         pool = self._client.connection_pool
         kwargs = dict(pool.connection_kwargs)
@@ -506,7 +501,7 @@ class RedisStreamsBackend(Backend):
                     self._disconnect_reader()
                     if self._lost_at is None:
                         self._lost_at = time.monotonic()
-                    delay = self._backoff(attempt)
+                    delay = backoff_delay(self.reconnect_backoff, attempt)
                     attempt += 1
                     log.debug(
                         "reconnecting to Redis at %s failed (%s); next try in %.2f s",
@@ -535,7 +530,7 @@ class RedisStreamsBackend(Backend):
             except Exception:
                 log.exception("unexpected error in the Redis streams receiver")
                 self._disconnect_reader()
-                self._stopping.wait(self._backoff(0))
+                self._stopping.wait(backoff_delay(self.reconnect_backoff, 0))
 
     def _reconnected(self):
         if self._lost_at is None:
