@@ -485,22 +485,34 @@ def _hixie_subprotocol(headers, name, subprotocols):
 
 
 def _hixie75(headers, base_response, *, subprotocols=(), secure=None, path=None):
+    return _hixie_handshake(
+        "hixie-75", "", headers, base_response, b"", subprotocols, secure, path
+    )
+
+
+def _hixie_handshake(
+    draft, prefix, headers, base_response, body, subprotocols, secure, path
+):
+    """The response both drafts share; hixie-76 names its headers with the
+    ``Sec-`` ``prefix`` and follows them with its challenge answer (``body``)."""
     origin = _hixie_origin(headers)
     location = build_location_url(headers, secure=secure, path=path)
-    subprotocol = _hixie_subprotocol(headers, "WebSocket-Protocol", subprotocols)
+    protocol_header = f"{prefix}WebSocket-Protocol"
+    subprotocol = _hixie_subprotocol(headers, protocol_header, subprotocols)
     response = [
-        _as_bytes(base_response, "hixie-75"),
-        _header_line("WebSocket-Origin", origin),
-        _header_line("WebSocket-Location", location),
+        _as_bytes(base_response, draft),
+        _header_line(f"{prefix}WebSocket-Origin", origin),
+        _header_line(f"{prefix}WebSocket-Location", location),
     ]
     if subprotocol is not None:
-        response.append(_header_line("WebSocket-Protocol", subprotocol))
+        response.append(_header_line(protocol_header, subprotocol))
     response.append(b"\r\n")
+    response.append(body)
     return Handshake(
-        draft="hixie-75",
+        draft=draft,
         response=b"".join(response),
         subprotocol=subprotocol,
-        wire_format=WireFormat(draft="hixie-75"),
+        wire_format=WireFormat(draft=draft),
     )
 
 
@@ -575,23 +587,8 @@ def _hixie76(
     headers, base_response, *, key3=None, subprotocols=(), secure=None, path=None
 ):
     answer = _challenge_response(headers, key3)
-    origin = _hixie_origin(headers)
-    location = build_location_url(headers, secure=secure, path=path)
-    subprotocol = _hixie_subprotocol(headers, "Sec-WebSocket-Protocol", subprotocols)
-    response = [
-        _as_bytes(base_response, "hixie-76"),
-        _header_line("Sec-WebSocket-Origin", origin),
-        _header_line("Sec-WebSocket-Location", location),
-    ]
-    if subprotocol is not None:
-        response.append(_header_line("Sec-WebSocket-Protocol", subprotocol))
-    response.append(b"\r\n")
-    response.append(answer)
-    return Handshake(
-        draft="hixie-76",
-        response=b"".join(response),
-        subprotocol=subprotocol,
-        wire_format=WireFormat(draft="hixie-76"),
+    return _hixie_handshake(
+        "hixie-76", "Sec-", headers, base_response, answer, subprotocols, secure, path
     )
 
 
