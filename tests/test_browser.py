@@ -6,24 +6,15 @@ the eventlet monkey-patching ``tests/conftest.py`` applies to the test
 process.
 """
 
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-SCREENSHOT = ROOT / "artifacts" / "browser-chat.png"
+from tests.browser import ARTIFACTS, launch, require_chromium, run_script
+
+SCREENSHOT = ARTIFACTS / "browser-chat.png"
 
 
 def chat_in_two_pages(url, screenshot):
@@ -31,9 +22,7 @@ def chat_in_two_pages(url, screenshot):
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000
-        )
+        browser = launch(playwright)
         try:
             context = browser.new_context(viewport={"width": 900, "height": 640})
             context.set_default_timeout(15_000)
@@ -84,9 +73,7 @@ def reconnects_after_a_drop(port):
     server = start_demo(port)
     try:
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(
-                executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000
-            )
+            browser = launch(playwright)
             try:
                 page = browser.new_page()
                 page.set_default_timeout(20_000)
@@ -126,29 +113,12 @@ def demo():
         server.stop(timeout=5)
 
 
-def require_chromium():
-    """Skip without Chromium; fail instead under ./.ci/run, which installs it."""
-    if os.path.exists(CHROMIUM):
-        return
-    reason = f"{CHROMIUM} is missing: apt-get install chromium (./.ci/run does)"
-    if os.environ.get("STARGATE_REQUIRE_BROWSER"):
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
 @pytest.mark.timeout(180)
 def test_two_pages_chat_through_the_demo(demo):
     require_chromium()
     if SCREENSHOT.exists():
         SCREENSHOT.unlink()
-    result = subprocess.run(
-        [sys.executable, "-W", "ignore", __file__, demo.url, str(SCREENSHOT)],
-        capture_output=True,
-        text=True,
-        timeout=150,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_script(__file__, demo.url, SCREENSHOT)
     assert SCREENSHOT.stat().st_size > 0
 
 
@@ -157,14 +127,7 @@ def test_the_page_reconnects_after_the_server_drops():
     require_chromium()
     from tests.clients import free_port
 
-    result = subprocess.run(
-        [sys.executable, "-W", "ignore", __file__, "reconnect", str(free_port())],
-        capture_output=True,
-        text=True,
-        timeout=150,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_script(__file__, "reconnect", free_port())
 
 
 if __name__ == "__main__":

@@ -10,23 +10,14 @@ Playwright's sync API does not mix with eventlet's monkey-patching.
 
 import os
 import pathlib
-import subprocess
 import sys
 import urllib.request
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-SCREENSHOT = ROOT / "artifacts" / "browser-history.png"
+from tests.browser import ARTIFACTS, ROOT, launch, require_chromium, run_script
+
+SCREENSHOT = ARTIFACTS / "browser-history.png"
 MISSED = [f"missed {i}" for i in range(5)]
 
 
@@ -38,9 +29,7 @@ def recover_in_the_browser(url, screenshot):
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000
-        )
+        browser = launch(playwright)
         try:
             context = browser.new_context(viewport={"width": 900, "height": 640})
             context.set_default_timeout(15_000)
@@ -114,22 +103,12 @@ def demo():
         server.stop()
 
 
-@pytest.mark.skipif(
-    not os.path.exists(CHROMIUM),
-    reason=f"{CHROMIUM} is missing: apt-get install chromium (./.ci/run does)",
-)
 @pytest.mark.timeout(180)
 def test_the_chat_page_gets_what_it_missed_once(demo):
+    require_chromium()
     if SCREENSHOT.exists():
         SCREENSHOT.unlink()
-    result = subprocess.run(
-        [sys.executable, "-W", "ignore", __file__, demo.url, str(SCREENSHOT)],
-        capture_output=True,
-        text=True,
-        timeout=150,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_script(__file__, demo.url, SCREENSHOT)
     assert SCREENSHOT.stat().st_size > 0
 
 

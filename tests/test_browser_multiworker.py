@@ -12,24 +12,12 @@ the eventlet monkey-patching ``tests/conftest.py`` applies to the test
 process.
 """
 
-import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-ARTIFACTS = ROOT / "artifacts"
+from tests.browser import ARTIFACTS, launch, require_chromium, run_script
 
 
 def chat_across_servers(alice_url, bob_url, room, artifacts):
@@ -37,9 +25,7 @@ def chat_across_servers(alice_url, bob_url, room, artifacts):
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000
-        )
+        browser = launch(playwright)
         try:
             context = browser.new_context(viewport={"width": 900, "height": 640})
             context.set_default_timeout(15_000)
@@ -80,12 +66,9 @@ def chat_across_servers(alice_url, bob_url, room, artifacts):
             browser.close()
 
 
-@pytest.mark.skipif(
-    not os.path.exists(CHROMIUM),
-    reason=f"{CHROMIUM} is missing: apt-get install chromium",
-)
 @pytest.mark.timeout(180)
 def test_two_pages_on_two_servers_chat_through_redis(redis_server):
+    require_chromium()
     from tests.test_multiworker import demo_servers, unique_room
 
     screenshots = [
@@ -99,15 +82,7 @@ def test_two_pages_on_two_servers_chat_through_redis(redis_server):
     first, second = demo_servers(redis_server.url, 2)
     with first, second:
         assert first.url != second.url
-        result = subprocess.run(
-            [sys.executable, "-W", "ignore", __file__]
-            + [first.url, second.url, room, str(ARTIFACTS)],
-            capture_output=True,
-            text=True,
-            timeout=150,
-            cwd=ROOT,
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
+        run_script(__file__, first.url, second.url, room, ARTIFACTS)
     for path in screenshots:
         assert path.stat().st_size > 0
 
