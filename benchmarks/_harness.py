@@ -381,52 +381,86 @@ def warm_up(server, pool, attempts=5):
     return False
 
 
-def measure_interleaved(servers, pools, peers, *, rounds, burst, paced, size):
-    """Bursts (deliveries/s), then a paced phase (latency), peer after peer.
+def new_samples(peers):
+    """Empty sample lists per peer, for :func:`measure_round`."""
+    return {p: {"rates": [], "lat": [], "ccpu": [], "got": []} for p in peers}
 
-    Each round rotates which peer goes first; the paced interval is twice
-    the slowest peer's per-message time in that round's bursts, so every
-    peer gets the same. Returns ``{peer: {rate, p50, p99, delivered}}``
-    with the median rate, latency percentiles over all paced messages and
-    the worst delivered fraction.
+
+def measure_round(
+    servers,
+    pools,
+    peers,
+    samples,
+    offset,
+    *,
+    burst,
+    paced,
+    size,
+    binary=False,
+    timeout=60,
+    max_interval=0.25,
+):
+    """One round: a burst per peer (deliveries/s), then a paced phase per
+    peer (latency), appended to ``samples``.
+
+    ``offset`` rotates which peer goes first. The paced interval is twice
+    the slowest peer's per-message time in the bursts (at most
+    ``max_interval``), so every peer gets the same.
     """
-    data = {p: {"rates": [], "lat": [], "got": []} for p in peers}
-    for r in range(rounds):
-        per_message = 0.0
-        for peer in rotate(peers, r):
-            m = run_phase(
-                servers[peer],
-                pools[peer],
-                count=burst,
-                size=size,
-                binary=False,
-                timeout=60,
-            )
-            data[peer]["rates"].append(m["rate"])
-            data[peer]["got"].append(m["received"] / m["expected"])
-            per_message = max(per_message, m["elapsed"] / burst)
-        interval = min(max(2 * per_message, 0.002), 0.25)
-        for peer in rotate(peers, r + 1):
-            m = run_phase(
-                servers[peer],
-                pools[peer],
-                count=paced,
-                size=size,
-                binary=False,
-                interval=interval,
-                timeout=60 + paced * interval,
-            )
-            data[peer]["lat"] += m["latencies"]
-            data[peer]["got"].append(m["received"] / m["expected"])
+    per_message = 0.0
+    for peer in rotate(peers, offset):
+        m = run_phase(
+            servers[peer],
+            pools[peer],
+            count=burst,
+            size=size,
+            binary=binary,
+            timeout=timeout,
+        )
+        samples[peer]["rates"].append(m["rate"])
+        samples[peer]["ccpu"].append(m["client_cpu"] / m["elapsed"])
+        samples[peer]["got"].append(m["received"] / m["expected"])
+        per_message = max(per_message, m["elapsed"] / burst)
+    interval = min(max(2 * per_message, 0.002), max_interval)
+    slowest = max(interval, 1.5 * per_message)
+    for peer in rotate(peers, offset + 1):
+        m = run_phase(
+            servers[peer],
+            pools[peer],
+            count=paced,
+            size=size,
+            binary=binary,
+            interval=interval,
+            timeout=timeout + paced * slowest,
+        )
+        samples[peer]["lat"] += m["latencies"]
+        samples[peer]["got"].append(m["received"] / m["expected"])
+
+
+def summarize(samples):
+    """``{peer: {rate, p50, p99, client_cores, delivered}}``: the median
+    rate, latency percentiles over all paced messages, the load generator's
+    busiest, and the worst delivered fraction."""
     return {
         peer: {
             "rate": statistics.median(d["rates"]),
             "p50": percentile(d["lat"], 50),
             "p99": percentile(d["lat"], 99),
+            "client_cores": max(d["ccpu"]),
             "delivered": min(d["got"]),
         }
-        for peer, d in data.items()
+        for peer, d in samples.items()
     }
+
+
+def measure_interleaved(servers, pools, peers, *, rounds, burst, paced, size):
+    """``rounds`` of :func:`measure_round` for text messages, summarized."""
+    samples = new_samples(peers)
+    for r in range(rounds):
+        measure_round(
+            servers, pools, peers, samples, r, burst=burst, paced=paced, size=size
+        )
+    return summarize(samples)
 
 
 def measure_across_workers(

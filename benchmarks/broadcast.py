@@ -32,7 +32,6 @@ Two phases per case:
 import argparse
 import json
 import os
-import statistics
 import time
 
 from benchmarks._harness import (
@@ -41,13 +40,14 @@ from benchmarks._harness import (
     ServerProcess,
     fmt_ms,
     fmt_rate,
-    percentile,
+    measure_round,
+    new_samples,
     print_table,
     pyplot,
     raise_nofile,
     ratio,
-    rotate,
     run_phase,
+    summarize,
 )
 
 PEERS = ("stargate", "websockets", "eventlet")
@@ -122,56 +122,24 @@ def _run_case(servers, n, compress, *, sizes, quick, rounds, paced):
         for r in range(rounds):
             for size in sizes:
                 for binary in (False, True):
-                    key = (size, binary)
-                    case = cases.setdefault(
-                        key,
-                        {
-                            p: {"rates": [], "lat": [], "ccpu": [], "got": []}
-                            for p in PEERS
-                        },
-                    )
                     count = burst_count(n, size, quick)
-                    timeout = 30 + count * n * size / 20e6
-                    per_message = 0.0
-                    for peer in rotate(PEERS, r + size + binary):
-                        m = run_phase(
-                            servers[peer],
-                            pools[peer],
-                            count=count,
-                            size=size,
-                            binary=binary,
-                            timeout=timeout,
-                        )
-                        case[peer]["rates"].append(m["rate"])
-                        case[peer]["ccpu"].append(m["client_cpu"] / m["elapsed"])
-                        case[peer]["got"].append(m["received"] / m["expected"])
-                        per_message = max(per_message, m["elapsed"] / count)
-                    interval = min(max(2 * per_message, 0.002), 0.05 if quick else 0.25)
-                    slowest = max(interval, 1.5 * per_message)
-                    for peer in rotate(PEERS, r + size + binary + 1):
-                        m = run_phase(
-                            servers[peer],
-                            pools[peer],
-                            count=paced,
-                            size=size,
-                            binary=binary,
-                            interval=interval,
-                            timeout=timeout + paced * slowest,
-                        )
-                        case[peer]["lat"] += m["latencies"]
-                        case[peer]["got"].append(m["received"] / m["expected"])
+                    measure_round(
+                        servers,
+                        pools,
+                        PEERS,
+                        cases.setdefault((size, binary), new_samples(PEERS)),
+                        r + size + binary,
+                        burst=count,
+                        paced=paced,
+                        size=size,
+                        binary=binary,
+                        timeout=30 + count * n * size / 20e6,
+                        max_interval=0.05 if quick else 0.25,
+                    )
         rows = []
-        for (size, binary), case in cases.items():
+        for (size, binary), samples in cases.items():
             row = {"n": n, "size": size, "binary": binary, "compress": compress}
-            for peer in PEERS:
-                c = case[peer]
-                row[peer] = {
-                    "rate": statistics.median(c["rates"]),
-                    "p50": percentile(c["lat"], 50),
-                    "p99": percentile(c["lat"], 99),
-                    "client_cores": max(c["ccpu"]),
-                    "delivered": min(c["got"]),
-                }
+            row.update(summarize(samples))
             rows.append(row)
         return rows
     finally:
