@@ -299,29 +299,19 @@ class WebSocket:
 
         Returns a :class:`SendResult`; never raises for a dead peer.
         """
-        # The broadcast hot path: checks in the cheapest order, and a
-        # straight write when nothing is queued.
         if self._finished or self.protocol.state is not _OPEN:
             return _DEAD
-        if self._queue or not data:
-            return self._write(data)
-        try:
-            sent = self._raw.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            return self._write(data)  # sorts a dead peer from a real error
-        if sent == len(data):
-            return _SENT
-        return self._write_rest(memoryview(data)[sent:])
+        return self._write(data)
 
     # -- internals ------------------------------------------------------------
 
     def _write(self, data):
+        """Write ``data`` now if the kernel takes it (the broadcast hot path:
+        no context switch), else queue the rest for the writer."""
         if not data:
-            return SendResult.SENT
+            return _SENT  # nothing to send: no system call
         if self._finished:
-            return SendResult.DEAD
+            return _DEAD
         if not self._queue:
             try:
                 sent = self._raw.send(data)
@@ -330,10 +320,10 @@ class WebSocket:
             except OSError as exc:
                 if exc.errno in _DEAD_ERRNOS or isinstance(exc, ConnectionError):
                     self.abort()  # the peer is gone
-                    return SendResult.DEAD
+                    return _DEAD
                 raise
             if sent == len(data):
-                return SendResult.SENT
+                return _SENT
             data = memoryview(data)[sent:]
         elif self._queued + len(data) > self.max_send_buffer:
             return self._overflow()
