@@ -141,10 +141,13 @@ class WebSocket:
         #: :class:`~stargate.frames.WireFormat`, shared by equal peers).
         self.wire_format = protocol.wire_format
         self._raw = getattr(sock, "fd", sock)
-        self._queue = collections.deque()
+        # The send backlog and the received messages not yet returned by
+        # wait(): deques made only when needed and dropped once empty, since
+        # an empty deque holds a 64-slot block (760 bytes) per idle connection.
+        self._queue = None
         self._queued = 0
         self._writer = None
-        self._messages = collections.deque()
+        self._messages = None
         self._reading = False
         self._finished = False
         self._closed_event = eventlet.Event()
@@ -225,8 +228,12 @@ class WebSocket:
         """Return the next message (``str`` or ``bytes``), or None once the
         connection is closed. Pings are answered while waiting."""
         while True:
-            if self._messages:
-                return self._messages.popleft()
+            messages = self._messages
+            if messages:
+                message = messages.popleft()
+                if not messages:
+                    self._messages = None
+                return message
             if self._finished:
                 return None
             if self._reading:
@@ -283,7 +290,7 @@ class WebSocket:
         """Drop the TCP connection at once, without a closing handshake."""
         if self._finished:
             return
-        self._queue.clear()
+        self._queue = None
         self._queued = 0
         try:
             self._raw.shutdown(socket.SHUT_RDWR)
@@ -331,6 +338,8 @@ class WebSocket:
 
     def _write_rest(self, data):
         """Queue what the kernel did not take; the writer sends it."""
+        if self._queue is None:
+            self._queue = collections.deque()
         self._queue.append(data)
         self._queued += len(data)
         if self._writer is None:
@@ -365,6 +374,8 @@ class WebSocket:
                     self._queued -= len(chunk)
         finally:
             self._writer = None
+            if not self._queue:
+                self._queue = None
             if self.protocol.should_close_transport and not self._reading:
                 self._finish()
 
@@ -384,6 +395,8 @@ class WebSocket:
                 self.protocol.receive_eof()
             for event in self.protocol.events_received():
                 if isinstance(event, (_protocol.TextMessage, _protocol.BinaryMessage)):
+                    if self._messages is None:
+                        self._messages = collections.deque()
                     self._messages.append(event.data)
                     self._last_message = self._last_received
             self._write(self.protocol.data_to_send())
@@ -416,7 +429,7 @@ class WebSocket:
         if self._writer is not None and self._writer is not eventlet.getcurrent():
             self._writer.kill()
             self._writer = None
-        self._queue.clear()
+        self._queue = None
         self._queued = 0
         try:
             self._raw.shutdown(socket.SHUT_RDWR)

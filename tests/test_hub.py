@@ -25,9 +25,9 @@ from pyramid.config import Configurator
 from pyramid.registry import Registry
 
 from stargate.backends.memory import MemoryBackend
-from stargate.connection import WebSocket
+from stargate.connection import SendResult, WebSocket
 from stargate.exceptions import BackendUnavailable
-from stargate.frames import FrameParser, Opcode, WireFormat
+from stargate.frames import FrameParser, Opcode, WireFormat, encode_message
 from stargate.hub import Hub, HubStats, default_hub, get_hub
 from stargate.protocol import ServerProtocol
 
@@ -407,6 +407,25 @@ class TestPruning:
         hub.close()
         lo.close()
         stuck.close()
+
+    def test_a_backlog_drains_in_order_once_the_peer_reads_again(self):
+        lo = Loopback(sndbuf=4096)
+        ws, peer = lo.connect(rcvbuf=4096, max_send_buffer=2**20)
+        sent = [f"{i:04d}" + "q" * 2048 for i in range(40)]
+        results = [ws.send_prepared(encode_message(m)) for m in sent]
+        assert SendResult.QUEUED in results and ws.buffered_amount > 0
+        assert peer.messages(len(sent)) == sent
+        assert wait_until(lambda: ws.buffered_amount == 0)
+        # Drained, the connection writes straight to the kernel again, and a
+        # second backlog queues and drains like the first.
+        assert ws.send_prepared(encode_message("again")) is SendResult.SENT
+        assert peer.messages(1) == ["again"]
+        results = [ws.send_prepared(encode_message(m)) for m in sent]
+        assert SendResult.QUEUED in results
+        assert peer.messages(len(sent)) == sent
+        assert wait_until(lambda: ws.buffered_amount == 0)
+        ws.abort()
+        lo.close()
 
     def test_slow_listener_drops_messages_in_drop_mode(self):
         lo = Loopback(sndbuf=4096)
