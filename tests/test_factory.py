@@ -82,6 +82,22 @@ class TestPserve:
             lambda: "GET /jobs/logged" in pserved.output, 10, message="access log"
         )
 
+    def test_the_access_log_names_the_forwarded_client_of_a_websocket(self, pserved):
+        # Logged when the connection ends, after stargate freed the parsed
+        # request headers: X-Forwarded-For still reaches the log line.
+        forwarded = {"X-Forwarded-For": "203.0.113.7"}
+        with connect(pserved.ws_url + "/echo", additional_headers=forwarded) as ws:
+            ws.send("logged")
+            assert ws.recv(timeout=10) == "logged"
+        wait_until(
+            lambda: any(
+                "203.0.113.7,127.0.0.1 - -" in line and "GET /echo" in line
+                for line in pserved.output.splitlines()
+            ),
+            10,
+            message="access log",
+        )
+
     def test_sigterm_closes_open_websockets_with_1001_and_exits(self):
         server = start_pserve()
         try:
