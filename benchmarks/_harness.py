@@ -21,8 +21,36 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results")
 
-#: Connections per load-generating client process.
-CONNECTIONS_PER_CLIENT = 2500
+#: Connections per load-generating client process, with the C receive loop
+#: and with the Python one (which needs more processes to keep up).
+CONNECTIONS_PER_CLIENT = 10000
+CONNECTIONS_PER_PYTHON_CLIENT = 2500
+
+#: ``STARGATE_BENCH_CLIENT=python`` makes the load generator use its Python
+#: receive loop even where the C one builds (to compare the two).
+CLIENT_LOOP_ENV = "STARGATE_BENCH_CLIENT"
+_fast_loop = []  # [path or None], once built
+
+
+def fast_loop():
+    """Path of the load generator's C receive loop, built on first use, or
+    ``None`` (no C compiler, or the Python loop was asked for). Says once
+    which loop the run uses, since it changes how much CPU is left to the
+    servers."""
+    if not _fast_loop:
+        if os.environ.get(CLIENT_LOOP_ENV, "c").lower() == "python":
+            path, why = None, f"{CLIENT_LOOP_ENV}=python"
+        else:
+            from benchmarks._client import build_fast_loop
+
+            path = build_fast_loop(os.path.join(DEFAULT_OUT, ".build"))
+            why = "no C compiler found" if path is None else ""
+        _fast_loop.append(path)
+        if path:
+            print("load generator: C receive loop (benchmarks/_fastclient.c)")
+        else:
+            print(f"load generator: Python receive loop ({why})")
+    return _fast_loop[0]
 
 
 def raise_nofile():
@@ -175,7 +203,10 @@ class ClientPool:
     """``n`` listener connections, spread over lean client processes."""
 
     def __init__(self, port, n, *, compress=False, per_process=None, source_base=10):
-        per_process = per_process or CONNECTIONS_PER_CLIENT
+        if per_process is None:
+            per_process = (
+                CONNECTIONS_PER_CLIENT if fast_loop() else CONNECTIONS_PER_PYTHON_CLIENT
+            )
         count = max(1, math.ceil(n / per_process))
         self.n = n
         self.procs = []
@@ -197,6 +228,8 @@ class ClientPool:
             ]
             if compress:
                 command.append("--compress")
+            if fast_loop():
+                command += ["--fast", fast_loop()]
             proc = subprocess.Popen(
                 command,
                 stdin=subprocess.PIPE,
