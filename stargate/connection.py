@@ -150,7 +150,7 @@ class WebSocket:
         self._messages = None
         self._reading = False
         self._finished = False
-        self._closed_event = eventlet.Event()
+        self._closed_event = None  # made by _closed() for the first waiter
         self._close_callbacks = []
         self._last_received = time.monotonic()
         self._last_message = self._last_received
@@ -238,7 +238,7 @@ class WebSocket:
                 return None
             if self._reading:
                 # Another green thread reads: wait for it to finish.
-                self._closed_event.wait()
+                self._closed().wait()
                 continue
             self._read_once()
 
@@ -412,9 +412,18 @@ class WebSocket:
                     eventlet.sleep(0.01)
         self._finish()
 
+    def _closed(self):
+        """The event sent when the connection finishes. Made on first use,
+        since few connections are ever waited for (it costs 0.4 KiB)."""
+        if self._closed_event is None:
+            self._closed_event = eventlet.Event()
+            if self._finished:
+                self._closed_event.send(True)
+        return self._closed_event
+
     def _wait_closed(self, timeout):
         with eventlet.Timeout(timeout, False):
-            self._closed_event.wait()
+            self._closed().wait()
             return True
         return False
 
@@ -439,7 +448,7 @@ class WebSocket:
             self.socket.close()
         except OSError:
             pass
-        if not self._closed_event.ready():
+        if self._closed_event is not None and not self._closed_event.ready():
             self._closed_event.send(True)
         callbacks, self._close_callbacks = self._close_callbacks, []
         for callback in callbacks:

@@ -445,6 +445,24 @@ class TestPruning:
         stuck.close()
 
 
+def test_waiters_behind_a_reader_wake_when_the_connection_ends(loopback):
+    ws, peer = loopback.connect()
+    reader = eventlet.spawn(ws.wait)
+    eventlet.sleep(0.05)  # the reader is in recv
+    second = eventlet.spawn(ws.wait)
+    closer = eventlet.spawn(ws.close)
+    eventlet.sleep(0.05)
+    assert not (reader.dead or second.dead or closer.dead)
+    peer.close()
+    with eventlet.Timeout(DEADLINE):
+        assert reader.wait() is None
+        assert second.wait() is None
+        closer.wait()
+        assert ws.closed
+        assert ws._wait_closed(1.0)  # made after the end: already sent
+        assert ws.wait() is None
+
+
 # -- changes during a send ----------------------------------------------------
 
 
