@@ -164,7 +164,7 @@ def _run_worker(
         protocol=HttpProtocol,
         log=logging.getLogger("stargate.access"),
         log_output=access_log,
-        max_size=max_clients,
+        custom_pool=_ConnectionPool(max_clients),
         socket_timeout=request_timeout,
     )
     server.link(lambda gt: stopping.ready() or stopping.send(None))
@@ -260,6 +260,36 @@ def _http_protocol_class():
             self.headers = _HeaderPairs(self.environ.get("headers_raw", ()))
 
     return HttpProtocol
+
+
+class _ConnectionPool(eventlet.GreenPool):
+    """eventlet's pool, running each connection in a plain greenlet.
+
+    eventlet's server only links a clean-up to what ``spawn`` returns, before
+    the connection runs; a GreenThread, with its Event and its deque of
+    links, would cost about 1 KiB more per connection.
+    """
+
+    def spawn(self, function, *args, **kwargs):
+        links = _Links()
+        self.spawn_n(links.run, function, args, kwargs)
+        return links
+
+
+class _Links(list):
+    """The callbacks linked to a connection, called when it ends."""
+
+    __slots__ = ()
+
+    def link(self, callback, *args):
+        self.append((callback, args))
+
+    def run(self, function, args, kwargs):
+        try:
+            function(*args, **kwargs)
+        finally:
+            for callback, callback_args in self:
+                callback(self, *callback_args)
 
 
 class _HeaderPairs:

@@ -4,9 +4,11 @@ with several workers, and how both stop. Real processes, real clients."""
 import importlib.resources
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -97,6 +99,30 @@ class TestPserve:
             10,
             message="access log",
         )
+
+    def test_max_clients_holds_a_connection_back_until_one_ends(self, tmp_path):
+        ini = tmp_path / "limited.ini"
+        ini.write_text(
+            Path(INI)
+            .read_text()
+            .replace("workers = 1\n", "workers = 1\nmax_clients = 2\n")
+        )
+        port = free_port()
+        with ServerProcess(pserve(str(ini), f"http_port={port}"), port=port) as server:
+            server.wait_ready()
+            first = connect(server.ws_url + "/echo")
+            second = connect(server.ws_url + "/echo")
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as third:
+                third.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                third.settimeout(0.5)
+                with pytest.raises(TimeoutError):
+                    third.recv(1024)  # both slots are taken
+                first.close()
+                third.settimeout(10)
+                assert third.recv(1024).startswith(b"HTTP/1.1 200 ")
+            second.send("still served")
+            assert second.recv(timeout=10) == "still served"
+            second.close()
 
     def test_sigterm_closes_open_websockets_with_1001_and_exits(self):
         server = start_pserve()
