@@ -24,6 +24,7 @@ from eventlet.green import subprocess
 from pyramid.config import Configurator
 from pyramid.registry import Registry
 
+import stargate.hub
 from stargate.backends.memory import MemoryBackend
 from stargate.connection import SendResult, WebSocket
 from stargate.exceptions import BackendUnavailable
@@ -303,6 +304,45 @@ class TestDelivery:
             while not data.endswith(b"\xff"):
                 data += peer.sock.recv(100)
             assert data == b"\x00hello\xff"
+
+    def test_each_wire_format_is_encoded_once_per_message(
+        self, hub, loopback, monkeypatch
+    ):
+        calls = []
+
+        def counting(message, wire_format):
+            calls.append(wire_format)
+            return encode_message(message, wire_format)
+
+        monkeypatch.setattr(stargate.hub, "encode_message", counting)
+        pairs = [loopback.connect() for _ in range(5)]
+        pairs += [loopback.connect(draft="hixie-76") for _ in range(3)]
+        for ws, _ in pairs:
+            hub.add("room", ws)
+        hub.publish("room", "hello")
+        assert sorted(f.draft for f in calls) == ["hixie-76", "rfc6455"]
+        for _, peer in pairs[:5]:
+            assert peer.messages(1) == ["hello"]
+        for _, peer in pairs[5:]:
+            peer.sock.settimeout(DEADLINE)
+            assert peer.sock.recv(100) == b"\x00hello\xff"
+        assert hub.stats.delivered == 8
+
+    def test_a_frame_the_kernel_takes_in_part_is_finished_in_order(self):
+        lo = Loopback(sndbuf=4096)
+        hub = Hub(MemoryBackend())
+        ws, peer = lo.connect(rcvbuf=4096, max_send_buffer=2**22)
+        hub.add("room", ws)
+        big = "b" * 300_000
+        assert hub.publish("room", big) is None
+        # The kernel took part of it; the connection queued the rest.
+        assert ws.buffered_amount > 0
+        assert hub.publish("room", "after") is None
+        assert peer.messages(2) == [big, "after"]
+        assert wait_until(lambda: ws.buffered_amount == 0)
+        assert hub.stats.delivered == 2 and ws in hub.listeners("room")
+        hub.close()
+        lo.close()
 
     def test_publish_refuses_what_is_not_a_message(self, hub):
         with pytest.raises(TypeError):
