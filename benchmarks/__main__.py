@@ -1,8 +1,8 @@
 """``python -m benchmarks [NAME ...] [--quick] [--out DIR]``: run the suite.
 
 NAME is ``all`` (the default) or any of ``broadcast``, ``memory``,
-``fanout``, ``concurrency``, ``history``, ``prune``, ``receive``. Each benchmark prints
-its tables; plots (PNG) and raw figures (JSON) go to ``--out``
+``fanout``, ``concurrency``, ``history``, ``prune``, ``receive``, ``floor``.
+Each benchmark prints its tables; plots (PNG) and raw figures (JSON) go to ``--out``
 (``benchmarks/results/``, which git ignores). Every benchmark bounds its own
 run time and stops the processes it started.
 """
@@ -51,6 +51,7 @@ BENCHMARKS = {
     "history": _module("history"),
     "prune": _script("prune_dead.py", "--out", "{out}/prune_dead.png"),
     "receive": _script("bench_receive_path.py"),
+    "floor": _module("send_floor"),
 }
 
 

@@ -25,6 +25,7 @@ HEADERS = {
     "history": "history: Redis Streams (with history) against Redis pub/sub",
     "prune": "prune_dead:",
     "receive": "apply_mask throughput",
+    "floor": "send floor: hub publish against a bare send() loop",
 }
 NEEDS_REDIS = {"fanout", "concurrency", "history"}
 
