@@ -10,7 +10,6 @@ across reads) and checks the counts, the arrival times and the pong.
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ import time
 import pytest
 
 from benchmarks._client import build_fast_loop
+from stargate.frames import Frame, Opcode, serialize_frame
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONNECTIONS = 3
@@ -26,14 +26,8 @@ PING = b"abc"
 
 
 def frame(opcode, payload):
-    n = len(payload)
-    if n < 126:
-        head = struct.pack("!BB", 0x80 | opcode, n)
-    elif n < 65536:
-        head = struct.pack("!BBH", 0x80 | opcode, 126, n)
-    else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 127, n)
-    return head + payload
+    """An unmasked server frame, as stargate writes it."""
+    return serialize_frame(Frame(Opcode(opcode), payload))
 
 
 #: Four messages, with a ping among them: 7-bit, 16-bit and 64-bit lengths,
