@@ -62,7 +62,7 @@ import eventlet.semaphore
 import greenlet
 from eventlet.green import select as green_select
 from eventlet.green import socket as green_socket
-from redis import Redis
+from redis import BlockingConnectionPool, Redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -89,6 +89,11 @@ DEFAULT_RECONNECT_BACKOFF = (0.1, 10.0)
 DEFAULT_SOCKET_TIMEOUT = 5.0
 #: Seconds a process's presence entry outlives its last heartbeat.
 DEFAULT_PRESENCE_TTL = 30.0
+#: Connections per Redis node a worker keeps for publishing and presence.
+#: One eventlet process runs one command at a time, so a few connections
+#: keep Redis busy; more green threads wait (up to ``socket_timeout``) for
+#: one to be free instead of failing or opening hundreds.
+DEFAULT_MAX_CONNECTIONS = 16
 
 #: Type tags put in front of every message so ``str`` and ``bytes`` survive.
 TEXT_TAG = b"t"
@@ -196,6 +201,50 @@ def _positive_float(name, value):
     return number
 
 
+def _positive_int(name, value):
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if isinstance(value, bool) or number <= 0:
+        raise IncorrectlyConfigured(
+            f"stargate.backend.{name} must be a positive whole number, not {value!r}"
+        )
+    return number
+
+
+def connect_client(
+    url, *, cluster=False, max_connections, socket_timeout, client_name, **kwargs
+):
+    """A redis-py client whose connections come from a bounded
+    :class:`redis.BlockingConnectionPool` (one per node on a cluster).
+
+    A green thread that finds every connection busy waits for one for at
+    most ``socket_timeout`` seconds, then gets ``ConnectionError`` (which
+    the backends turn into ``BackendUnavailable``); redis-py's default pool
+    raises at once when full instead, and keeps every connection it ever
+    opened.
+    """
+    kwargs.update(
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=socket_timeout,
+        # Fail fast: the receivers have their own backoff, and publish must
+        # raise instead of retrying past socket_timeout.
+        retry=Retry(NoBackoff(), 0),
+        # RESP2: pub/sub messages are plain replies on the connection.
+        protocol=2,
+        client_name=client_name,
+        max_connections=max_connections,
+        timeout=socket_timeout,  # the pool's wait for a free connection
+    )
+    if cluster:
+        return RedisCluster.from_url(
+            url, connection_pool_class=BlockingConnectionPool, **kwargs
+        )
+    pool = BlockingConnectionPool.from_url(url, health_check_interval=0, **kwargs)
+    return Redis(connection_pool=pool)
+
+
 def _backoff_pair(value):
     if isinstance(value, str):
         value = value.replace(",", " ").split()
@@ -245,6 +294,9 @@ class RedisBackend(Backend):
     ``cluster=False``
         Treat ``url`` as one node of a Redis Cluster (same as a
         ``redis+cluster://`` URL).
+    ``max_connections=16``
+        Connections per Redis node kept for publishing and presence; a send
+        that finds them all busy waits up to ``socket_timeout`` for one.
 
     Other keyword arguments are kept in :attr:`options` and ignored.
 
@@ -265,6 +317,7 @@ class RedisBackend(Backend):
         socket_timeout=DEFAULT_SOCKET_TIMEOUT,
         presence_ttl=DEFAULT_PRESENCE_TTL,
         cluster=False,
+        max_connections=DEFAULT_MAX_CONNECTIONS,
         **options,
     ):
         super().__init__(url, **options)
@@ -297,6 +350,7 @@ class RedisBackend(Backend):
         self.reconnect_backoff = _backoff_pair(reconnect_backoff)
         self.socket_timeout = _positive_float("socket_timeout", socket_timeout)
         self.presence_ttl = _positive_float("presence_ttl", presence_ttl)
+        self.max_connections = _positive_int("max_connections", max_connections)
         self.process_id = _new_process_id()
         self.stats = {
             "published": 0,
@@ -356,19 +410,19 @@ class RedisBackend(Backend):
             f"{doing} ({type(exc).__name__}: {exc})"
         )
 
+    @property
+    def client_name(self):
+        """The name this process's connections carry in ``CLIENT LIST``."""
+        return f"{self.prefix}client:{self.process_id}"
+
     def _connect_client(self):
-        kwargs = {
-            "socket_timeout": self.socket_timeout,
-            "socket_connect_timeout": self.socket_timeout,
-            # Fail fast: the receiver has its own backoff, and publish must
-            # raise instead of retrying past socket_timeout.
-            "retry": Retry(NoBackoff(), 0),
-            # RESP2: pub/sub messages are plain replies on the connection.
-            "protocol": 2,
-        }
-        if self.cluster:
-            return RedisCluster.from_url(self._client_url, **kwargs)
-        return Redis.from_url(self._client_url, health_check_interval=0, **kwargs)
+        return connect_client(
+            self._client_url,
+            cluster=self.cluster,
+            max_connections=self.max_connections,
+            socket_timeout=self.socket_timeout,
+            client_name=self.client_name,
+        )
 
     def start(self, deliver):
         """Connect, subscribe what is already wanted and start the receiver.

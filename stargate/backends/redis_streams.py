@@ -67,21 +67,21 @@ import eventlet
 import eventlet.event
 import eventlet.patcher
 import greenlet
-from redis import Redis
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from stargate.backends.base import Backend, HistoryPolicy, Position
 from stargate.backends.redis import (
+    DEFAULT_MAX_CONNECTIONS,
     DEFAULT_PREFIX,
     DEFAULT_RECONNECT_BACKOFF,
     DEFAULT_SOCKET_TIMEOUT,
     _backoff_pair,
     _positive_float,
+    _positive_int,
     backoff_delay,
+    connect_client,
     decode_message,
     encode_message,
     redact_url,
@@ -168,6 +168,9 @@ class RedisStreamsBackend(Backend):
         often.
     ``read_count=500``
         Entries read per stream per XREAD.
+    ``max_connections=16``
+        Connections kept for publishing and reading history; a call that
+        finds them all busy waits up to ``socket_timeout`` for one.
 
     :attr:`stats` counts ``published`` and ``received`` messages,
     ``reconnects``, ``gap_seconds`` (time disconnected), ``gaps`` and
@@ -190,6 +193,7 @@ class RedisStreamsBackend(Backend):
         socket_timeout=DEFAULT_SOCKET_TIMEOUT,
         block=DEFAULT_BLOCK,
         read_count=DEFAULT_READ_COUNT,
+        max_connections=DEFAULT_MAX_CONNECTIONS,
         **options,
     ):
         super().__init__(url, **options)
@@ -225,6 +229,7 @@ class RedisStreamsBackend(Backend):
         self.socket_timeout = _positive_float("socket_timeout", socket_timeout)
         self.block = _positive_float("block", block)
         self.read_count = int(read_count)
+        self.max_connections = _positive_int("max_connections", max_connections)
         self.stats = dict.fromkeys(
             (
                 "published",
@@ -279,15 +284,10 @@ class RedisStreamsBackend(Backend):
 
     # -- set-up --------------------------------------------------------------
 
-    def _connection_kwargs(self):
-        return {
-            "socket_timeout": self.socket_timeout,
-            "socket_connect_timeout": self.socket_timeout,
-            "retry": Retry(NoBackoff(), 0),
-            "protocol": 2,
-            "health_check_interval": 0,
-            "client_name": f"{self.prefix}client:{self.process_id}",
-        }
+    @property
+    def client_name(self):
+        """The name this process's connections carry in ``CLIENT LIST``."""
+        return f"{self.prefix}client:{self.process_id}"
 
     def start(self, deliver):
         """Connect and start the receiving green thread.
@@ -315,7 +315,12 @@ class RedisStreamsBackend(Backend):
         self._started_in = os.getpid()
         self._deliver = deliver
         try:
-            self._client = Redis.from_url(self._client_url, **self._connection_kwargs())
+            self._client = connect_client(
+                self._client_url,
+                max_connections=self.max_connections,
+                socket_timeout=self.socket_timeout,
+                client_name=self.client_name,
+            )
             self._client.ping()
             self._publish_script = self._client.register_script(_PUBLISH)
         except (RedisError, OSError) as exc:

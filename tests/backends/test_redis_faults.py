@@ -1,0 +1,68 @@
+"""Production faults of the Redis backends, against private redis-server
+processes: every numbered message is counted per channel.
+
+Every server is started by the test run on free loopback ports
+(``stargate.testing.redis_server``); nothing talks to a Redis on 6379.
+"""
+
+import eventlet
+
+from stargate.backends.redis import DEFAULT_MAX_CONNECTIONS
+from tests.backends.contract import started, wait_until
+
+
+def numbered(collector, channel):
+    """The numbers received on ``channel`` (messages are ``"<n>"``)."""
+    return [int(m) for m in collector.messages(channel)]
+
+
+def client_connections(backend, servers):
+    """Ordinary (non pub/sub) connections the backend holds, on all nodes."""
+    name = backend.client_name.encode()
+    total = 0
+    for server in servers:
+        with server.client() as client:
+            for info in client.client_list(_type="normal"):
+                if info.get("name", "").encode() == name:
+                    total += 1
+    return total
+
+
+class TestConcurrentSends:
+    """Defect 4: many concurrent ``publish`` calls of one worker, Redis healthy."""
+
+    backends = ["redis", "redis-cluster", "redis-streams"]
+
+    def test_400_concurrent_sends_all_succeed_on_a_bounded_pool(
+        self, request, backend_factory, backend_name
+    ):
+        servers = (
+            request.getfixturevalue("redis_cluster").servers
+            if backend_name == "redis-cluster"
+            else [request.getfixturevalue("redis_server")]
+        )
+        backend = backend_factory()
+        collector = started(backend, "burst")
+        collector.clear()
+        errors = []
+
+        def send(n):
+            try:
+                backend.publish("burst", str(n))
+            except Exception as exc:  # counted: the test says which ones
+                errors.append((n, exc))
+
+        pool = eventlet.GreenPool(400)
+        for n in range(400):
+            pool.spawn(send, n)
+        pool.waitall()
+        assert errors == []
+        assert wait_until(lambda: len(collector.messages("burst")) >= 400)
+        assert sorted(numbered(collector, "burst")) == list(range(400))
+        # The pool is bounded: at most max_connections per node stay open.
+        held = client_connections(backend, servers)
+        assert 0 < held <= DEFAULT_MAX_CONNECTIONS * len(servers)
+
+    def test_max_connections_is_an_option(self, backend_factory):
+        backend = backend_factory(max_connections="3")
+        assert backend.max_connections == 3
