@@ -11,19 +11,22 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from stargate import __version__  # noqa: E402  (the one source of the version)
+
 project = "stargate"
 author = "the stargate authors"
 copyright = "2010-2025, the stargate authors"
-release = "2.0.0.dev0"
-version = "2.0"
+release = __version__
+version = ".".join(__version__.split(".")[:2])
 
 extensions = ["sphinx.ext.autodoc"]
 
 exclude_patterns = ["_build", "examples"]
 templates_path = []
 html_static_path = []
-html_theme = "alabaster"
-html_theme_options = {"description": "WebSockets and broadcast for Pyramid"}
+# furo: a current theme whose code blocks scroll instead of being cut off.
+html_theme = "furo"
+html_title = f"stargate {release}"
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "none"

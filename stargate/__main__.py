@@ -1,12 +1,19 @@
 """The ``stargate`` command (also ``python -m stargate``).
 
+``stargate --version`` prints the installed version.
 ``stargate demo [--host H] [--port P] [--backend URL] [--workers N]`` serves
 the demo application (:mod:`stargate.demo`) with
 :func:`stargate.factory.serve` and prints its URL once it accepts
 connections. ``--port 0`` picks a free port.
 """
 
-import eventlet
+import warnings
+
+# Whoever runs the command chose eventlet already: its notice that it is in
+# maintenance mode would open every run of the command with 8 lines of noise.
+warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
+
+import eventlet  # noqa: E402
 
 eventlet.monkey_patch()  # before anything else imports socket or threading
 
@@ -40,9 +47,14 @@ def _setting(value):
 
 
 def build_parser():
+    from stargate import __version__
+
     parser = argparse.ArgumentParser(
         prog="stargate",
         description="WebSocket support and a broadcast hub for Pyramid.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
