@@ -301,21 +301,23 @@ class Hub:
             subscribing = self._subscribing.get(channel)
             if subscribing is not None:
                 # Another first listener is subscribing the backend (which
-                # yields): wait for it rather than subscribe twice.
+                # yields): wait for it rather than subscribe twice. If it
+                # failed or was interrupted, try again here: its exception
+                # (its own Timeout, GreenletExit) is not ours to raise.
                 subscribing.wait()
                 listeners = self._channels.get(channel)
                 continue
             subscribing = self._subscribing[channel] = eventlet.event.Event()
             try:
                 self.backend.subscribe(channel)
-            except BaseException as exc:
-                subscribing.send_exception(exc)
+            except BaseException:
+                self._roll_back_subscribe(channel)
                 raise
             else:
                 listeners = self._channels[channel] = set()
-                subscribing.send(None)
             finally:
                 del self._subscribing[channel]
+                subscribing.send(None)
         if ws in listeners:
             return
         listeners.add(ws)
@@ -325,6 +327,17 @@ class Hub:
         if getattr(ws, "closed", False):
             # It ended before we could watch it: its callback may have run.
             self._drop_everywhere(ws)
+
+    def _roll_back_subscribe(self, channel):
+        """A first subscribe failed or was interrupted half-way: tell the
+        backend to drop ``channel``, so it keeps no subscription the hub
+        does not know of (the hub's channel set is the one truth)."""
+        try:
+            self.backend.unsubscribe(channel)
+        except Exception as exc:
+            logger.warning(
+                "could not roll back the subscription to %r: %s", channel, exc
+            )
 
     def _add_since(self, channel, ws, since):
         """Attach ``ws`` and replay the history after ``since`` to it."""

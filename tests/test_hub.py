@@ -18,6 +18,7 @@ import textwrap
 import time
 
 import eventlet
+import eventlet.event
 import eventlet.wsgi
 import pytest
 from eventlet.green import subprocess
@@ -26,6 +27,7 @@ from pyramid.registry import Registry
 
 import stargate.hub
 from stargate.backends.memory import MemoryBackend
+from stargate.backends.redis import RedisBackend
 from stargate.connection import SendResult, WebSocket
 from stargate.exceptions import BackendUnavailable
 from stargate.frames import FrameParser, Opcode, WireFormat, encode_message
@@ -640,6 +642,136 @@ class TestHub:
             config.end()
         assert get_hub() is default_hub()
         assert default_hub().backend.synchronous
+
+
+# -- the hub on a real Redis ----------------------------------------------------
+
+
+class SignallingRedisBackend(RedisBackend):
+    """The Redis backend, telling the test when a subscribe has begun."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.subscribing = eventlet.event.Event()
+
+    def subscribe(self, channel):
+        if not self.subscribing.ready():
+            self.subscribing.send(channel)
+        super().subscribe(channel)
+
+
+def redis_numsub(server, name):
+    with server.client() as client:
+        return dict(client.pubsub_numsub(name))[name.encode()]
+
+
+class TestInterruptedFirstSubscribe:
+    """Defect 5: the first ``add`` of a channel interrupted while the backend
+    subscribes (its own Timeout, a killed handler) rolls back: the listeners
+    waiting behind it subscribe for themselves, and Redis keeps no
+    subscription that nothing will remove."""
+
+    @pytest.fixture
+    def paused_redis(self, fresh_redis_server):
+        """The server, and ``pause()`` / ``resume()`` by SIGSTOP/SIGCONT of
+        the process this test run started (resumed at the end in any case)."""
+        server = fresh_redis_server
+        paused = []
+
+        def pause():
+            os.kill(server.pid, signal.SIGSTOP)
+            paused.append(True)
+
+        def resume():
+            if paused:
+                os.kill(server.pid, signal.SIGCONT)
+                paused.clear()
+
+        yield server, pause, resume
+        resume()
+
+    def make_hub(self, server):
+        backend = SignallingRedisBackend(
+            server.url,
+            prefix="interrupted:",
+            socket_timeout=3.0,
+            reconnect_backoff=(0.05, 0.3),
+        )
+        hub = Hub(backend)
+        hub.start()
+        return hub, backend
+
+    @staticmethod
+    def interrupted_add(hub, channel, ws, how):
+        if how == "timeout":
+            with pytest.raises(eventlet.Timeout):
+                with eventlet.Timeout(0.2):
+                    hub.add(channel, ws)
+            return "interrupted"
+        return hub.add(channel, ws)  # killed by the test
+
+    @pytest.mark.parametrize("how", ["timeout", "kill"])
+    def test_waiters_retry_and_get_no_foreign_exception(
+        self, paused_redis, loopback, how
+    ):
+        server, pause, resume = paused_redis
+        hub, backend = self.make_hub(server)
+        first_ws, first_peer = loopback.connect()
+        waiting = [loopback.connect() for _ in range(2)]
+        pause()
+        first = eventlet.spawn(self.interrupted_add, hub, "room", first_ws, how)
+        assert backend.subscribing.wait(DEADLINE) == "room"
+        outcomes = []
+
+        def wait_behind(ws):
+            try:
+                hub.add("room", ws)
+                outcomes.append("added")
+            except BaseException as exc:  # any exception is the defect
+                outcomes.append(exc)
+
+        waiters = [eventlet.spawn(wait_behind, ws) for ws, _ in waiting]
+        eventlet.sleep(0)  # both now wait behind the first subscribe
+        if how == "kill":
+            first.kill()
+        else:
+            assert first.wait() == "interrupted"
+        resume()
+        for waiter in waiters:
+            waiter.wait()
+        assert outcomes == ["added", "added"]
+        assert hub.listeners("room") == {ws for ws, _ in waiting}
+        hub.publish("room", "after")
+        for _, peer in waiting:
+            assert peer.messages(1) == ["after"]
+        assert first_peer.nothing_pending()
+        hub.close()
+
+    @pytest.mark.parametrize("how", ["timeout", "kill"])
+    def test_no_orphan_subscription_is_left_in_redis(
+        self, paused_redis, loopback, how
+    ):
+        server, pause, resume = paused_redis
+        hub, backend = self.make_hub(server)
+        ws, _ = loopback.connect()
+        pause()
+        first = eventlet.spawn(self.interrupted_add, hub, "room", ws, how)
+        assert backend.subscribing.wait(DEADLINE) == "room"
+        if how == "kill":
+            first.kill()
+        else:
+            assert first.wait() == "interrupted"
+        resume()
+        assert hub.channels() == set()
+        # A subscription confirmed on the same connection: Redis has handled
+        # everything sent for "room" before it.
+        other, peer = loopback.connect()
+        hub.add("other", other)
+        hub.publish("other", "probe")
+        assert peer.messages(1) == ["probe"]
+        assert redis_numsub(server, "interrupted:room") == 0
+        assert redis_numsub(server, "interrupted:other") == 1
+        hub.close()
 
 
 # -- end to end: a Pyramid app in eventlet's server, websockets clients -------
