@@ -27,9 +27,12 @@ message, before encoding, so clients can learn positions. ``Hub.add(channel,
 ws, since=position)`` recovers a listener: the listener is subscribed and
 marked as catching up (live messages for it are buffered), the backend's
 history after ``since`` is sent to it, then the buffered live messages with
-a higher offset, then it is an ordinary listener again. Nothing yields
-between the last buffer check and the switch, so there is no gap and no
-duplicate at the seam.
+a higher offset. Then it takes live messages again, but skips those at or
+before the last offset it was sent: a backend's receiver may still be
+behind the position the history was read to (Redis Streams reads history
+and live entries on different connections), and those messages reach it
+later. The first live message past that offset ends the recovery. So there
+is no gap and no duplicate at the seam, in order.
 
 :func:`get_hub` finds the hub of the running application.
 
@@ -196,7 +199,7 @@ class Hub:
         self._dropped = 0
         self._skipped = 0
         self._formatters = {}  # channel -> format_message(message, position)
-        self._catching_up = {}  # channel -> {ws: [(message, position), ...]}
+        self._catching_up = {}  # channel -> {ws: _Recovery}
         #: Counters of recoveries (``Hub.add(..., since=...)``): listeners
         #: ``recovered``, messages ``replayed`` to them from history, and
         #: recoveries refused as ``unavailable`` (HistoryUnavailable).
@@ -343,8 +346,9 @@ class Hub:
         """Attach ``ws`` and replay the history after ``since`` to it."""
         if ws in self._channels.get(channel, ()):
             return  # already a live listener: it has not missed anything
-        buffered = self._catching_up.setdefault(channel, {})
-        buffered[ws] = []
+        recovering = self._catching_up.setdefault(channel, {})
+        recovery = recovering[ws] = _Recovery(since.epoch, since.offset)
+        done = False
         try:
             self._add(channel, ws)
             try:
@@ -366,7 +370,7 @@ class Hub:
             # those the history already held are skipped by their offset.
             # Sending may yield, and more may arrive: loop until none is left,
             # then switch without yielding.
-            pending = buffered[ws]
+            pending = recovery.buffer
             while pending:
                 message, position = pending.pop(0)
                 if (
@@ -379,13 +383,25 @@ class Hub:
                     return
                 if position is not None:
                     last = position.offset
+                    recovery.epoch = position.epoch
                 sent += 1
+            # Live from here on, above the floor: nothing yields between the
+            # last buffer check and this.
+            recovery.buffer = None
+            recovery.floor = last
+            done = True
             self.history_stats["recovered"] += 1
             self.history_stats["replayed"] += sent
         finally:
-            buffered.pop(ws, None)
-            if not buffered:
-                self._catching_up.pop(channel, None)
+            if not done:
+                self._end_recovery(channel, ws)
+
+    def _end_recovery(self, channel, ws):
+        recovering = self._catching_up.get(channel)
+        if recovering is not None:
+            recovering.pop(ws, None)
+            if not recovering:
+                del self._catching_up[channel]
 
     def _replay_one(self, channel, ws, message, position):
         """Send one message to a listener catching up; False if it died."""
@@ -412,6 +428,8 @@ class Hub:
         if listeners is None or ws not in listeners:
             return False
         listeners.discard(ws)
+        if channel in self._catching_up:
+            self._end_recovery(channel, ws)
         channels = self._memberships.get(ws)
         if channels is not None:
             channels.discard(channel)
@@ -564,8 +582,9 @@ class Hub:
         delivered = dead = slow = dropped = skipped = 0
         for ws in list(listeners):
             if catching_up and ws in catching_up:
-                catching_up[ws].append((raw, position))
-                continue
+                if catching_up[ws].holds(raw, position):
+                    continue
+                self._end_recovery(channel, ws)  # past its floor: live again
             try:
                 send_prepared = ws.send_prepared
             except AttributeError:
@@ -669,6 +688,31 @@ class Hub:
         return (
             f"<Hub {self.name or ''}{' ' if self.name else ''}backend={self.backend!r} "
             f"channels={len(self._channels)}>"
+        )
+
+
+class _Recovery:
+    """A listener recovering from a position: live messages are buffered
+    while its history is sent (``buffer``), then those at or before
+    ``floor`` in ``epoch`` are skipped, as it was sent them already."""
+
+    __slots__ = ("buffer", "epoch", "floor")
+
+    def __init__(self, epoch, floor):
+        self.buffer = []
+        self.epoch = epoch
+        self.floor = floor
+
+    def holds(self, message, position):
+        """Whether a live message is kept from the listener (buffered, or
+        sent already); False once it is past the floor."""
+        if self.buffer is not None:
+            self.buffer.append((message, position))
+            return True
+        return (
+            position is not None
+            and position.epoch == self.epoch
+            and position.offset <= self.floor
         )
 
 

@@ -22,6 +22,7 @@ from pyramid.config import Configurator
 
 from stargate.backends.base import HistoryPolicy, Position
 from stargate.backends.memory import MemoryBackend
+from stargate.backends.redis_streams import RedisStreamsBackend
 from stargate.config import parse_settings
 from stargate.exceptions import HistoryUnavailable, IncorrectlyConfigured
 from stargate.hub import Hub
@@ -383,6 +384,7 @@ class Worker:
     """A hub on the streams backend in its own OS process (history_worker.py)."""
 
     def __init__(self, server, prefix, channel, listeners, tmp_path, name):
+        self.prefix, self.channel = prefix, channel
         self.errors = open(tmp_path / f"{name}.stderr", "w+")
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
         url = server.url.replace("redis://", "redis+streams://")
@@ -491,6 +493,70 @@ def test_a_paused_worker_catches_up_after_sigcont(workers):
     for received in report["listeners"]:
         assert received == EVERY_NUMBER
     assert report["stats"]["gaps"] == 0
+
+
+class PositionListener(Listener):
+    """Records ``(offset, number)`` pairs; its channel's formatter puts the
+    position in front of each message."""
+
+    @staticmethod
+    def formatter(message, position):
+        return f"{position.epoch} {position.offset} {message}"
+
+    def pairs(self):
+        return [tuple(map(int, m.split()[1:])) for m in self.received]
+
+    def last_position(self, back=0):
+        epoch, offset, _ = self.received[-1 - back].split()
+        return Position(epoch, int(offset))
+
+
+@pytest.mark.timeout(180)
+def test_resuming_on_streams_while_another_worker_publishes_is_exact(
+    redis_server, workers
+):
+    """Defect 3: ``add(ws, since=...)`` on ``redis+streams`` while another
+    worker publishes: no duplicate, no gap, in order, for every resume (the
+    switch to live waits for this worker's reader to pass the position the
+    history was read to)."""
+    publisher = workers("publisher", listeners=1)
+    backend = RedisStreamsBackend(
+        redis_server.url.replace("redis://", "redis+streams://"),
+        prefix=publisher.prefix,
+        history_size=50000,
+        socket_timeout=2.0,
+    )
+    hub = Hub(backend)
+    try:
+        stay = PositionListener("stay")
+        hub.add(publisher.channel, stay, formatter=PositionListener.formatter)
+        total = 20000
+        publisher.process.stdin.write(
+            json.dumps({"cmd": "publish", "start": 0, "count": total}).encode()
+            + b"\n"
+        )
+        publisher.process.stdin.flush()
+        resumed = []
+        while len(resumed) < 40:
+            seen = len(stay.received)
+            assert wait_until(lambda: len(stay.received) >= seen + 50)
+            if len(stay.received) > total - 200:
+                break  # the publisher is nearly done: no concurrency left
+            since = stay.last_position(back=20)
+            listener = PositionListener(f"resume {len(resumed)}")
+            hub.add(publisher.channel, listener, since=since)
+            resumed.append((listener, since.offset))
+        assert publisher.read(60) == {"published": total}
+        assert len(resumed) >= 10
+        assert wait_until(lambda: len(stay.received) >= total)
+        assert stay.pairs() == [(n + 1, n) for n in range(total)]
+        for listener, since in resumed:
+            assert wait_until(lambda: listener.pairs()[-1:] == [(total, total - 1)])
+            offsets = [offset for offset, _ in listener.pairs()]
+            assert offsets == list(range(since + 1, total + 1)), listener
+        assert backend.stats["gaps"] == 0
+    finally:
+        hub.close()
 
 
 # -- clients that reconnect, through the demo in a subprocess ------------------
