@@ -44,11 +44,20 @@ __all__ = [
     "CloseStatus",
     "ServerProtocol",
     "DEFAULT_MAX_MESSAGE_SIZE",
+    "FRAGMENT_OVERHEAD",
 ]
 
 #: Largest message accepted, in bytes (after decompression): 1 MiB, enough
 #: for chat and notifications while bounding memory per connection.
 DEFAULT_MAX_MESSAGE_SIZE = 2**20
+
+#: Bytes each continuation frame costs against ``max_message_size`` on top
+#: of its payload. A fragment costs the server work (and, without this
+#: charge, an empty one costs the client nothing to send), so a message may
+#: have at most ``max_message_size // 64`` fragments: an endless run of
+#: empty continuation frames is closed with 1009 instead of being processed
+#: forever. Real clients fragment in kilobytes, where 64 bytes is noise.
+FRAGMENT_OVERHEAD = 64
 
 
 class State(enum.Enum):
@@ -170,10 +179,14 @@ class ServerProtocol:
         # Message being reassembled.
         self._msg_opcode = None
         self._msg_compressed = False
-        self._msg_parts = []
-        self._msg_size = 0
+        self._msg_buf = None
+        self._msg_size = 0  # payload bytes plus FRAGMENT_OVERHEAD per fragment
         self._msg_wire_size = 0
         self._msg_decoder = None
+        # The pong owed to the peer's latest ping (RFC 6455 5.5.3 lets an
+        # endpoint answer only the most recent of several pings), so a
+        # flood of pings queues one pong, not one per ping.
+        self._pong = None
 
     # ------------------------------------------------------------ properties
 
@@ -276,6 +289,11 @@ class ServerProtocol:
     def data_to_send(self):
         """Return and forget the bytes to write to the peer."""
         output = self._output
+        pong = self._pong
+        if pong is not None:
+            # Before anything queued after it, our close frame included.
+            self._pong = None
+            output.insert(0, b"\x8a" + bytes((len(pong),)) + pong)
         if not output:
             return b""
         self._output = []
@@ -296,7 +314,11 @@ class ServerProtocol:
                 frame_limit = _compressed_budget(limit) - self._msg_wire_size
                 rsv1_limit = frame_limit
             else:
-                frame_limit = rsv1_limit = limit - self._msg_size
+                # Clamped at 0 so an empty continuation reaches _data_frame,
+                # which names the fragment overhead when it fails.
+                frame_limit = rsv1_limit = max(
+                    limit - self._msg_size - FRAGMENT_OVERHEAD, 0
+                )
             parsed = parser._next(frame_limit, rsv1_limit)
             if parsed is None:
                 return
@@ -320,49 +342,56 @@ class ServerProtocol:
                 self._receive_close(payload)
             elif opcode == _PING:
                 if self._close_sent is None:
-                    self._output.append(b"\x8a" + bytes((len(payload),)) + payload)
+                    self._pong = payload
                 events.append(Ping(payload))
             else:
                 events.append(Pong(payload))
 
     def _data_frame(self, opcode, payload, fin, rsv1):
+        # A fragmented message is kept as one bytearray: its memory is its
+        # size (plus the bytearray's growth margin), never one object per
+        # fragment, and text is validated as each fragment arrives.
+        limit = self.max_message_size
         if opcode == _CONT:
             if self._msg_opcode is None:
                 raise ProtocolError("continuation frame without a message")
+            self._msg_size += FRAGMENT_OVERHEAD
         else:
             if self._msg_opcode is not None:
                 raise ProtocolError("new data frame inside a fragmented message")
             self._msg_opcode = opcode
             self._msg_compressed = rsv1
+            self._msg_buf = bytearray()
             if opcode == _TEXT:
                 self._msg_decoder = _new_utf8_decoder()
         if self._msg_compressed:
             self._msg_wire_size += len(payload)
             payload = self._decompressor.decompress(payload, fin)
         self._msg_size += len(payload)
-        limit = self.max_message_size
         if limit is not None and self._msg_size > limit:
-            raise PayloadTooBig(f"message over the limit of {limit} bytes")
-        if self._msg_opcode == _TEXT:
+            raise PayloadTooBig(
+                f"message over the limit of {limit} bytes (each continuation "
+                f"frame counts {FRAGMENT_OVERHEAD} bytes besides its payload)"
+            )
+        if self._msg_decoder is not None:
             try:
-                self._msg_parts.append(self._msg_decoder.decode(payload, fin))
+                self._msg_decoder.decode(payload, fin)  # validation only
             except UnicodeDecodeError:
                 raise InvalidPayload("text message is not UTF-8") from None
-        else:
-            self._msg_parts.append(payload)
+        buf = self._msg_buf
+        buf += payload
         if fin:
-            parts = self._msg_parts
             if self._msg_opcode == _TEXT:
-                event = TextMessage("".join(parts))
+                event = TextMessage(buf.decode("utf-8"))
             else:
-                event = BinaryMessage(b"".join(parts))
+                event = BinaryMessage(bytes(buf))
             self._reset_message()
             self._events.append(event)
 
     def _reset_message(self):
         self._msg_opcode = None
         self._msg_compressed = False
-        self._msg_parts = []
+        self._msg_buf = None
         self._msg_size = 0
         self._msg_wire_size = 0
         self._msg_decoder = None

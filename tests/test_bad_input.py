@@ -439,6 +439,21 @@ FRAMES = [
     ("64-bit length with the top bit set", text(b"", length=2**63), Close(1002)),
     ("64-bit length of 2**62", text(b"", length=2**62), Close(1009)),
     ("data after the close frame", close(1000) + text("late"), Close(1000)),
+    (
+        "endless empty continuation frames",
+        text("a", fin=False) + frame(0x0, b"", fin=False) * (MAX_SIZE // 8),
+        Close(1009),
+    ),
+    (
+        "one-byte fragments past the fragment budget",
+        text("a", fin=False) + frame(0x0, b"a", fin=False) * (MAX_SIZE // 8),
+        Close(1009),
+    ),
+    (
+        "close during a fragmented message",
+        text("a", fin=False) + frame(0x0, b"b", fin=False) + close(1000),
+        Close(1000),
+    ),
     ("garbage after the upgrade", bytes(range(256)), Close(1002)),
 ]
 
@@ -465,6 +480,30 @@ ODD_UPGRADES = [
         request(headers={"Sec-WebSocket-Extensions": "permessage-deflate"}),
         text(deflate_bomb(64 * MAX_SIZE), rsv=0b100),
         Close(1009),
+    ),
+    (
+        "deflate negotiated: endless empty compressed continuations",
+        request(headers={"Sec-WebSocket-Extensions": "permessage-deflate"}),
+        text(deflate_bomb(1), rsv=0b100, fin=False)
+        + frame(0x0, b"", fin=False) * (MAX_SIZE // 8),
+        Close(1009),
+    ),
+]
+
+#: Unusual but valid sequences: the server must answer them and go on.
+#: (name, frames, the bytes the echo server must send back)
+SURVIVABLE = [
+    (
+        "pings inside a long fragmented message",
+        text("a", fin=False)
+        + (frame(0x9, b"p") + frame(0x0, b"b", fin=False)) * 40
+        + frame(0x0, b"c"),
+        b"\x81\x2a" + b"a" + b"b" * 40 + b"c",
+    ),
+    (
+        "a thousand pings in one segment are answered",
+        b"".join(frame(0x9, b"%d" % i) for i in range(1000)) + text("after"),
+        b"\x81\x05after",
     ),
 ]
 
@@ -542,8 +581,17 @@ def test_odd_upgrade(server, handshake, sent, expected):
     assert_still_serves(server)
 
 
+@pytest.mark.parametrize(
+    "sent, echoed", [c[1:] for c in SURVIVABLE], ids=[c[0] for c in SURVIVABLE]
+)
+def test_survivable_sequence(server, sent, echoed):
+    reaction, data = react(server.port, request(), sent, expect_echo=echoed)
+    assert reaction == Echoed(echoed), data[:300]
+    assert_still_serves(server)
+
+
 def test_the_catalogue_is_at_least_forty_cases():
-    cases = HANDSHAKES + FRAMES + HIXIE_FRAMES + ODD_UPGRADES
+    cases = HANDSHAKES + FRAMES + HIXIE_FRAMES + ODD_UPGRADES + SURVIVABLE
     assert len(cases) >= 40
 
 
@@ -592,4 +640,39 @@ def test_a_deflate_bomb_is_stopped_at_max_message_size_with_bounded_memory():
         reaction, data = react(live.port, request(headers=deflate), frames)
         assert reaction == Close(1009), data[:200]
         assert process.memory_info().rss - before < 64 * 2**20
+        assert_still_serves(live)
+
+
+def test_a_message_in_one_byte_fragments_is_stopped_with_bounded_memory():
+    # One 1 MiB message as 1-byte fragments, under the default 1 MiB limit:
+    # the server used to keep an object per fragment (about 40 MiB). Each
+    # continuation now costs FRAGMENT_OVERHEAD bytes of the budget, so the
+    # server closes with 1009 after max_size // 65 fragments, holding little.
+    import tracemalloc
+
+    limit = 2**20
+    app = make_app(**{"stargate.max_message_size": str(limit)})
+    chunk = frame(0x0, b"a", fin=False) * 8192
+    with LiveServer(app) as live:
+        with socket.create_connection(("127.0.0.1", live.port), timeout=5) as sock:
+            sock.sendall(request())
+            head, rest = read_response_head(sock)
+            assert b" 101 " in head
+            tracemalloc.start()
+            try:
+                sock.sendall(text("a", fin=False))
+                sent = 0
+                try:
+                    while sent < limit:
+                        sock.sendall(chunk)
+                        sent += 8192
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                data, closed = read_until_closed(sock, deadline=10)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+        assert closed
+        assert first_close_code(rest + data) == 1009
+        assert peak < 8 * 2**20, peak
         assert_still_serves(live)
