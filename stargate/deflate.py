@@ -275,21 +275,27 @@ class Decompressor:
         self._decoder = zlib.decompressobj(-15)
 
     def decompress(self, data, final):
-        """Return the decompressed bytes of one frame's payload."""
+        """Return the decompressed bytes of one frame's payload.
+
+        Data after a final deflate block (BFINAL) is a protocol error
+        (RFC 7692 7.2.2): the message ends with that block.
+        """
         decoder = self._decoder
         limit = self.max_size
         try:
             if limit is None:
                 out = decoder.decompress(data)
-                if final:
+                if final and not decoder.eof:
                     out += decoder.decompress(_TAIL)
             else:
                 room = limit - self._size
                 out = decoder.decompress(data, room + 1)
-                if final and len(out) <= room:
+                if final and not decoder.eof and len(out) <= room:
                     out += decoder.decompress(_TAIL, room + 1 - len(out))
         except zlib.error as exc:
             raise ProtocolError(f"invalid compressed data: {exc}") from None
+        if decoder.unused_data:
+            raise ProtocolError("data after the final deflate block")
         self._size += len(out)
         if limit is not None and self._size > limit:
             raise PayloadTooBig(f"decompressed message over the limit of {limit} bytes")

@@ -141,6 +141,15 @@ def deflate_bomb(size):
     return data[:-4]  # RFC 7692: the trailing 00 00 ff ff is left out
 
 
+def final_blocks(*parts):
+    """Each part as a whole deflate stream ending with a BFINAL block."""
+    out = b""
+    for part in parts:
+        compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+        out += compressor.compress(part) + compressor.flush(zlib.Z_FINISH)
+    return out
+
+
 TLS_CLIENT_HELLO = bytes.fromhex(
     "16030100a5010000a10303" + "00" * 32 + "000020c02bc02fc02cc030cca9cca8c013c014"
     "009c009d002f0035000a0100005800000014001200000f7777772e6578616d706c652e636f6d"
@@ -482,6 +491,18 @@ ODD_UPGRADES = [
         Close(1009),
     ),
     (
+        "deflate negotiated: a second deflate stream after the final block",
+        request(headers={"Sec-WebSocket-Extensions": "permessage-deflate"}),
+        text(final_blocks(b"hello", b"second"), rsv=0b100),
+        Close(1002),
+    ),
+    (
+        "deflate negotiated: junk after the final block",
+        request(headers={"Sec-WebSocket-Extensions": "permessage-deflate"}),
+        text(final_blocks(b"hello") + b"junk", rsv=0b100),
+        Close(1002),
+    ),
+    (
         "deflate negotiated: endless empty compressed continuations",
         request(headers={"Sec-WebSocket-Extensions": "permessage-deflate"}),
         text(deflate_bomb(1), rsv=0b100, fin=False)
@@ -676,3 +697,4 @@ def test_a_message_in_one_byte_fragments_is_stopped_with_bounded_memory():
         assert first_close_code(rest + data) == 1009
         assert peak < 8 * 2**20, peak
         assert_still_serves(live)
+

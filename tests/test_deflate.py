@@ -304,6 +304,32 @@ def test_decompressor_starts_over_after_a_final_block():
     assert d.decompress(client_compress(c, b"next"), True) == b"next"
 
 
+def _final_block(data):
+    c = zlib.compressobj(6, zlib.DEFLATED, -15)
+    return c.compress(data) + c.flush(zlib.Z_FINISH)
+
+
+@pytest.mark.parametrize("limit", [None, 2**20])
+@pytest.mark.parametrize(
+    "trailer",
+    [_final_block(b"second block"), b"junk", b"\x00", b"\x00\x00\xff\xff"],
+    ids=["a second stream", "junk", "one byte", "an empty stored block"],
+)
+def test_data_after_the_final_block_is_a_protocol_error(limit, trailer):
+    # RFC 7692 7.2.2: the message ends with the BFINAL block.
+    d = Decompressor(DeflateParams(), limit)
+    with pytest.raises(ProtocolError, match="after the final deflate block"):
+        d.decompress(_final_block(b"hello") + trailer, True)
+
+
+def test_data_after_the_final_block_in_a_later_frame_is_a_protocol_error():
+    d = Decompressor(DeflateParams())
+    assert d.decompress(_final_block(b"hello"), False) == b"hello"
+    assert d.decompress(b"", False) == b""
+    with pytest.raises(ProtocolError):
+        d.decompress(b"more", True)
+
+
 def test_decompressor_limit_allows_exactly_the_limit():
     c = zlib.compressobj(6, zlib.DEFLATED, -15)
     data = client_compress(c, b"x" * 1000)
