@@ -28,7 +28,7 @@ import time
 
 import eventlet
 
-__all__ = ["server_factory", "serve"]
+__all__ = ["server_factory", "serve", "GenericErrorPage", "ERROR_PAGE"]
 
 log = logging.getLogger("stargate.server")
 
@@ -46,6 +46,13 @@ TRUE_PROTOCOL_KEY = "stargate.server_protocol_known"
 
 #: In the environ: a callable that frees the connection's HTTP buffers.
 RELEASE_BUFFERS_KEY = "stargate.release_http_buffers"
+
+#: The body of the server's own 500 page: the status and one sentence.
+#: Nothing about the failure reaches the client; the traceback is logged.
+ERROR_PAGE = (
+    b"500 Internal Server Error\n\n"
+    b"The server could not complete this request; the error has been logged.\n"
+)
 
 #: A worker that dies sooner than this after starting counts as crashing,
 #: and the supervisor waits before starting another.
@@ -160,12 +167,14 @@ def _run_worker(
     server = eventlet.spawn(
         eventlet.wsgi.server,
         sock,
-        app,
+        GenericErrorPage(app),
         protocol=HttpProtocol,
         log=logging.getLogger("stargate.access"),
         log_output=access_log,
         custom_pool=_ConnectionPool(max_clients),
         socket_timeout=request_timeout,
+        # eventlet's default (debug=True) sends the traceback as the body.
+        debug=False,
     )
     server.link(lambda gt: stopping.ready() or stopping.send(None))
     # A signal handler runs while the hub waits in epoll, but the hub only
@@ -192,6 +201,44 @@ def _run_worker(
         closers.waitall()
     for websocket in open_websockets():
         websocket.abort()
+
+
+class GenericErrorPage:
+    """WSGI middleware: an exception the application lets escape becomes a
+    500 whose body is :data:`ERROR_PAGE`, and its traceback is logged once,
+    at ERROR on ``stargate.server``. A client never sees internals (file
+    names, SQL, Redis addresses) that a traceback would give away.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    def __call__(self, environ, start_response):
+        import eventlet.wsgi
+
+        try:
+            return self.app(environ, start_response)
+        except Exception:
+            exc_info = sys.exc_info()
+            log.error(
+                "%s %s failed",
+                environ.get("REQUEST_METHOD", "?"),
+                environ.get("PATH_INFO", ""),
+                exc_info=exc_info,
+            )
+            if getattr(eventlet.wsgi.WSGI_LOCAL, "already_handled", False):
+                return []  # the socket was taken over: no HTTP left to send
+            # Raises again if the response had already started; eventlet
+            # then closes the connection without a body (debug=False).
+            start_response(
+                "500 Internal Server Error",
+                [
+                    ("Content-Type", "text/plain; charset=utf-8"),
+                    ("Content-Length", str(len(ERROR_PAGE))),
+                ],
+                exc_info,
+            )
+            return [ERROR_PAGE]
 
 
 def _http_protocol_class():

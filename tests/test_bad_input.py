@@ -698,3 +698,50 @@ def test_a_message_in_one_byte_fragments_is_stopped_with_bounded_memory():
         assert peak < 8 * 2**20, peak
         assert_still_serves(live)
 
+
+# -- the server's own error page ---------------------------------------------------
+
+FAILING_APP = """
+import logging, sys
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+from pyramid.config import Configurator
+from stargate.factory import serve
+
+def boom(request):
+    raise RuntimeError("password=hunter2 at /srv/app/models.py")
+
+def ok(request):
+    return request.response
+
+with Configurator() as config:
+    config.add_route("boom", "/boom")
+    config.add_view(boom, route_name="boom")
+    config.add_route("ok", "/ok")
+    config.add_view(ok, route_name="ok")
+    app = config.make_wsgi_app()
+serve(app, "127.0.0.1", int(sys.argv[1]), access_log=False)
+"""
+
+
+def test_an_unhandled_error_gets_a_generic_page_and_one_logged_traceback():
+    # Under stargate.factory.serve (what egg:stargate#main runs), eventlet's
+    # default sent the traceback itself as the 500 body.
+    import sys
+
+    from stargate.factory import ERROR_PAGE
+    from tests.clients import ServerProcess, free_port, http, wait_until
+
+    port = free_port()
+    command = [sys.executable, "-W", "ignore", "-c", FAILING_APP, str(port)]
+    with ServerProcess(command, port=port) as server:
+        server.wait_ready()
+        response = http(server.url + "/boom")
+        assert response.status == 500
+        assert response.body == ERROR_PAGE
+        assert b"hunter2" not in response.body
+        wait_until(lambda: "hunter2" in server.output, 10, message="the log")
+        assert http(server.url + "/ok").status == 200
+        output = server.output
+        assert output.count("ERROR stargate.server GET /boom failed") == 1, output
+        assert output.count("RuntimeError: password=hunter2") == 1, output
+
