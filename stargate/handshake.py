@@ -35,8 +35,12 @@ request whatever page opened it, and the same-origin policy does not apply
 to WebSockets. Any web site a logged-in user visits could otherwise open a
 WebSocket to this server *as that user* and read what comes back
 (cross-site WebSocket hijacking). So by default (``allowed_origins=None``)
-only same-origin requests are accepted: the host and port of ``Origin`` must
-be those of the ``Host`` header. ``allowed_origins`` replaces that with a list
+only same-origin requests are accepted (RFC 6454): the scheme of ``Origin``
+must be the server's (``https`` when ``environ['wsgi.url_scheme']`` or
+``secure`` says so, else ``http``), and its host and port those of the
+``Host`` header, a missing port being the scheme's default (80 or 443).
+Without an environ or ``secure`` the scheme is unknown and only the host
+and port are compared. ``allowed_origins`` replaces that with a list
 of exact origins (``"https://example.com"``, ``"http://localhost:8080"``);
 ``"*"`` in the list accepts any origin.
 
@@ -326,7 +330,40 @@ def _normalise_allowed(allowed_origins):
     return allowed
 
 
-def _check_origin(headers, allowed_origins):
+def _server_scheme(headers, secure):
+    """``"https"``, ``"http"``, or ``None`` when nothing says which."""
+    if secure is not None:
+        return "https" if secure else "http"
+    scheme = headers.environ_get("wsgi.url_scheme")
+    if scheme is None:
+        return None
+    return "https" if scheme.lower() in ("https", "wss") else "http"
+
+
+def _same_origin(parsed, headers, secure):
+    """Whether the parsed origin is this server's (RFC 6454): same scheme,
+    host and port, the server's scheme from ``secure`` or
+    ``wsgi.url_scheme``, and its port from ``Host`` or that scheme."""
+    scheme, host, port = parsed
+    match = _HOST_RE.fullmatch(_host(headers))
+    server_host, server_port = match.group(1).lower(), match.group(2)
+    if host != server_host:
+        return False
+    server_scheme = _server_scheme(headers, secure)
+    if server_scheme is None:
+        # No environ and no ``secure``: the scheme is unknown, so only host
+        # and port can be compared (a Host without a port: 80 or 443).
+        if server_port is None:
+            return port in (80, 443)
+        return port == int(server_port)
+    if _DEFAULT_PORTS[scheme] != _DEFAULT_PORTS[server_scheme]:
+        return False  # http (or ws) against https (or wss)
+    if server_port is None:
+        return port == _DEFAULT_PORTS[server_scheme]
+    return port == int(server_port)
+
+
+def _check_origin(headers, allowed_origins, secure=None):
     """Apply the origin policy (see the module docstring)."""
     name = "Origin"
     origin = headers.get("Origin")
@@ -338,14 +375,8 @@ def _check_origin(headers, allowed_origins):
     origin = origin.strip()
     if allowed_origins is None:
         parsed = _parse_origin(origin)
-        if parsed is not None:
-            match = _HOST_RE.fullmatch(_host(headers))
-            host, port = match.group(1).lower(), match.group(2)
-            # The Host header carries no scheme: no port means 80 or 443.
-            if host == parsed[1] and (
-                int(port) == parsed[2] if port else parsed[2] in (80, 443)
-            ):
-                return origin
+        if parsed is not None and _same_origin(parsed, headers, secure):
+            return origin
         raise InvalidOrigin(
             f"origin {origin!r} is not the origin of this server; "
             f"pass allowed_origins to accept cross-origin WebSocket requests",
@@ -769,7 +800,7 @@ def negotiate(
         if _VERSION_OF_DRAFT[draft] not in versions:
             raise _unsupported(draft, versions)
 
-    _check_origin(headers, allowed_origins)
+    _check_origin(headers, allowed_origins, secure)
 
     base_response = _BASE_RESPONSE[draft]
     if draft == "rfc6455":

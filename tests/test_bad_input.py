@@ -745,3 +745,41 @@ def test_an_unhandled_error_gets_a_generic_page_and_one_logged_traceback():
         assert output.count("ERROR stargate.server GET /boom failed") == 1, output
         assert output.count("RuntimeError: password=hunter2") == 1, output
 
+
+# -- the same-origin default, by scheme -------------------------------------------
+
+
+class _ForwardedHttps:
+    """What a trusted TLS-terminating proxy's filter does: the request came
+    in over https (PasteDeploy's ``prefix`` filter with ``scheme = https``)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def __call__(self, environ, start_response):
+        environ["wsgi.url_scheme"] = "https"
+        return self.app(environ, start_response)
+
+
+@pytest.mark.parametrize(
+    "behind_https, origin, status",
+    [
+        (False, "http://127.0.0.1", 101),
+        (False, "https://127.0.0.1", 403),
+        (False, "http://127.0.0.1:443", 403),
+        (True, "https://127.0.0.1", 101),
+        (True, "http://127.0.0.1", 403),
+        (True, "http://127.0.0.1:443", 403),
+        (True, "https://127.0.0.1:80", 403),
+    ],
+)
+def test_the_same_origin_default_compares_schemes(behind_https, origin, status):
+    app = make_app(**{"stargate.allowed_origins": ""})
+    if behind_https:
+        app = _ForwardedHttps(app)
+    with LiveServer(app) as live:
+        with socket.create_connection(("127.0.0.1", live.port), timeout=5) as sock:
+            sock.sendall(request(headers={"Origin": origin}))
+            head, _ = read_response_head(sock)
+        assert head.split(b" ", 2)[1] == str(status).encode(), head
+        assert_still_serves(live)

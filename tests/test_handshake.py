@@ -889,6 +889,54 @@ def test_cross_origin_is_refused_by_default(host, origin):
     assert repr(origin) in exc.reason
 
 
+def environ_request(url_scheme, **headers):
+    """Upgrade request headers as ``request.headers`` gives them: with the
+    environ, whose ``wsgi.url_scheme`` says how the client reached us."""
+    from webob.headers import EnvironHeaders
+
+    environ = {"REQUEST_METHOD": "GET", "wsgi.url_scheme": url_scheme}
+    for name, value in rfc_request(**headers).items():
+        environ["HTTP_" + name.upper().replace("-", "_")] = value
+    return EnvironHeaders(environ)
+
+
+@pytest.mark.parametrize(
+    "url_scheme, host, origin, same",
+    [
+        ("https", "example.com", "https://example.com", True),
+        ("https", "example.com:443", "https://example.com", True),
+        ("https", "example.com", "https://example.com:443", True),
+        ("https", "example.com:8443", "https://example.com:8443", True),
+        ("http", "example.com", "http://example.com", True),
+        # A different scheme is a different origin (RFC 6454).
+        ("https", "example.com", "http://example.com", False),
+        ("https", "example.com", "http://example.com:443", False),
+        ("https", "example.com", "https://example.com:80", False),
+        ("https", "example.com:8443", "http://example.com:8443", False),
+        ("http", "example.com", "https://example.com", False),
+        ("http", "example.com", "http://example.com:443", False),
+        ("http", "example.com:443", "https://example.com", False),
+    ],
+)
+def test_same_origin_compares_the_scheme_from_the_environ(
+    url_scheme, host, origin, same
+):
+    headers = environ_request(url_scheme, Host=host, Origin=origin)
+    if same:
+        assert negotiate(headers).draft == "rfc6455"
+    else:
+        with pytest.raises(InvalidOrigin):
+            negotiate(headers)
+
+
+def test_secure_overrides_the_environ_for_the_origin_scheme():
+    assert negotiate(rfc_request(Origin="https://example.com"), secure=True)
+    with pytest.raises(InvalidOrigin):
+        negotiate(rfc_request(Origin="http://example.com"), secure=True)
+    with pytest.raises(InvalidOrigin):
+        negotiate(rfc_request(Origin="https://example.com"), secure=False)
+
+
 def test_request_without_origin_is_accepted():
     # Browsers always send Origin: a request without one is not hijackable.
     assert negotiate(rfc_request()).draft == "rfc6455"
