@@ -33,7 +33,11 @@ from webob.headers import EnvironHeaders
 from stargate import handshake as _handshake
 from stargate.config import get_settings
 from stargate.connection import WebSocket
-from stargate.exceptions import HandShakeFailed, IncorrectlyConfigured
+from stargate.exceptions import (
+    ConnectionClosed,
+    HandShakeFailed,
+    IncorrectlyConfigured,
+)
 from stargate.factory import RELEASE_BUFFERS_KEY, TRUE_PROTOCOL_KEY
 from stargate.protocol import ServerProtocol
 
@@ -165,7 +169,9 @@ class WebSocketView:
         """Handles the connection after setup and handshake is done.
 
         Runs :meth:`handler` until it returns, then closes the socket (1000,
-        or 1011 if the handler raised; the traceback is logged) and returns
+        or 1011 if the handler raised; the traceback is logged). A handler
+        stopped by :class:`~stargate.exceptions.ConnectionClosed` (the
+        client left while it was sending) is logged in one DEBUG line. Returns
         the response that tells the WSGI server the connection was taken
         over.
         """
@@ -173,6 +179,14 @@ class WebSocketView:
         _open_connections += 1
         try:
             self.handler(websocket)
+        except ConnectionClosed as exc:
+            # The client went away while the handler sent: expected, not a
+            # failure of the handler. One line, no traceback.
+            log.debug(
+                "%s.handler ended: the client closed the connection (%s)",
+                type(self).__name__,
+                exc,
+            )
         except Exception:
             log.exception("WebSocket handler %s.handler failed", type(self).__name__)
             if not websocket.closed:

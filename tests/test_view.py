@@ -111,6 +111,24 @@ def raw_request(server, request, read_timeout=5.0):
         return b"".join(chunks)
 
 
+def raw_until_closed(sock, timeout=5.0):
+    """Read until the server closes the connection (bounded by ``timeout``)."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    sock.settimeout(0.2)
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            continue
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def _content_length(head):
     for line in head.split(b"\r\n"):
         name, _, value = line.partition(b":")
@@ -222,6 +240,30 @@ class TestClosing:
                 assert client.wait_closed()[0] == 1011
         assert "the handler broke" in caplog.text
         assert "Traceback" in caplog.text
+
+    def test_a_client_that_sends_then_closes_is_no_error(self, server, caplog):
+        # The echo's send() meets a closed connection: ConnectionClosed is
+        # an expected end, logged in one DEBUG line, not an ERROR.
+        from stargate.frames import Frame, Opcode, serialize_frame
+
+        mask = b"\x11\x22\x33\x44"
+        hello = serialize_frame(Frame(Opcode.TEXT, b"hi"), mask)
+        bye = serialize_frame(Frame(Opcode.CLOSE, b"\x03\xe8"), mask)
+        with caplog.at_level(logging.DEBUG, logger="stargate"):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+                s.sendall(upgrade_request())
+                assert s.recv(4096).startswith(b"HTTP/1.1 101")
+                s.sendall(hello + bye)
+                raw_until_closed(s)
+            deadline = time.monotonic() + 5
+            while open_connections() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert open_connections() == 0
+        records = [r for r in caplog.records if r.name.startswith("stargate")]
+        assert [r for r in records if r.levelno >= logging.WARNING] == []
+        ended = [r for r in records if "client closed the connection" in r.message]
+        assert len(ended) == 1 and ended[0].levelno == logging.DEBUG
+        assert ended[0].exc_info is None
 
     def test_open_connection_count_returns_to_zero(self, server):
         clients = [connect(server.ws_url("/echo")) for _ in range(5)]
