@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 
-from websockets.sync.client import connect as _ws_connect
+from stargate.testing.client import open_websocket
 
 __all__ = [
     "ServerProcess",
@@ -171,7 +171,7 @@ def connect(url, **kwargs):
     """A ``websockets`` sync client connection with bounded timeouts."""
     kwargs.setdefault("open_timeout", CLIENT_TIMEOUT)
     kwargs.setdefault("close_timeout", CLIENT_TIMEOUT)
-    return _ws_connect(url, **kwargs)
+    return open_websocket(url, **kwargs)
 
 
 class HTTPResponse:

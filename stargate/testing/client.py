@@ -4,17 +4,40 @@ It is an independent implementation of RFC 6455, so a test that passes
 through it shows that stargate talks to a real client, not only to itself.
 """
 
+import inspect
 import socket
 import time
+from typing import Any
 
 __all__ = [
     "connect",
     "connect_app",
+    "open_websocket",
     "TestClient",
     "ReceiveTimeout",
     "UnexpectedMessage",
     "UpgradeRefused",
 ]
+
+
+def open_websocket(url: str, **options: Any) -> Any:
+    """``websockets.sync.client.connect(url, **options)`` for a connection the
+    caller closes itself, outside a ``with`` block.
+
+    websockets 17.1 deprecates calling ``connect()`` outside a ``with`` block
+    unless ``legacy=True`` says this is meant; earlier versions have no such
+    keyword and need none.
+    """
+    try:
+        from websockets.sync.client import connect as ws_connect
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ImportError(
+            "stargate.testing needs the websockets library: "
+            "pip install 'stargate[test]'"
+        ) from exc
+    if "legacy" in inspect.signature(ws_connect).parameters:
+        options.setdefault("legacy", True)
+    return ws_connect(url, **options)
 
 
 class ReceiveTimeout(AssertionError):
@@ -58,14 +81,13 @@ def connect(
     """
     try:
         from websockets.exceptions import InvalidStatus
-        from websockets.sync.client import connect as ws_connect
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ImportError(
             "stargate.testing needs the websockets library: "
             "pip install 'stargate[test]'"
         ) from exc
     try:
-        connection = ws_connect(
+        connection = open_websocket(
             url,
             additional_headers=headers,
             subprotocols=subprotocols,
