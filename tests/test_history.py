@@ -445,6 +445,14 @@ def workers(redis_server, tmp_path):
         worker.stop()
 
 
+def worker_connections(server, process_id):
+    """How many connections a worker has open (found by their name)."""
+    with server.client() as r:
+        return sum(
+            process_id in client.get("name", "") for client in r.client_list()
+        )
+
+
 def kill_connections(server, process_id):
     """CLIENT KILL every connection a worker has open (found by its name)."""
     killed = 0
@@ -466,6 +474,12 @@ def test_a_worker_whose_redis_connections_are_killed_misses_nothing(
     cut_off, publisher = workers("cut-off"), workers("publisher", listeners=1)
     kills = 0
     for start in range(0, 1000, 100):
+        # Each round cuts a connection the worker has made again since the
+        # last one: wait for it (the reconnect, not a count of seconds).
+        assert wait_until(
+            lambda: worker_connections(redis_server, cut_off.process_id) > 0,
+            timeout=30,
+        ), "the worker did not reconnect to Redis"
         kills += kill_connections(redis_server, cut_off.process_id)
         assert publisher.call(cmd="publish", start=start, count=100) == {
             "published": 100

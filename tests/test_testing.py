@@ -58,10 +58,9 @@ def test_receive_timeout_is_honoured(stargate_server):
     server = stargate_server(make_app())
     with connect(server.ws_url("/echo")) as client:
         started = time.monotonic()
-        with pytest.raises(ReceiveTimeout):
+        with pytest.raises(ReceiveTimeout, match="within 0.3 s"):
             client.receive(timeout=0.3)
-        elapsed = time.monotonic() - started
-        assert 0.25 < elapsed < 2.0
+        assert time.monotonic() - started >= 0.25
 
 
 def test_receive_nothing_passes_on_silence_and_fails_on_a_message(stargate_server):
