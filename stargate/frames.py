@@ -230,12 +230,21 @@ class FrameParser:
         opcode, payload, fin, rsv1 = parsed
         return Frame(Opcode(opcode), payload, fin, rsv1)
 
+    def _more(self):
+        # More bytes are needed: keep only what is not parsed yet, so a large
+        # frame already returned is not held until the next feed().
+        if self._pos:
+            self._buf = self._buf[self._pos :]
+            self._pos = 0
+
     def _next(self, max_size, max_rsv1_size):
         # Hot path: returns (opcode, payload, fin, rsv1) as plain values.
         buf = self._buf
         pos = self._pos
         avail = len(buf) - pos
         if avail < 2:
+            if pos:
+                self._more()
             return None
         b0 = buf[pos]
         b1 = buf[pos + 1]
@@ -265,11 +274,13 @@ class FrameParser:
         start = pos + 2
         if length == 126:
             if avail < 4:
+                self._more()
                 return None
             length = (buf[pos + 2] << 8) | buf[pos + 3]
             start = pos + 4
         elif length == 127:
             if avail < 10:
+                self._more()
                 return None
             length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
             if length >> 63:
@@ -285,6 +296,7 @@ class FrameParser:
             start += 4
         end = start + length
         if end > len(buf):
+            self._more()
             return None
         if masked:
             payload = apply_mask(buf[start:end], buf[start - 4 : start])

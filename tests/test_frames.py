@@ -2,6 +2,7 @@
 
 import os
 import struct
+import tracemalloc
 
 import pytest
 from hypothesis import given, settings
@@ -164,6 +165,27 @@ def test_parses_many_frames_in_one_piece():
     frames = [Frame(Opcode.TEXT, b"%d" % i) for i in range(50)]
     data = b"".join(serialize_frame(f, mask=MASK) for f in frames)
     assert parse_all(data) == frames
+
+
+@pytest.mark.parametrize("tail", [b"", b"\x81"], ids=["nothing", "a partial frame"])
+def test_a_delivered_large_frame_is_not_held(tail):
+    # The parser used to keep the whole received buffer until the next
+    # feed(): an idle connection held up to max_message_size.
+    parser = FrameParser()
+    tracemalloc.start()
+    try:
+        data = serialize_frame(Frame(Opcode.BINARY, b"x" * 2**20), mask=MASK) + tail
+        parser.feed(data)
+        del data
+        frame = parser.next_frame()
+        assert len(frame.payload) == 2**20
+        del frame
+        assert parser.next_frame() is None
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert parser.buffered == len(tail)
+    assert held < 64 * 1024, held
 
 
 def test_unmasked_client_frame_is_rejected():
