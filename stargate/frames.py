@@ -93,6 +93,8 @@ def apply_mask(data, mask):
     optional ``stargate._speedups`` extension was built, else in Python
     (:func:`apply_mask_python`).
     """
+    if type(mask) is not bytes:
+        mask = _byte_string(mask)
     if len(mask) != 4:
         raise ValueError(f"mask must be 4 bytes, got {len(mask)}")
     if _apply_mask_c is not None and (
@@ -102,19 +104,28 @@ def apply_mask(data, mask):
     return apply_mask_python(data, mask)
 
 
+def _byte_string(data):
+    # Any buffer as the bytes it holds: an array("H") or a memoryview cast
+    # to "I" has fewer items than bytes, and a strided view is gathered.
+    # (The C speedup reads every buffer as its raw bytes too.)
+    if type(data) is bytes or type(data) is bytearray:
+        return data
+    return memoryview(data).tobytes()
+
+
 def apply_mask_python(data, mask):
     """:func:`apply_mask` without the C speedup. No per-byte Python loop:
     payloads under 512 bytes are XOR-ed as one big integer
     (``int.from_bytes``), longer ones lane by lane with ``bytes.translate``.
     """
+    mask = _byte_string(mask)
     if len(mask) != 4:
         raise ValueError(f"mask must be 4 bytes, got {len(mask)}")
+    data = _byte_string(data)
     n = len(data)
     if not n:
         return b""
     if n < _TRANSLATE_FROM:
-        if isinstance(data, memoryview) and not data.c_contiguous:
-            data = data.tobytes()
         if type(mask) is not bytes:
             mask = bytes(mask)
         key = mask * (n >> 2) + mask[: n & 3]

@@ -489,12 +489,16 @@ class ServerProtocol:
         close the transport without waiting for the peer's reply.
 
         Drivers use it for timeouts (e.g. 1011) or shutdown (1001). An
-        unsendable ``code`` is replaced by 1011.
+        unsendable ``code`` is replaced by 1011; ``code=None`` sends a close
+        frame without a status, so ``reason`` is then dropped (a close body
+        cannot carry a reason without a code). Never raises.
         """
         if self._closed:
             return
         if self._close_sent is None:
-            if code is not None and not _frames.is_valid_close_code(code):
+            if code is None:
+                reason = ""
+            elif not isinstance(code, int) or not _frames.is_valid_close_code(code):
                 code = 1011
             reason = _truncate_reason(reason)
             self._queue_close(code, reason)
@@ -516,7 +520,9 @@ class ServerProtocol:
 
 
 def _truncate_reason(reason):
-    data = reason.encode("utf-8")
+    if not reason:
+        return ""
+    data = str(reason).encode("utf-8")
     if len(data) <= 123:
         return reason
     return data[:123].decode("utf-8", "ignore")

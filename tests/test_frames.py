@@ -1,5 +1,6 @@
 """stargate.frames: RFC 6455 and hixie framing, read as a specification."""
 
+import array
 import os
 import struct
 import tracemalloc
@@ -76,6 +77,29 @@ def test_apply_mask_accepts_bytearray_and_memoryview():
     assert apply_mask(memoryview(long)[::2], MASK) == naive_mask(long[::2], MASK)
     spaced = bytes(x for b in data for x in (b, 0))  # non-contiguous view
     assert apply_mask(memoryview(spaced)[::2], MASK) == expected
+
+
+def _wide_buffers():
+    raw = os.urandom(2048)
+    return [
+        ("array of uint16, short", array.array("H", raw[:40])),
+        ("array of uint32, long", array.array("I", raw)),
+        ("memoryview cast to uint32", memoryview(raw).cast("I")),
+        ("memoryview cast to uint16, short", memoryview(raw[:6]).cast("H")),
+    ]
+
+
+@pytest.mark.parametrize(
+    "data", [b[1] for b in _wide_buffers()], ids=[b[0] for b in _wide_buffers()]
+)
+@pytest.mark.parametrize("mask_type", [bytes, lambda m: array.array("I", m)])
+def test_apply_mask_reads_any_buffer_as_its_bytes(data, mask_type):
+    # The C speedup reads a buffer's raw bytes; the pure Python version used
+    # to count its items instead (an array("H") of 20 items: 20 bytes).
+    mask = mask_type(MASK)
+    expected = naive_mask(memoryview(data).tobytes(), MASK)
+    assert frames.apply_mask_python(data, mask) == expected
+    assert apply_mask(data, mask) == expected
 
 
 def test_apply_mask_needs_four_bytes():

@@ -485,6 +485,16 @@ def test_fail_sends_a_close_and_closes_the_transport():
     assert p.events_received() == []
 
 
+@pytest.mark.parametrize("reason", ["", "why", None])
+def test_fail_without_a_code_sends_an_empty_close(reason):
+    # fail(None, reason) used to raise and leave the protocol CLOSING with
+    # nothing queued.
+    p = ServerProtocol(WireFormat())
+    p.fail(None, reason)
+    assert p.state is State.CLOSED
+    assert sent_frames(p) == [Frame(Opcode.CLOSE, b"")]
+
+
 def test_fail_while_closing_does_not_send_a_second_close():
     p = ServerProtocol(WireFormat())
     p.send_close()
