@@ -228,11 +228,11 @@ def includeme(config):
     Registers the ``websocket`` view predicate, reads the settings and
     creates this process's hub with the configured backend.
     """
+    from stargate import predicates
     from stargate.backends import load_backend
     from stargate.hub import Hub
-    from stargate.predicates import WebSocketPredicate
 
-    config.add_view_predicate("websocket", WebSocketPredicate)
+    predicates.includeme(config)
     settings = parse_settings(config.get_settings())
     written = config.registry.settings
     for field in dataclasses.fields(Settings):

@@ -1,8 +1,12 @@
 """Telling a WebSocket upgrade request from any other request."""
 
-from pyramid.exceptions import ConfigurationError
+from pyramid.exceptions import ConfigurationError, PredicateMismatch
 
-__all__ = ["is_websocket", "WebSocketPredicate"]
+__all__ = ["is_websocket", "WebSocketPredicate", "includeme"]
+
+#: Set in the environ when a ``websocket=True`` view was passed over
+#: because the request is not an upgrade.
+_PASSED_OVER = "stargate.websocket_view_passed_over"
 
 
 def _tokens(value):
@@ -44,4 +48,38 @@ class WebSocketPredicate:
     phash = text
 
     def __call__(self, context, request):
-        return is_websocket(context, request) is self.value
+        upgrade = is_websocket(context, request)
+        if self.value and not upgrade:
+            request.environ[_PASSED_OVER] = True
+        return upgrade is self.value
+
+
+class _PassedOverPredicate:
+    """``stargate_passed_over=True``: a ``websocket=True`` view was passed
+    over for this request because it is not an upgrade."""
+
+    def __init__(self, value, config):
+        self.value = bool(value)
+
+    def text(self):
+        return f"stargate_passed_over = {self.value}"
+
+    phash = text
+
+    def __call__(self, context, request):
+        return bool(request.environ.get(_PASSED_OVER)) is self.value
+
+
+def includeme(config):
+    """Register the ``websocket`` view predicate, and answer a plain request
+    that matched no view because its route serves only WebSockets with 426
+    "this is a WebSocket endpoint" instead of Pyramid's 404. A route that
+    also has a ``websocket=False`` view serves that view, as before.
+    """
+    from stargate.view import not_an_upgrade
+
+    config.add_view_predicate("websocket", WebSocketPredicate)
+    config.add_view_predicate("stargate_passed_over", _PassedOverPredicate)
+    config.add_exception_view(
+        not_an_upgrade, context=PredicateMismatch, stargate_passed_over=True
+    )

@@ -37,6 +37,7 @@ from stargate.exceptions import (
     ConnectionClosed,
     HandShakeFailed,
     IncorrectlyConfigured,
+    NotWebSocketRequest,
 )
 from stargate.factory import RELEASE_BUFFERS_KEY, TRUE_PROTOCOL_KEY
 from stargate.protocol import ServerProtocol
@@ -119,7 +120,13 @@ class WebSocketView:
             trusted = dict(environ)
             del trusted["SERVER_PROTOCOL"]
             headers = EnvironHeaders(trusted)
-        if "Sec-WebSocket-Key1" in headers and "Sec-WebSocket-Version" not in headers:
+        if (
+            "Sec-WebSocket-Key1" in headers
+            and "Sec-WebSocket-Version" not in headers
+            and "76" in settings.protocols
+        ):
+            # Only a hixie-76 request the server accepts is worth waiting for:
+            # otherwise negotiate() refuses it (426) without the key bytes.
             key3 = _read_key3(environ, settings.handshake_timeout)
         try:
             handshake = _handshake.negotiate(
@@ -211,16 +218,7 @@ class WebSocketView:
 
     def refuse(self, error):
         """The response for a refused handshake: one status per error."""
-        exc_class = _STATUS_EXCEPTIONS.get(error.status, HTTPBadRequest)
-        body = error.reason
-        response = exc_class(detail=body)
-        for name, value in error.headers:
-            response.headers[name] = value
-        if error.status == 426 and "Upgrade" not in response.headers:
-            response.headers["Upgrade"] = "websocket"
-            response.headers.setdefault("Connection", "Upgrade")
-        log.info("refused WebSocket upgrade (%d): %s", error.status, error.reason)
-        return response
+        return refusal(error)
 
     def _allowed_origins(self):
         if self.allowed_origins is not None:
@@ -250,6 +248,33 @@ class WebSocketView:
     def _already_handled():
         eventlet.wsgi.WSGI_LOCAL.already_handled = True
         return Response(status=101, app_iter=[])
+
+
+def refusal(error):
+    """The response for a refused :class:`~stargate.exceptions.HandShakeFailed`:
+    its status (400, 403 or 426) with its reason, and its headers."""
+    exc_class = _STATUS_EXCEPTIONS.get(error.status, HTTPBadRequest)
+    response = exc_class(detail=error.reason)
+    for name, value in error.headers:
+        response.headers[name] = value
+    if error.status == 426 and "Upgrade" not in response.headers:
+        response.headers["Upgrade"] = "websocket"
+        response.headers.setdefault("Connection", "Upgrade")
+    log.info("refused WebSocket upgrade (%d): %s", error.status, error.reason)
+    return response
+
+
+def not_an_upgrade(exc, request):
+    """Exception view: a plain request reached a route whose only views are
+    ``websocket=True`` ones. Pyramid would answer 404 (no view matched);
+    this is a WebSocket endpoint, so the answer is 426 Upgrade Required."""
+    return refusal(
+        NotWebSocketRequest(
+            "this is a WebSocket endpoint; connect with a WebSocket client",
+            header="Upgrade",
+            value=request.headers.get("Upgrade"),
+        )
+    )
 
 
 def _read_key3(environ, timeout):

@@ -782,3 +782,16 @@ def test_the_same_origin_default_compares_schemes(behind_https, origin, status):
             head, _ = read_response_head(sock)
         assert head.split(b" ", 2)[1] == str(status).encode(), head
         assert_still_serves(live)
+
+
+def test_hixie76_headers_with_only_rfc6455_enabled_get_426_without_waiting():
+    # With stargate.protocols = 13 the server used to wait (up to
+    # handshake_timeout, here 60 s) for hixie-76's 8 key bytes before
+    # refusing the draft; the refusal needs none of them.
+    app = make_app(
+        **{"stargate.protocols": "13", "stargate.handshake_timeout": "60"}
+    )
+    with LiveServer(app) as live:
+        reaction, data = react(live.port, hixie76(key3=b""), upgraded=False)
+        check_http(reaction, Http(426, "13"), data)
+        assert_still_serves(live)

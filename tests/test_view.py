@@ -75,6 +75,10 @@ def make_app(**settings):
         config.add_route("both", "/both")
         config.add_view(Echo, route_name="both", websocket=True)
         config.add_view(Page, route_name="both", websocket=False, renderer="json")
+        config.add_route("only", "/only")
+        config.add_view(Echo, route_name="only", websocket=True)
+        config.add_route("posts", "/posts")
+        config.add_view(Page, route_name="posts", request_method="POST")
         config.add_route("secret", "/secret")
         config.add_view(Echo, route_name="secret", permission="listen")
         return config.make_wsgi_app()
@@ -409,6 +413,21 @@ class TestPyramidIntegration:
         page = raw_request(server, b"GET /both HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert page.startswith(b"HTTP/1.1 200")
         assert b'{"page": true}' in page
+
+    def test_a_websocket_only_route_answers_a_plain_get_with_426(self, server):
+        # The predicate used to pass the view over, and Pyramid said 404.
+        get = b"GET /only HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        response = raw_request(server, get)
+        assert response.startswith(b"HTTP/1.1 426"), response[:200]
+        assert b"this is a WebSocket endpoint" in response
+        assert b"\r\nUpgrade: websocket\r\n" in response
+        with connect(server.ws_url("/only")) as client:
+            client.send("ws")
+            assert client.receive() == "ws"
+
+    def test_other_predicate_mismatches_stay_404(self, server):
+        get = b"GET /posts HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        assert raw_request(server, get).startswith(b"HTTP/1.1 404")
 
     def test_predicate_value_must_be_a_bool(self):
         with Configurator() as config:
