@@ -7,8 +7,16 @@ it drives: this module only moves bytes.
 
 It keeps the interface of ``eventlet.websocket.WebSocket`` (``send``,
 ``wait``, ``close``) so handlers written for the original stargate keep
-working, and adds ``ping``, the negotiated ``subprotocol``, and the close
-``close_code``/``close_reason``.
+working, and adds ``ping``, the negotiated ``subprotocol``, the close
+``close_code``/``close_reason`` and ``on_message``.
+
+The reader is not a green thread: the connection registers a callback with
+eventlet's hub for its file descriptor, and the hub calls it whenever bytes
+arrive. It feeds the protocol, answers pings, notes pongs, completes the
+closing handshake and queues data messages for :meth:`WebSocket.wait` (or
+hands them to :attr:`WebSocket.on_message`). So keepalive measures the peer,
+not the handler: a handler that only sends is never cut off, and a
+connection nobody waits on costs no stack.
 
 Writes never block the caller when the socket can take the bytes: they go
 straight to the kernel, and only what does not fit is queued for a writer
@@ -16,6 +24,13 @@ green thread. The queue is bounded by ``max_send_buffer``; a peer that stops
 reading is closed with 1013 (``slow_listener="close"``) or has messages
 dropped (``slow_listener="drop"``), so one slow reader never holds up a
 broadcast nor grows memory without bound.
+
+Ending a connection is graceful whenever the peer is still there: the close
+frame is written, the write side is shut (``SHUT_WR``), and what the peer
+still sends is read and discarded until it closes its side or
+``close_timeout`` passes; only then is the socket closed. Closing a socket
+with unread bytes would make the kernel send a reset, and the peer would
+lose the close frame.
 """
 
 import collections
@@ -27,7 +42,9 @@ import time
 import weakref
 
 import eventlet
+import greenlet
 from eventlet import hubs
+from eventlet.hubs import hub as _eventlet_hub
 
 from stargate import protocol as _protocol
 from stargate.exceptions import ConnectionClosed
@@ -39,6 +56,12 @@ log = logging.getLogger("stargate.connection")
 #: Bytes read from the socket at a time.
 READ_SIZE = 65536
 
+#: Received messages a connection holds for :meth:`WebSocket.wait` before
+#: it stops reading (the peer then waits on TCP flow control), as
+#: ``websockets``' ``max_queue``: at most this many ``max_message_size``
+#: messages per connection.
+MAX_QUEUED_MESSAGES = 16
+
 #: Close code sent to a listener that fell ``max_send_buffer`` bytes behind.
 SLOW_LISTENER_CLOSE_CODE = 1013
 
@@ -46,6 +69,12 @@ SLOW_LISTENER_CLOSE_CODE = 1013
 #: (going away) rather than 1000, because the server, not the purpose of the
 #: connection, ended it; a client may reconnect when it has something to say.
 IDLE_CLOSE_CODE = 1001
+
+#: Close code sent to a peer that did not answer a keepalive ping within
+#: ``ping_timeout`` (as ``websockets`` does).
+KEEPALIVE_CLOSE_CODE = 1011
+
+_READ = _eventlet_hub.READ
 
 _open = weakref.WeakSet()
 
@@ -82,8 +111,10 @@ class SendResult(str, enum.Enum):
 
 
 _OPEN = _protocol.State.OPEN
+_CLOSED = _protocol.State.CLOSED
 _SENT = SendResult.SENT
 _DEAD = SendResult.DEAD
+_MESSAGE_EVENTS = (_protocol.TextMessage, _protocol.BinaryMessage)
 
 
 class WebSocket:
@@ -93,19 +124,23 @@ class WebSocket:
     :param protocol: a :class:`~stargate.protocol.ServerProtocol` for it.
     :param environ: the WSGI environ of the upgrade request.
     :param subprotocol: the negotiated ``Sec-WebSocket-Protocol``, or None.
-    :param ping_interval: seconds between keepalive pings when nothing is
-        received (RFC 6455 only); ``None`` disables them.
+    :param ping_interval: seconds between keepalive pings, counted from the
+        previous ping (RFC 6455 only); ``None`` disables them.
     :param ping_timeout: seconds to wait for any data after a keepalive ping
-        before the connection is taken for dead and aborted.
+        before the connection is failed with 1011.
     :param idle_timeout: seconds without a text or binary message from the
         peer before the connection is closed with 1001 ``"idle timeout"``
         (pings and pongs are not activity); ``None`` (the default) disables it.
-    :param close_timeout: seconds to wait for the peer's close frame and for
-        queued bytes to drain when closing.
+    :param close_timeout: seconds to wait for the peer's close frame, for
+        queued bytes to drain and for the peer to close its side when
+        closing.
     :param max_send_buffer: bytes that may wait in the send queue before the
         peer counts as too slow.
     :param slow_listener: ``"close"`` to close a too-slow peer with 1013,
         ``"drop"`` to drop messages to it instead.
+    :param initial_data: bytes of the connection already read from the
+        socket (a client that sent its first frames with the upgrade
+        request); they are processed before anything read later.
     """
 
     def __init__(
@@ -121,6 +156,7 @@ class WebSocket:
         close_timeout=10.0,
         max_send_buffer=2**20,
         slow_listener="close",
+        initial_data=b"",
     ):
         if slow_listener not in ("close", "drop"):
             raise ValueError(
@@ -141,6 +177,7 @@ class WebSocket:
         #: :class:`~stargate.frames.WireFormat`, shared by equal peers).
         self.wire_format = protocol.wire_format
         self._raw = getattr(sock, "fd", sock)
+        self._hub = hubs.get_hub()
         # The send backlog and the received messages not yet returned by
         # wait(): deques made only when needed and dropped once empty, since
         # an empty deque holds a 64-slot block (760 bytes) per idle connection.
@@ -148,19 +185,30 @@ class WebSocket:
         self._queued = 0
         self._writer = None
         self._messages = None
-        self._reading = False
+        self._on_message = None
+        self._dispatcher = None
+        self._waiters = None  # green threads parked in wait()
         self._finished = False
+        self._shutting = False  # the protocol is closed: flush, FIN, drain
+        self._half_closed = False  # our FIN is sent: reading until the peer's
         self._closed_event = None  # made by _closed() for the first waiter
         self._close_callbacks = []
-        self._last_received = time.monotonic()
-        self._last_message = self._last_received
-        self._ping_timer = None
+        now = time.monotonic()
+        self._last_message = now
+        self._last_ping = now
         self._awaiting_pong_since = None
+        self._timer = None  # keepalive and idle timeout
+        self._deadline = None  # the close timeout, once closing
         self._local_close_code = None
         #: Messages dropped because the send buffer was full.
         self.dropped = 0
         _open.add(self)
-        self._schedule_keepalive()
+        self._listener = None
+        self._listen()
+        if initial_data:
+            self._received(bytes(initial_data))
+        if not self._finished:
+            self._schedule_timer()
 
     # -- what handlers use --------------------------------------------------
 
@@ -184,13 +232,14 @@ class WebSocket:
     @property
     def closed(self):
         """True once the connection can carry no more messages."""
-        return self._finished or self.protocol.state is not _protocol.State.OPEN
+        return self._finished or self.protocol.state is not _OPEN
 
     @property
     def close_code(self):
         """The close code received from the peer (1006 for an abrupt end),
         or None while open. 1013 when stargate closed the connection because
-        the peer fell ``max_send_buffer`` bytes behind."""
+        the peer fell ``max_send_buffer`` bytes behind, 1011 when it did not
+        answer a keepalive ping."""
         if self._local_close_code is not None:
             return self._local_close_code
         if self.protocol.close_code is not None:
@@ -211,6 +260,24 @@ class WebSocket:
         """Bytes waiting in the send queue."""
         return self._queued
 
+    @property
+    def on_message(self):
+        """A callable ``on_message(websocket, message)``, or None.
+
+        When set, every message the peer sends is handed to it, in order,
+        in a green thread of its own, instead of being kept for
+        :meth:`wait`. Meant for connections no handler waits on (see
+        ``WebSocketView.keep_open``). An exception it raises is logged and
+        closes the connection with 1011.
+        """
+        return self._on_message
+
+    @on_message.setter
+    def on_message(self, callback):
+        self._on_message = callback
+        if callback is not None and self._messages:
+            self._dispatch()
+
     def send(self, message):
         """Send ``message``: a ``str`` as a text frame, ``bytes`` as binary.
 
@@ -226,21 +293,20 @@ class WebSocket:
 
     def wait(self):
         """Return the next message (``str`` or ``bytes``), or None once the
-        connection is closed. Pings are answered while waiting."""
+        connection is closed. Pings are answered whether or not anybody
+        waits."""
         while True:
             messages = self._messages
             if messages:
                 message = messages.popleft()
                 if not messages:
                     self._messages = None
+                if self._listener is None and not self._finished:
+                    self._listen()  # reading was paused for a full queue
                 return message
-            if self._finished:
+            if self._finished or self.protocol.state is _CLOSED:
                 return None
-            if self._reading:
-                # Another green thread reads: wait for it to finish.
-                self._closed().wait()
-                continue
-            self._read_once()
+            self._park()
 
     def ping(self, data=b""):
         """Send a ping frame (RFC 6455 only; a no-op on hixie connections)."""
@@ -253,25 +319,20 @@ class WebSocket:
 
     def close(self, code=1000, reason=""):
         """Start the closing handshake and wait, up to ``close_timeout``, for
-        it to finish. Safe to call more than once."""
+        it to finish. Safe to call more than once.
+
+        Returns once the peer's close frame arrived (or, on hixie-75, which
+        has no closing handshake, at once); the TCP connection is then shut
+        down in the background, bounded by ``close_timeout``.
+        """
         if self._finished:
             return
-        if self.protocol.state is _protocol.State.OPEN:
-            self.protocol.send_close(code, reason)
-            self._write(self.protocol.data_to_send())
-        if self._reading:
-            # The reader receives the peer's close frame and finishes.
-            if not self._wait_closed(self.close_timeout):
-                self.abort()
+        self._start_close(code, reason)
+        if self.protocol.state is _CLOSED or self._finished:
             return
-        deadline = time.monotonic() + self.close_timeout
-        while not self._finished:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self.abort()
-                break
-            with eventlet.Timeout(remaining, False):
-                self._read_once()
+        if greenlet.getcurrent() is self._hub.greenlet:
+            return  # the close timeout finishes it
+        self._closed().wait()
 
     def add_close_callback(self, callback):
         """Call ``callback(websocket)`` once, when the connection ends."""
@@ -296,8 +357,7 @@ class WebSocket:
             self._raw.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        if not self._reading:
-            self._finish()
+        self._finish()
 
     # -- what the hub uses --------------------------------------------------
 
@@ -310,7 +370,7 @@ class WebSocket:
             return _DEAD
         return self._write(data)
 
-    # -- internals ------------------------------------------------------------
+    # -- writing --------------------------------------------------------------
 
     def _write(self, data):
         """Write ``data`` now if the kernel takes it (the broadcast hot path:
@@ -354,7 +414,7 @@ class WebSocket:
             "closing %s: %d bytes waiting, over max_send_buffer", self, self._queued
         )
         self._local_close_code = SLOW_LISTENER_CLOSE_CODE
-        if self.protocol.state is _protocol.State.OPEN:
+        if self.protocol.state is _OPEN:
             self.protocol.send_close(SLOW_LISTENER_CLOSE_CODE, "send buffer full")
             self.protocol.data_to_send()  # nowhere to put it: the peer is stuck
         self.abort()
@@ -376,50 +436,232 @@ class WebSocket:
             self._writer = None
             if not self._queue:
                 self._queue = None
-            if self.protocol.should_close_transport and not self._reading:
-                self._finish()
+            if self._shutting and not self._finished:
+                self._half_close()
 
-    def _read_once(self):
-        """Read one chunk from the socket and process it."""
-        self._reading = True
+    # -- reading: a hub callback, not a green thread ---------------------------
+
+    def _listen(self):
+        """Ask the hub to call :meth:`_readable` when bytes arrive."""
         try:
-            try:
-                data = self.socket.recv(READ_SIZE)
-            except (OSError, EOFError):
-                data = b""
-            self._last_received = time.monotonic()
-            self._awaiting_pong_since = None
-            if data:
-                self.protocol.receive_data(data)
-            else:
-                self.protocol.receive_eof()
-            for event in self.protocol.events_received():
-                if isinstance(event, (_protocol.TextMessage, _protocol.BinaryMessage)):
-                    if self._messages is None:
-                        self._messages = collections.deque()
-                    self._messages.append(event.data)
-                    self._last_message = self._last_received
-            self._write(self.protocol.data_to_send())
-            if not data or self.protocol.should_close_transport:
-                self._flush_then_finish()
-        finally:
-            self._reading = False
+            fileno = self._raw.fileno()
+        except OSError:
+            fileno = -1
+        if fileno < 0:
+            self._finish()
+            return
+        self._listener = self._hub.add(
+            _READ, fileno, self._readable, self._descriptor_gone, None
+        )
 
-    def _flush_then_finish(self):
-        if self._writer is not None and not self._finished:
-            with eventlet.Timeout(self.close_timeout, False):
-                while self._writer is not None:
-                    eventlet.sleep(0.01)
+    def _unlisten(self):
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            self._hub.remove(listener)
+
+    def _descriptor_gone(self, *args):
+        """The hub says the descriptor was closed under us."""
+        self._listener = None
         self._finish()
 
+    def _readable(self, fileno=None):
+        """Called by the hub (in its own green thread: never block here)."""
+        try:
+            data = self._raw.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        self._received(data)
+
+    def _received(self, data):
+        if self._finished:
+            return
+        if self._half_closed:
+            # Draining after our FIN: discard until the peer closes its side.
+            if not data:
+                self._finish()
+            return
+        self._awaiting_pong_since = None
+        protocol = self.protocol
+        if data:
+            protocol.receive_data(data)
+        else:
+            protocol.receive_eof()
+        got_message = False
+        for event in protocol.events_received():
+            if isinstance(event, _MESSAGE_EVENTS):
+                if self._messages is None:
+                    self._messages = collections.deque()
+                self._messages.append(event.data)
+                got_message = True
+        if got_message:
+            self._last_message = time.monotonic()
+        self._write(protocol.data_to_send())
+        if self._finished:
+            return
+        if not data:
+            self._shutting = True
+            self._finish()
+        elif protocol.should_close_transport:
+            self._shut()
+        elif self._messages and len(self._messages) >= MAX_QUEUED_MESSAGES:
+            self._unlisten()  # back-pressure: resumed by wait()
+        if got_message and self._on_message is not None:
+            self._dispatch()
+        if got_message or protocol.state is _CLOSED:
+            self._wake()
+
+    # -- handing messages over -------------------------------------------------
+
+    def _park(self):
+        """Sleep until :meth:`_wake` (a message, or the end)."""
+        current = greenlet.getcurrent()
+        hub = self._hub
+        if current is hub.greenlet:
+            raise RuntimeError("WebSocket.wait() cannot be called from the hub")
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(current)
+        try:
+            hub.switch()
+        finally:
+            waiters = self._waiters
+            if waiters is not None:
+                try:
+                    waiters.remove(current)
+                except ValueError:
+                    pass
+                if not waiters:
+                    self._waiters = None
+
+    def _wake(self):
+        """Resume the green threads parked in :meth:`wait`.
+
+        A parked green thread is switched to from the hub itself, as eventlet
+        resumes one whose socket became readable; from anywhere else the
+        wake-up is scheduled, and only green threads still parked then are
+        resumed, so none is ever woken from another wait.
+        """
+        if not self._waiters:
+            return
+        hub = self._hub
+        if greenlet.getcurrent() is not hub.greenlet:
+            hub.schedule_call_global(0, self._wake)
+            return
+        for waiter in list(self._waiters):
+            waiters = self._waiters
+            if waiters and waiter in waiters and not waiter.dead:
+                waiter.switch()
+
+    def _dispatch(self):
+        if self._dispatcher is None and not self._finished:
+            self._dispatcher = eventlet.spawn_n(self._run_on_message)
+
+    def _run_on_message(self):
+        try:
+            while True:
+                callback = self._on_message
+                messages = self._messages
+                if callback is None or not messages:
+                    return
+                message = messages.popleft()
+                if not messages:
+                    self._messages = None
+                if self._listener is None and not self._finished:
+                    self._listen()
+                try:
+                    callback(self, message)
+                except Exception:
+                    log.exception("on_message callback %r failed", callback)
+                    if not self.closed:
+                        self._start_close(1011, "internal error")
+                    return
+        finally:
+            self._dispatcher = None
+
+    # -- closing -----------------------------------------------------------------
+
+    def _start_close(self, code, reason):
+        """Send a close frame and arm the close timeout; never blocks."""
+        protocol = self.protocol
+        if protocol.state is _OPEN:
+            protocol.send_close(code, reason)
+            self._write(protocol.data_to_send())
+        if self._finished:
+            return
+        if protocol.state is _CLOSED:
+            self._shut()  # hixie-75: nothing to wait for
+        elif self._deadline is None:
+            self._deadline = self._hub.schedule_call_global(
+                self.close_timeout, self._close_timed_out
+            )
+
+    def _fail(self, code, reason):
+        """Fail the connection: close frame, then shut down without waiting
+        for the peer's close frame."""
+        self.protocol.fail(code, reason)
+        self._write(self.protocol.data_to_send())
+        if not self._finished:
+            self._shut()
+
+    def _close_timed_out(self):
+        self._deadline = None
+        if not self._finished:
+            log.debug("%s: closing took over %ss: dropped", self, self.close_timeout)
+            self.abort()
+
+    def _shut(self):
+        """The protocol is closed: flush what is queued, then half-close."""
+        if self._shutting or self._finished:
+            return
+        self._shutting = True
+        self._cancel_timer()
+        if self._deadline is None:
+            self._deadline = self._hub.schedule_call_global(
+                self.close_timeout, self._close_timed_out
+            )
+        if self._listener is None:
+            self._listen()  # reading may have been paused
+        if self._writer is None:
+            self._half_close()
+        self._signal_closed()
+        self._wake()
+
+    def _half_close(self):
+        """Send our FIN and read until the peer's (or the close timeout)."""
+        if self._half_closed or self._finished:
+            return
+        self._half_closed = True
+        try:
+            self._raw.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._finish()
+
     def _closed(self):
-        """The event sent when the connection finishes. Made on first use,
-        since few connections are ever waited for (it costs 0.4 KiB)."""
+        """The event sent when the protocol closes or the connection
+        finishes. Made on first use, since few connections are ever waited
+        for (it costs 0.4 KiB)."""
         if self._closed_event is None:
             self._closed_event = eventlet.Event()
-            if self._finished:
+            if self._finished or self.protocol.state is _CLOSED:
                 self._closed_event.send(True)
         return self._closed_event
+
+    def _wait_finished(self):
+        """Wait, up to ``close_timeout``, for the TCP connection to end; then
+        drop it."""
+        if not self._finished:
+            done = eventlet.Event()
+            self.add_close_callback(lambda websocket: done.send(True))
+            with eventlet.Timeout(self.close_timeout, False):
+                done.wait()
+        self.abort()
+
+    def _signal_closed(self):
+        event = self._closed_event
+        if event is not None and not event.ready():
+            event.send(True)
 
     def _wait_closed(self, timeout):
         with eventlet.Timeout(timeout, False):
@@ -432,55 +674,69 @@ class WebSocket:
             return
         self._finished = True
         _open.discard(self)
-        if self._ping_timer is not None:
-            self._ping_timer.cancel()
-            self._ping_timer = None
-        if self._writer is not None and self._writer is not eventlet.getcurrent():
-            self._writer.kill()
+        self._unlisten()
+        self._cancel_timer()
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        writer = self._writer
+        if writer is not None and writer is not greenlet.getcurrent():
             self._writer = None
+            writer.kill()
         self._queue = None
         self._queued = 0
-        try:
-            self._raw.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        if not self._shutting:
+            try:
+                self._raw.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         try:
             self.socket.close()
         except OSError:
             pass
-        if self._closed_event is not None and not self._closed_event.ready():
-            self._closed_event.send(True)
+        self._wake()
+        self._signal_closed()
         callbacks, self._close_callbacks = self._close_callbacks, []
+        if callbacks:
+            if greenlet.getcurrent() is self._hub.greenlet:
+                # Callbacks may block (a backend unsubscribing): not here.
+                eventlet.spawn_n(self._run_close_callbacks, callbacks)
+            else:
+                self._run_close_callbacks(callbacks)
+
+    def _run_close_callbacks(self, callbacks):
         for callback in callbacks:
             try:
                 callback(self)
             except Exception:
                 log.exception("close callback %r failed", callback)
 
-    # Keepalive and idle timeout: one hub timer per connection; a short-lived
-    # green thread runs each check, because timer callbacks must not block
-    # the hub.
+    # -- keepalive and idle timeout: one hub timer, run in the hub ----------------
 
     def _pings(self):
         return self.ping_interval is not None and self.draft == "rfc6455"
 
-    def _schedule_keepalive(self):
-        delays = []
-        if self._pings():
-            delays.append(self.ping_interval)
-            if self._awaiting_pong_since is not None:
-                delays.append(self.ping_timeout)
-        if self.idle_timeout is not None:
-            idle_left = self._last_message + self.idle_timeout - time.monotonic()
-            delays.append(max(idle_left, 0.0))
-        if not delays:
-            return
-        self._ping_timer = hubs.get_hub().schedule_call_global(
-            min(delays), eventlet.spawn_n, self._keepalive
-        )
+    def _cancel_timer(self):
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
 
-    def _keepalive(self):
-        self._ping_timer = None
+    def _schedule_timer(self):
+        due = []
+        if self._pings():
+            due.append(self._last_ping + self.ping_interval)
+            if self._awaiting_pong_since is not None:
+                due.append(self._awaiting_pong_since + self.ping_timeout)
+        if self.idle_timeout is not None:
+            due.append(self._last_message + self.idle_timeout)
+        if not due:
+            return
+        delay = max(min(due) - time.monotonic(), 0.0)
+        self._timer = self._hub.schedule_call_global(delay, self._tick)
+
+    def _tick(self):
+        """Send the keepalive ping that is due, or end a silent connection."""
+        self._timer = None
         if self.closed:
             return
         now = time.monotonic()
@@ -489,20 +745,27 @@ class WebSocket:
             and now - self._last_message >= self.idle_timeout
         ):
             log.debug("%s: no message in %ss, closing", self, self.idle_timeout)
-            self.close(IDLE_CLOSE_CODE, "idle timeout")
+            self._start_close(IDLE_CLOSE_CODE, "idle timeout")
             return
         if self._pings():
-            if self._awaiting_pong_since is not None:
-                if now - self._awaiting_pong_since >= self.ping_timeout:
-                    log.debug("%s: no answer to a ping in %ss", self, self.ping_timeout)
-                    self._local_close_code = 1006
-                    self.abort()
-                    return
-            elif now - self._last_received >= self.ping_interval:
+            awaiting = self._awaiting_pong_since
+            if awaiting is not None and now - awaiting >= self.ping_timeout:
+                log.debug("%s: no answer to a ping in %ss", self, self.ping_timeout)
+                # The peer is presumed gone: the close frame is written for
+                # it to find, but nothing of it is waited for.
+                self._local_close_code = KEEPALIVE_CLOSE_CODE
+                self.protocol.fail(KEEPALIVE_CLOSE_CODE, "keepalive ping timeout")
+                self._write(self.protocol.data_to_send())
+                self.abort()
+                return
+            if now - self._last_ping >= self.ping_interval:
                 self.protocol.send_ping(b"")
                 self._write(self.protocol.data_to_send())
-                self._awaiting_pong_since = now
-        self._schedule_keepalive()
+                self._last_ping = now
+                if awaiting is None:
+                    self._awaiting_pong_since = now
+        if not self._finished:
+            self._schedule_timer()
 
     def __repr__(self):
         peer = self.environ.get("REMOTE_ADDR", "?")

@@ -291,22 +291,63 @@ def _http_protocol_class():
             return environ
 
         def _release_buffers(self):
-            """Free the HTTP read and write buffers (24 KiB) of a connection
-            that became a WebSocket: it never reads or writes HTTP again.
+            """Hand a connection that became a WebSocket over: free its HTTP
+            read and write buffers (24 KiB), since it never reads or writes
+            HTTP again, and return the bytes the HTTP reader had read past
+            the request (a client's first frames, sent with the upgrade).
+
+            The socket then belongs to the WebSocket: when the request ends,
+            eventlet neither shuts it down nor closes it (it would otherwise
+            do both, resetting a connection still closing gracefully, or one
+            kept open after its view returned).
 
             The parsed request headers (an email message, about 0.7 KiB) go
             too: after the application returns, eventlet only looks up
             ``X-Forwarded-For`` for the access log, which the environ's
             ``headers_raw`` pairs answer.
             """
+            read_ahead = _read_ahead(self.rfile, self.connection)
+            self.connection = self.conn_state[1] = _HANDED_OVER
             for stream in (self.rfile, self.wfile):
                 try:
                     stream.close()
                 except (OSError, ValueError):
                     pass
             self.headers = _HeaderPairs(self.environ.get("headers_raw", ()))
+            return read_ahead
 
     return HttpProtocol
+
+
+def _read_ahead(rfile, sock):
+    """The bytes ``rfile`` holds beyond what was read of it, without
+    waiting for more: the socket is made non-blocking for the one read."""
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        data = rfile.read1(65536)
+    except (OSError, ValueError):
+        data = b""
+    finally:
+        sock.settimeout(timeout)
+    return data or b""
+
+
+class _HandedOver:
+    """Stands for a socket the server handed to a WebSocket: eventlet's
+    clean-up shuts down and closes it when the request ends; this does
+    neither."""
+
+    __slots__ = ()
+
+    def shutdown(self, how=None):
+        pass
+
+    def close(self):
+        pass
+
+
+_HANDED_OVER = _HandedOver()
 
 
 class _ConnectionPool(eventlet.GreenPool):

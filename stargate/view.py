@@ -156,9 +156,12 @@ class WebSocketView:
         except OSError as exc:
             log.debug("client left during the handshake: %s", exc)
             return self._already_handled()
-        release_buffers = environ.get(RELEASE_BUFFERS_KEY)
-        if release_buffers is not None:
-            release_buffers()
+        # stargate's server hands the socket over with what it read ahead
+        # (frames a client sent with the upgrade request); another server
+        # keeps the socket, so the request must last as long as the WebSocket.
+        hand_over = environ.get(RELEASE_BUFFERS_KEY)
+        self._handed_over = hand_over is not None
+        initial_data = hand_over() if hand_over is not None else b""
         max_size = self.max_message_size
         if max_size is None:
             max_size = settings.max_message_size
@@ -168,6 +171,7 @@ class WebSocketView:
             protocol,
             environ=environ,
             subprotocol=handshake.subprotocol,
+            initial_data=initial_data or b"",
             **settings.connection_options(),
         )
         return self.handle_websocket(websocket)
@@ -202,7 +206,9 @@ class WebSocketView:
             _open_connections -= 1
             if not websocket.closed:
                 websocket.close()
-            websocket.abort()
+            if not getattr(self, "_handed_over", False):
+                # The server closes the socket when the request ends.
+                websocket._wait_finished()
         return self._already_handled()
 
     def handler(self, websocket):
