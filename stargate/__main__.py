@@ -137,7 +137,13 @@ def main(argv=None):
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s [%(name)s:%(process)d] %(message)s",
     )
-    return args.run(args)
+    from stargate.exceptions import IncorrectlyConfigured
+
+    try:
+        return args.run(args)
+    except IncorrectlyConfigured as exc:  # the message says it all
+        print(f"stargate: {exc}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

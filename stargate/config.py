@@ -15,12 +15,19 @@ In Python::
 
     config = Configurator(settings={"stargate.backend": "memory"})
     config.include("stargate")
+
+A value that does not parse is refused at start-up with one line naming the
+setting, the value and what is allowed (:class:`IncorrectlyConfigured`):
+``stargate.compression = flase`` is an error, not ``False``.
 """
 
 import dataclasses
+import inspect
 import logging
+import math
+import urllib.parse
 
-from pyramid.settings import asbool, aslist
+from pyramid.settings import aslist, falsey, truthy
 
 from stargate.exceptions import IncorrectlyConfigured
 
@@ -32,11 +39,46 @@ PREFIX = "stargate."
 BACKEND_OPTION_PREFIX = "stargate.backend."
 
 
+def as_bool(value):
+    """``True`` or ``False`` from a bool or from one of Pyramid's truthy and
+    falsey strings; anything else (a typo like ``flase``) is a ValueError,
+    where ``pyramid.settings.asbool`` would quietly say ``False``."""
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in truthy:
+        return True
+    if word in falsey:
+        return False
+    raise ValueError("must be true or false (also yes/no, on/off, 1/0)")
+
+
+def _number(kind, value, allowed):
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"must be {allowed}") from None
+    if isinstance(number, float) and not math.isfinite(number):
+        raise ValueError(f"must be {allowed}")
+    return number
+
+
 def _origins(value):
-    if value is None or isinstance(value, (list, tuple, frozenset, set)):
-        return None if value is None else tuple(value)
-    origins = tuple(aslist(value))
-    return origins or None
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple, frozenset, set)):
+        origins = tuple(value)
+    else:
+        origins = tuple(aslist(value)) or None
+    if origins:
+        # the handshake's own parser: what it accepts here, it accepts later
+        from stargate.handshake import _normalise_allowed
+
+        try:
+            _normalise_allowed(origins)
+        except IncorrectlyConfigured as exc:
+            raise ValueError(str(exc)) from None
+    return origins
 
 
 def _versions(value):
@@ -60,39 +102,36 @@ def _is_off(value):
 def _optional_seconds(value):
     if _is_off(value):
         return None
-    seconds = float(value)
-    if seconds <= 0:
-        raise ValueError("must be a positive number of seconds, or 'off'")
-    return seconds
+    return _positive(float, value, "a positive number of seconds, or 'off'")
 
 
-def _seconds(value):
-    seconds = float(value)
-    if seconds <= 0:
-        raise ValueError("must be a positive number of seconds")
-    return seconds
+def as_seconds(value):
+    """A positive, finite number of seconds, or ValueError saying so."""
+    return _positive(float, value, "a positive number of seconds")
+
+
+def _positive(kind, value, allowed):
+    number = _number(kind, value, allowed)
+    if not number > 0:
+        raise ValueError(f"must be {allowed}")
+    return number
 
 
 def _optional_size(value):
     if _is_off(value):
         return None
-    size = int(value)
-    if size <= 0:
-        raise ValueError("must be a positive number of bytes, or 'off'")
-    return size
+    return _positive(int, value, "a positive number of bytes, or 'off'")
 
 
 def _size(value):
-    size = int(value)
-    if size <= 0:
-        raise ValueError("must be a positive number")
-    return size
+    return _positive(int, value, "a positive whole number of bytes")
 
 
 def _count(value):
-    count = int(value)
+    allowed = "0 (no limit) or a positive whole number"
+    count = _number(int, value, allowed)
     if count < 0:
-        raise ValueError("must be 0 (no limit) or a positive number")
+        raise ValueError(f"must be {allowed}")
     return count
 
 
@@ -168,18 +207,18 @@ _COERCE = {
     "backend": str,
     "allowed_origins": _origins,
     "protocols": _versions,
-    "compression": asbool,
+    "compression": as_bool,
     "max_message_size": _optional_size,
     "ping_interval": _optional_seconds,
-    "ping_timeout": _seconds,
+    "ping_timeout": as_seconds,
     "idle_timeout": _optional_seconds,
-    "close_timeout": _seconds,
-    "handshake_timeout": _seconds,
+    "close_timeout": as_seconds,
+    "handshake_timeout": as_seconds,
     "max_send_buffer": _size,
     "slow_listener": _slow_listener,
     "max_connections": _count,
     "history_size": _count,
-    "history_ttl": _seconds,
+    "history_ttl": as_seconds,
 }
 
 
@@ -209,7 +248,76 @@ def parse_settings(settings):
             raise
         except (TypeError, ValueError) as exc:
             raise IncorrectlyConfigured(f"setting {key} = {raw!r}: {exc}") from None
+    if "backend" in values:
+        _check_backend_url(values["backend"])
     return Settings(backend_options=backend_options, **values)
+
+
+#: URL schemes whose host part is ``host[:port]`` with a numeric port.
+_HOST_PORT_SCHEMES = {
+    "redis",
+    "rediss",
+    "redis+cluster",
+    "rediss+cluster",
+    "redis+streams",
+    "rediss+streams",
+}
+
+
+def _check_backend_url(value):
+    """Refuse a Redis URL whose port or database is not a number now, rather
+    than at the first join ("Port could not be cast to integer value")."""
+    scheme, sep, _ = value.strip().partition("://")
+    if not sep or scheme.lower() not in _HOST_PORT_SCHEMES:
+        return
+    parts = urllib.parse.urlsplit(value.strip())
+    shown = redacted_backend(value)
+    try:
+        parts.port
+    except ValueError:
+        port = parts.netloc.rpartition("@")[2].rpartition(":")[2]
+        raise IncorrectlyConfigured(
+            f"setting stargate.backend = {shown!r}: port {port!r} is not a "
+            f"port number; use {scheme}://host:port/db with a port 1-65535"
+        ) from None
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise IncorrectlyConfigured(
+            f"setting stargate.backend = {shown!r}: database {db!r} is not a "
+            f"number; use {scheme}://host:port/db with db 0, 1, ..."
+        )
+
+
+def redacted_backend(value):
+    """A ``stargate.backend`` value fit for a log line: a URL's password is
+    replaced with ``***``."""
+    value = str(value)
+    if "://" not in value:
+        return value
+    from stargate.backends.redis import redact_url
+
+    return redact_url(value)
+
+
+def _check_backend_options(backend, options):
+    """Refuse a ``stargate.backend.<name>`` that stargate's own backend does
+    not take: they keep unknown keywords in ``Backend.options`` and never
+    read them, so a typo would otherwise be silently ignored. A backend of
+    your own may read ``options``, so it is left to check its own."""
+    unknown = sorted(set(options) & set(getattr(backend, "options", None) or ()))
+    if not unknown or not type(backend).__module__.startswith("stargate."):
+        return
+    known = [
+        f"{BACKEND_OPTION_PREFIX}{p.name}"
+        for p in inspect.signature(type(backend)).parameters.values()
+        if p.kind is p.KEYWORD_ONLY
+    ]
+    name = unknown[0]
+    allowed = ", ".join(known) if known else "none"
+    raise IncorrectlyConfigured(
+        f"unknown setting {BACKEND_OPTION_PREFIX}{name} = {options[name]!r}: "
+        f"{type(backend).__name__} takes {allowed}"
+    )
 
 
 def get_settings(registry=None):
@@ -240,6 +348,7 @@ def includeme(config):
             written[PREFIX + field.name] = getattr(settings, field.name)
     config.registry.stargate_settings = settings
     backend = load_backend(settings.backend, **settings.backend_options)
+    _check_backend_options(backend, settings.backend_options)
     if settings.history_size and not getattr(backend, "supports_history", False):
         raise IncorrectlyConfigured(
             f"stargate.history_size = {settings.history_size} needs a backend "

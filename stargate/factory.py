@@ -71,17 +71,28 @@ def server_factory(global_conf, host="127.0.0.1", port=6543, **options):
 
     Monkey-patching happens here, before Paste Deploy loads the application,
     so everything the application imports is green.
+
+    A bad option, a bad ``stargate.*`` setting of the application or a port
+    that cannot be bound ends ``pserve`` with one line on stderr naming it
+    (see :func:`one_line_errors`), not a traceback.
     """
+    from stargate.config import as_bool, as_seconds
+
+    one_line_errors()
     eventlet.monkey_patch()
     settings = {
         "workers": _positive_int("workers", options.pop("workers", 1)),
         "max_clients": _positive_int(
             "max_clients", options.pop("max_clients", DEFAULT_MAX_CLIENTS)
         ),
-        "shutdown_timeout": float(options.pop("shutdown_timeout", 10.0)),
-        "access_log": _asbool(options.pop("access_log", True)),
-        "request_timeout": float(
-            options.pop("request_timeout", DEFAULT_REQUEST_TIMEOUT)
+        "shutdown_timeout": _option(
+            "shutdown_timeout", options.pop("shutdown_timeout", 10.0), as_seconds
+        ),
+        "access_log": _option("access_log", options.pop("access_log", True), as_bool),
+        "request_timeout": _option(
+            "request_timeout",
+            options.pop("request_timeout", DEFAULT_REQUEST_TIMEOUT),
+            as_seconds,
         ),
     }
     if options:
@@ -136,9 +147,35 @@ def serve(
         _supervise(app, sock, workers, worker_options)
 
 
+#: Why a listening socket could not be had, by errno, and what to do.
+_LISTEN_ERRORS = {
+    errno.EADDRINUSE: "is in use by another process; stop it or choose another port",
+    errno.EACCES: "needs privileges (ports below 1024 do); choose a port from "
+    "1024, or let a proxy listen there",
+    errno.EADDRNOTAVAIL: "is not an address of this machine; use 127.0.0.1, "
+    "0.0.0.0 or one of its own addresses",
+}
+
+
 def _listen(host, port):
+    """A listening socket, or :class:`IncorrectlyConfigured` naming the
+    address and what to do when the kernel refuses it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return eventlet.listen((host, port), family=family, backlog=2048)
+    try:
+        return eventlet.listen((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        advice = _LISTEN_ERRORS.get(exc.errno)
+        if advice is None and isinstance(exc, socket.gaierror):
+            advice = "names no address this machine can resolve"
+        if advice is None:
+            raise
+        from stargate.exceptions import IncorrectlyConfigured
+
+        shown_host, shown_port = _display((host, port))
+        raise IncorrectlyConfigured(
+            f"cannot listen on {shown_host}:{shown_port}: the address {advice}"
+            f" ({exc.strerror or exc})"
+        ) from None
 
 
 def _display(address):
@@ -532,7 +569,35 @@ def _port(value):
     return port
 
 
-def _asbool(value):
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
+def _option(name, value, parse):
+    try:
+        return parse(value)
+    except ValueError as exc:
+        from stargate.exceptions import IncorrectlyConfigured
+
+        raise IncorrectlyConfigured(
+            f"server option {name} = {value!r}: {exc}"
+        ) from None
+
+
+def one_line_errors():
+    """Make an uncaught :class:`~stargate.exceptions.IncorrectlyConfigured`
+    end the process with one line on stderr, ``stargate: <message>``, and
+    exit status 1, instead of a traceback: the message names the setting,
+    its value and what is allowed, which is all an operator needs.
+    ``pserve`` lets such errors propagate; other exceptions keep their
+    traceback. Installed once per process by :func:`server_factory`."""
+    previous = sys.excepthook
+    if getattr(previous, "stargate_one_line", False):
+        return
+
+    def excepthook(exc_type, exc, tb):
+        from stargate.exceptions import IncorrectlyConfigured
+
+        if issubclass(exc_type, IncorrectlyConfigured):
+            print(f"stargate: {exc}", file=sys.stderr, flush=True)
+        else:
+            previous(exc_type, exc, tb)
+
+    excepthook.stargate_one_line = True
+    sys.excepthook = excepthook

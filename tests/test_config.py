@@ -1,0 +1,194 @@
+"""Settings are checked at start-up: a bad value is refused with one line
+naming the setting, the value and what is allowed, under ``pserve`` and
+``stargate demo`` alike, never accepted and never a traceback."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from pyramid.config import Configurator
+
+from stargate.config import parse_settings
+from stargate.exceptions import IncorrectlyConfigured
+from tests.clients import free_port, stargate_command
+
+#: Seconds a refusing server may take to exit (it imports Pyramid first).
+EXIT_TIMEOUT = 60
+
+#: (where, line of the .ini, what the one line must say)
+BAD = {
+    "compression": (
+        "app",
+        "stargate.compression = flase",
+        ["stargate.compression", "'flase'", "true or false"],
+    ),
+    "allowed_origins without a scheme": (
+        "app",
+        "stargate.allowed_origins = example.com",
+        ["stargate.allowed_origins", "'example.com'", "scheme://host[:port]"],
+    ),
+    "misspelt backend option": (
+        "app",
+        "stargate.backend = redis://127.0.0.1:1/0\nstargate.backend.presense_ttl = 5",
+        ["stargate.backend.presense_ttl", "'5'", "stargate.backend.presence_ttl"],
+    ),
+    "backend port not a number": (
+        "app",
+        "stargate.backend = redis://user:secret@127.0.0.1:63xx/0",
+        ["stargate.backend", "'63xx'", "port 1-65535"],
+    ),
+    "access_log": (
+        "server",
+        "access_log = flase",
+        ["access_log", "'flase'", "true or false"],
+    ),
+    "shutdown_timeout": (
+        "server",
+        "shutdown_timeout = abc",
+        ["shutdown_timeout", "'abc'", "positive number of seconds"],
+    ),
+    "request_timeout": (
+        "server",
+        "request_timeout = abc",
+        ["request_timeout", "'abc'", "positive number of seconds"],
+    ),
+}
+
+
+def write_ini(tmp_path, app="", server="", port=None):
+    ini = tmp_path / "bad.ini"
+    ini.write_text(
+        textwrap.dedent(
+            """\
+            [app:main]
+            use = egg:stargate#demo
+            {app}
+
+            [server:main]
+            use = egg:stargate#main
+            host = 127.0.0.1
+            port = {port}
+            {server}
+            """
+        ).format(app=app, server=server, port=port or free_port()),
+        encoding="utf-8",
+    )
+    return ini
+
+
+def run_refused(command):
+    """Run a server that must refuse to start; its exit status and stderr."""
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        out, err = process.communicate(timeout=EXIT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"the server started instead of refusing:\n{out}{err}")
+    return process.returncode, out, err
+
+
+def pserve(ini):
+    return [sys.executable, "-W", "ignore", "-m", "pyramid.scripts.pserve", str(ini)]
+
+
+def assert_one_line(status, err, expected):
+    # pserve says "Starting server in PID N." before it runs the server
+    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("Starting")]
+    assert status != 0
+    assert len(lines) == 1, f"not one line:\n{err}"
+    for text in expected:
+        assert text in lines[0], f"{text!r} missing from {lines[0]!r}"
+    assert "secret" not in err  # a password in a URL stays out of the logs
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_pserve_refuses_a_bad_setting_in_one_line(tmp_path, case):
+    where, line, expected = BAD[case]
+    ini = write_ini(tmp_path, **{where: line})
+    status, _, err = run_refused(pserve(ini))
+    assert_one_line(status, err, expected)
+
+
+def test_stargate_demo_refuses_a_bad_setting_in_one_line():
+    status, _, err = run_refused(
+        stargate_command("demo", "--port", "0", "--set", "stargate.compression=flase")
+    )
+    assert status == 1
+    assert_one_line(status, err, BAD["compression"][2])
+
+
+def test_a_busy_port_is_one_line_naming_the_address(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ini = write_ini(tmp_path, port=port)
+        status, _, err = run_refused(pserve(ini))
+        assert_one_line(status, err, [f"127.0.0.1:{port}", "in use"])
+
+
+# -- the same rules, in process -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, expected", [("true", True), ("Off", False), ("1", True), ("no", False)]
+)
+def test_booleans_take_the_usual_words(value, expected):
+    assert parse_settings({"stargate.compression": value}).compression is expected
+
+
+@pytest.mark.parametrize(
+    "key, value, allowed",
+    [
+        ("stargate.compression", "flase", "true or false"),
+        ("stargate.ping_timeout", "abc", "positive number of seconds"),
+        ("stargate.ping_interval", "nan", "positive number of seconds, or 'off'"),
+        ("stargate.close_timeout", "-1", "positive number of seconds"),
+        ("stargate.max_send_buffer", "1.5", "positive whole number of bytes"),
+        ("stargate.max_connections", "-3", "0 (no limit)"),
+        ("stargate.allowed_origins", "https://ok.example example.com", "scheme://"),
+        ("stargate.backend", "rediss://h:port/0", "port 1-65535"),
+        ("stargate.backend", "redis+streams://h:6379/zero", "db 0, 1"),
+    ],
+)
+def test_a_bad_value_names_setting_value_and_what_is_allowed(key, value, allowed):
+    with pytest.raises(IncorrectlyConfigured) as refused:
+        parse_settings({key: value})
+    message = str(refused.value)
+    assert key in message and repr(value) in message and allowed in message
+
+
+def test_origins_with_a_scheme_are_accepted():
+    settings = parse_settings(
+        {"stargate.allowed_origins": "https://example.com http://127.0.0.1:8080"}
+    )
+    assert settings.allowed_origins == ("https://example.com", "http://127.0.0.1:8080")
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis://127.0.0.1:1/0"])
+def test_a_misspelt_backend_option_is_refused(backend):
+    settings = {"stargate.backend": backend, "stargate.backend.prefx": "app:"}
+    with pytest.raises(IncorrectlyConfigured) as refused:
+        with Configurator(settings=settings) as config:
+            config.include("stargate")
+    assert "stargate.backend.prefx = 'app:'" in str(refused.value)
+
+
+def test_a_known_backend_option_is_passed_on():
+    settings = {
+        "stargate.backend": "redis://127.0.0.1:1/0",
+        "stargate.backend.prefix": "app:",
+    }
+    with Configurator(settings=settings) as config:
+        config.include("stargate")
+    assert config.registry.stargate_hub.backend.prefix == "app:"
