@@ -236,7 +236,7 @@ class FrameParser:
         size is not its message size); ``None`` means no limit.
         """
         parsed = self._next(max_size, max_rsv1_size)
-        if parsed is None:
+        if not parsed:
             return None
         opcode, payload, fin, rsv1 = parsed
         return Frame(Opcode(opcode), payload, fin, rsv1)
@@ -249,14 +249,19 @@ class FrameParser:
             self._pos = 0
 
     def _next(self, max_size, max_rsv1_size):
-        # Hot path: returns (opcode, payload, fin, rsv1) as plain values.
+        # Hot path: returns (opcode, payload, fin, rsv1) as plain values;
+        # None when every byte was parsed, False when part of a frame waits.
         buf = self._buf
         pos = self._pos
         avail = len(buf) - pos
         if avail < 2:
-            if pos:
-                self._more()
-            return None
+            if not avail:
+                if pos:
+                    self._buf = b""  # all parsed: let go of the bytes
+                    self._pos = 0
+                return None
+            self._more()
+            return False
         b0 = buf[pos]
         b1 = buf[pos + 1]
         opcode = b0 & 0x0F
@@ -286,13 +291,13 @@ class FrameParser:
         if length == 126:
             if avail < 4:
                 self._more()
-                return None
+                return False
             length = (buf[pos + 2] << 8) | buf[pos + 3]
             start = pos + 4
         elif length == 127:
             if avail < 10:
                 self._more()
-                return None
+                return False
             length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
             if length >> 63:
                 raise ProtocolError("64-bit payload length has its top bit set")
@@ -308,13 +313,55 @@ class FrameParser:
         end = start + length
         if end > len(buf):
             self._more()
-            return None
+            return False
         if masked:
             payload = apply_mask(buf[start:end], buf[start - 4 : start])
         else:
             payload = bytes(buf[start:end])
         self._pos = end
         return opcode, payload, fin, rsv1
+
+
+    def pending_payload(self, skip=0):
+        """The arrived part of an incomplete data frame's payload.
+
+        After :meth:`next_frame` returned ``None``: if the buffer starts
+        with the complete header of a text, binary or continuation frame
+        whose payload has not all arrived, return ``(opcode, fin, rsv1,
+        data)`` where ``data`` is the unmasked payload from byte ``skip`` to
+        what has arrived; else ``None``. Lets the protocol validate UTF-8 while
+        a large text frame is still arriving.
+        """
+        buf = self._buf
+        pos = self._pos
+        avail = len(buf) - pos
+        if avail < 2:
+            return None
+        b0 = buf[pos]
+        b1 = buf[pos + 1]
+        opcode = b0 & 0x0F
+        if opcode & 0x08:
+            return None
+        length = b1 & 0x7F
+        start = pos + 2
+        if length == 126:
+            start = pos + 4
+        elif length == 127:
+            start = pos + 10
+        masked = b1 & 0x80
+        if masked:
+            start += 4
+        begin = start + skip
+        if begin >= len(buf):
+            return None
+        data = buf[begin:]
+        if masked:
+            offset = skip & 3
+            mask = buf[start - 4 + offset : start] + buf[start - 4 : start - 4 + offset]
+            data = apply_mask(data, mask)
+        else:
+            data = bytes(data)
+        return opcode, bool(b0 & 0x80), bool(b0 & 0x40), data
 
 
 # Close codes (RFC 6455 section 7.4 and the IANA registry).

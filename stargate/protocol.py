@@ -183,6 +183,10 @@ class ServerProtocol:
         self._msg_size = 0  # payload bytes plus FRAGMENT_OVERHEAD per fragment
         self._msg_wire_size = 0
         self._msg_decoder = None
+        # UTF-8 check of a text frame still arriving: its own decoder and
+        # how many of its payload bytes were checked.
+        self._partial_decoder = None
+        self._partial_checked = 0
         # The pong owed to the peer's latest ping (RFC 6455 5.5.3 lets an
         # endpoint answer only the most recent of several pings), so a
         # flood of pings queues one pong, not one per ping.
@@ -320,8 +324,13 @@ class ServerProtocol:
                     limit - self._msg_size - FRAGMENT_OVERHEAD, 0
                 )
             parsed = parser._next(frame_limit, rsv1_limit)
-            if parsed is None:
+            if not parsed:
+                if parsed is False:  # part of a frame has arrived
+                    self._check_partial_text()
                 return
+            if self._partial_decoder is not None:
+                self._checked_frame(*parsed)
+                continue
             opcode, payload, fin, rsv1 = parsed
             if opcode < 0x8:
                 if self._close_sent is not None:
@@ -347,7 +356,60 @@ class ServerProtocol:
             else:
                 events.append(Pong(payload))
 
-    def _data_frame(self, opcode, payload, fin, rsv1):
+    def _check_partial_text(self):
+        # Fail fast on invalid UTF-8 inside a text frame that has not all
+        # arrived (RFC 6455 8.1), rather than when its last byte does.
+        pending = self._parser.pending_payload(self._partial_checked)
+        if pending is None or self._close_sent is not None:
+            return
+        opcode, fin, rsv1, data = pending
+        if rsv1 or not data:
+            return
+        decoder = self._partial_decoder
+        if decoder is None:
+            if opcode == _TEXT and self._msg_opcode is None:
+                decoder = _new_utf8_decoder()
+                # A one-frame message: keep the text, not decode it twice.
+                self._partial_text = [] if fin else None
+            elif (
+                opcode == _CONT
+                and self._msg_opcode == _TEXT
+                and not self._msg_compressed
+            ):
+                decoder = _new_utf8_decoder()
+                decoder.setstate(self._msg_decoder.getstate())
+                self._partial_text = None
+            else:
+                return
+            self._partial_decoder = decoder
+        try:
+            text = decoder.decode(data, False)
+        except UnicodeDecodeError:
+            raise InvalidPayload("text message is not UTF-8") from None
+        if self._partial_text is not None:
+            self._partial_text.append(text)
+        self._partial_checked += len(data)
+
+    def _checked_frame(self, opcode, payload, fin, rsv1):
+        # The rest of a frame _check_partial_text began to decode.
+        decoder = self._partial_decoder
+        parts = self._partial_text
+        checked = self._partial_checked
+        self._partial_decoder = self._partial_text = None
+        self._partial_checked = 0
+        if self._close_sent is not None:
+            return  # data after our close frame is ignored
+        try:
+            text = decoder.decode(payload[checked:], fin)
+        except UnicodeDecodeError:
+            raise InvalidPayload("text message is not UTF-8") from None
+        if parts is not None:  # a whole text message in this frame
+            parts.append(text)
+            self._events.append(TextMessage("".join(parts)))
+        else:
+            self._data_frame(opcode, payload, fin, rsv1, checked_decoder=decoder)
+
+    def _data_frame(self, opcode, payload, fin, rsv1, checked_decoder=None):
         # A fragmented message is kept as one bytearray: its memory is its
         # size (plus the bytearray's growth margin), never one object per
         # fragment, and text is validated as each fragment arrives.
@@ -373,7 +435,10 @@ class ServerProtocol:
                 f"message over the limit of {limit} bytes (each continuation "
                 f"frame counts {FRAGMENT_OVERHEAD} bytes besides its payload)"
             )
-        if self._msg_decoder is not None:
+        if checked_decoder is not None:
+            # Already validated as it arrived; that decoder is now past it.
+            self._msg_decoder = checked_decoder
+        elif self._msg_decoder is not None:
             try:
                 self._msg_decoder.decode(payload, fin)  # validation only
             except UnicodeDecodeError:

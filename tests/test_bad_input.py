@@ -406,6 +406,11 @@ FRAMES = [
         Close(1007),
     ),
     ("overlong UTF-8 encoding", text(b"\xc0\xaf"), Close(1007)),
+    (
+        "invalid UTF-8 early in a text frame that never ends, fail fast",
+        text(b"ok\xc0\xaf" + b"x" * 200)[:40],
+        Close(1007),
+    ),
     ("invalid UTF-8 in the close reason", close(1000, b"\xff"), Close(1007)),
     ("close code 999", close(999), Close(1002)),
     ("close code 1005 (reserved, never sent)", close(1005), Close(1002)),

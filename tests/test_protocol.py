@@ -208,6 +208,52 @@ def test_invalid_utf8_fails_fast_before_the_last_fragment(bad):
 # ------------------------------------------------------------------ size limit
 
 
+@pytest.mark.parametrize("opcode", [Opcode.TEXT, Opcode.CONT])
+def test_invalid_utf8_fails_fast_inside_a_frame_still_arriving(opcode):
+    # RFC 6455 8.1: fail as soon as the bytes are known to be invalid, not
+    # when the whole frame has arrived.
+    p = ServerProtocol(WireFormat())
+    head = b"ok "
+    if opcode is Opcode.CONT:
+        # The first frame ends inside a euro sign; the decoder state carries.
+        p.receive_data(frame(Opcode.TEXT, b"caf\xc3\xa9 \xe2", fin=False))
+        head = b"\x82\xac "
+    data = frame(opcode, head + b"ok " * 99 + b"\xc0\xaf" + b"rest" * 100)
+    p.receive_data(data[: 8 + 300])
+    assert p.error is None
+    p.receive_data(data[8 + 300 : 8 + 302])
+    assert_failed(p, 1007, InvalidPayload)
+
+
+@pytest.mark.parametrize("fragments", [1, 2, 3])
+def test_a_valid_text_frame_arriving_byte_by_byte_is_delivered(fragments):
+    text = "h\u00e9llo w\u00f6rld \u20ac \U0001f600 " * 20
+    cuts = [0, 7, 200, len(text)][: fragments] + [len(text)]
+    data = b""
+    for i, (start, end) in enumerate(zip(cuts, cuts[1:])):
+        opcode = Opcode.TEXT if i == 0 else Opcode.CONT
+        data += frame(opcode, text[start:end], fin=end == len(text))
+    p = ServerProtocol(WireFormat())
+    for i in range(len(data)):
+        p.receive_data(data[i : i + 1])
+    assert p.error is None
+    assert p.events_received() == [TextMessage(text)]
+
+
+def test_partial_frames_of_binary_or_compressed_messages_are_not_decoded():
+    p = ServerProtocol(DEFLATE)
+    compressed = frame(Opcode.TEXT, compress(b"x" * 1000), rsv1=True)
+    binary = frame(Opcode.BINARY, b"\xff" * 500)
+    for data in (compressed, binary):
+        p.receive_data(data[:-1])
+        assert p.error is None
+        p.receive_data(data[-1:])
+    assert p.events_received() == [
+        TextMessage("x" * 1000),
+        BinaryMessage(b"\xff" * 500),
+    ]
+
+
 def test_default_limit_is_one_mebibyte():
     p = ServerProtocol(WireFormat())
     p.receive_data(frame(Opcode.BINARY, b"x" * 2**20))
