@@ -302,8 +302,8 @@ class RedisBackend(Backend):
 
     :attr:`stats` counts ``published`` and ``received`` messages,
     ``reconnects``, ``gap_seconds`` (total time spent disconnected),
-    ``undecodable`` messages skipped and ``delivery_errors`` (``deliver``
-    raised).
+    ``undecodable`` messages skipped, ``delivery_errors`` (``deliver``
+    raised) and ``heartbeats`` (presence refreshes and connection checks).
     """
 
     synchronous = False
@@ -359,6 +359,7 @@ class RedisBackend(Backend):
             "gap_seconds": 0.0,
             "undecodable": 0,
             "delivery_errors": 0,
+            "heartbeats": 0,
         }
         self._prefix_bytes = prefix.encode("utf-8")
         self._deliver = None
@@ -680,6 +681,7 @@ class RedisBackend(Backend):
 
     def _heartbeat(self):
         """Refresh presence entries and check the pub/sub connections."""
+        self.stats["heartbeats"] += 1
         for channel, count in list(self._local_counts.items()):
             try:
                 self._presence_write(channel, count)
@@ -769,9 +771,14 @@ class RedisBackend(Backend):
             if now >= self._next_heartbeat:
                 self._next_heartbeat = now + self._heartbeat_interval
                 self._heartbeat()
-            if now - self._last_traffic > dead_after:
-                raise RedisTimeoutError(f"no reply from Redis in {dead_after:.1f} s")
             conns = list(self._conns.values())
+            if not conns:
+                # No channel, so no pub/sub connection (a cluster worker opens
+                # one per node when a channel needs it): nothing to hear from,
+                # and silence is not a lost connection.
+                self._last_traffic = now
+            elif now - self._last_traffic > dead_after:
+                raise RedisTimeoutError(f"no reply from Redis in {dead_after:.1f} s")
             ready = [conn for conn in conns if conn.can_read(timeout=0)]
             if not ready:
                 socks = [conn._sock for conn in conns]

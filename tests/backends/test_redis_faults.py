@@ -5,10 +5,13 @@ Every server is started by the test run on free loopback ports
 (``stargate.testing.redis_server``); nothing talks to a Redis on 6379.
 """
 
+import logging
+import uuid
+
 import eventlet
 
-from stargate.backends.redis import DEFAULT_MAX_CONNECTIONS
-from tests.backends.contract import started, wait_until
+from stargate.backends.redis import DEFAULT_MAX_CONNECTIONS, RedisBackend
+from tests.backends.contract import Collector, ready, started, wait_until
 
 
 def numbered(collector, channel):
@@ -66,3 +69,30 @@ class TestConcurrentSends:
     def test_max_connections_is_an_option(self, backend_factory):
         backend = backend_factory(max_connections="3")
         assert backend.max_connections == 3
+
+
+class TestIdleCluster:
+    """Defect 8: a cluster worker with no channel has no pub/sub connection
+    to hear from; its silence is not a lost connection."""
+
+    def test_an_idle_cluster_worker_reports_no_lost_connection(
+        self, redis_cluster, caplog
+    ):
+        backend = RedisBackend(
+            redis_cluster.url,
+            prefix=f"idle-{uuid.uuid4().hex[:8]}:",
+            presence_ttl=0.3,  # a heartbeat every 0.1 s
+            socket_timeout=0.5,  # silence past 0.7 s would mean a dead peer
+        )
+        collector = Collector()
+        try:
+            with caplog.at_level(logging.WARNING, logger="stargate.backends.redis"):
+                backend.start(collector)
+                assert wait_until(lambda: backend.stats["heartbeats"] >= 20)
+            assert backend.stats["reconnects"] == 0
+            assert [r.getMessage() for r in caplog.records] == []
+            # and it still works when a channel comes
+            backend.subscribe("late")
+            ready(backend, collector, "late")
+        finally:
+            backend.close()
