@@ -13,11 +13,14 @@ History
 
 When a message is published with a :class:`~stargate.backends.base.HistoryPolicy`
 (``stargate.history_size`` > 0), the backend keeps the channel's last
-``size`` messages in process memory, numbered from 1, and drops them
-``ttl`` seconds after the channel's last message (the numbering goes on).
-The epoch is a random token made when the backend starts in a process, so
-positions from before a restart (or from another worker) are never
-mistaken for this process's.
+``size`` messages in process memory, numbered from 1, and forgets the
+channel altogether ``ttl`` seconds after its last message, so a process
+holds nothing for channels gone quiet. The epoch is a random token made
+when the backend starts in a process, so positions from before a restart
+(or from another worker) are never mistaken for this process's; a channel
+forgotten and used again starts a new epoch at offset 1, as a Redis stream
+that expired does, so a client holding an old position is told its history
+is gone instead of being handed the new messages as if it had missed none.
 """
 
 import collections
@@ -46,12 +49,18 @@ class MemoryBackend(Backend):
         self._subscribed = set()
         self._deliver = None
         self._closed = False
+        self._clock = time.monotonic
         self._new_epoch()
 
     def _new_epoch(self):
         self.epoch = uuid.uuid4().hex[:16]
+        #: The epoch a channel's history gets when it is made; it changes
+        #: whenever a channel in it is forgotten, so a forgotten channel
+        #: used again never reuses a position.
+        self._current_epoch = self.epoch
         self._epoch_pid = os.getpid()
-        self._histories = {}  # channel -> _ChannelHistory
+        #: channel -> _ChannelHistory, least recently published first.
+        self._histories = collections.OrderedDict()
 
     def start(self, deliver):
         if self._epoch_pid != os.getpid():
@@ -73,37 +82,67 @@ class MemoryBackend(Backend):
             if deliver is not None and channel in self._subscribed:
                 deliver(channel, message)
             return None
-        kept = self._histories.get(channel)
+        now = self._clock()
+        kept = self._kept(channel, now)
         if kept is None:
-            kept = self._histories[channel] = _ChannelHistory()
-        position = Position(self.epoch, kept.append(message, history))
+            kept = self._histories[channel] = _ChannelHistory(self._current_epoch)
+        else:
+            self._histories.move_to_end(channel)
+        position = Position(kept.epoch, kept.append(message, history, now))
         if deliver is not None and channel in self._subscribed:
             deliver(channel, message, position)
         return position
 
     def history(self, channel, since):
         since = Position.coerce(since)
-        kept = self._histories.get(channel)
-        head = 0 if kept is None else kept.offset
-        if since.epoch != self.epoch:
+        kept = self._kept(channel, self._clock())
+        if kept is None:
+            epoch, head, entries = self._current_epoch, 0, []
+        else:
+            epoch, head, entries = kept.epoch, kept.offset, kept.entries
+        if since.epoch != epoch:
             raise HistoryUnavailable(
                 f"{channel!r}: epoch {since.epoch!r} is not the current one "
-                f"({self.epoch!r}); its history was lost",
-                epoch=self.epoch,
+                f"({epoch!r}); its history was lost",
+                epoch=epoch,
                 offset=head,
             )
         if since.offset == head:
             return []
-        entries = [] if kept is None else kept.entries()
         if since.offset > head or not entries or entries[0][0] > since.offset + 1:
             raise HistoryUnavailable(
                 f"{channel!r}: offset {since.offset} is no longer in the window "
                 f"(offsets {entries[0][0] if entries else head + 1}-{head} are)",
-                epoch=self.epoch,
+                epoch=epoch,
                 offset=head,
             )
         start = since.offset + 1 - entries[0][0]
-        return [(Position(self.epoch, o), m) for o, m in entries[start:]]
+        return [(Position(epoch, o), m) for o, m in list(entries)[start:]]
+
+    def _kept(self, channel, now):
+        """``channel``'s history, or None; forgets what has expired.
+
+        Channels are kept in the order of their last message, so the expired
+        ones are found at the front (one check per call when none is); a
+        channel with a longer ttl than those behind it holds them back until
+        it expires too or they are asked for.
+        """
+        histories = self._histories
+        while histories:
+            name = next(iter(histories))
+            if histories[name].expires > now:
+                break
+            self._forget(name)
+        kept = histories.get(channel)
+        if kept is not None and kept.expires <= now:
+            self._forget(channel)
+            kept = None
+        return kept
+
+    def _forget(self, channel):
+        kept = self._histories.pop(channel)
+        if kept.epoch == self._current_epoch:
+            self._current_epoch = uuid.uuid4().hex[:16]
 
     def close(self):
         self._closed = True
@@ -118,25 +157,18 @@ class MemoryBackend(Backend):
 class _ChannelHistory:
     """The last messages of one channel: ``(offset, message)``, oldest first."""
 
-    __slots__ = ("offset", "expires", "_entries")
+    __slots__ = ("epoch", "offset", "expires", "entries")
 
-    def __init__(self):
+    def __init__(self, epoch):
+        self.epoch = epoch
         self.offset = 0
         self.expires = 0.0
-        self._entries = collections.deque()
+        self.entries = collections.deque()
 
-    def append(self, message, policy):
-        now = time.monotonic()
-        if now >= self.expires:
-            self._entries.clear()  # ttl seconds without a message
+    def append(self, message, policy, now):
         self.offset += 1
         self.expires = now + policy.ttl
-        self._entries.append((self.offset, message))
-        while len(self._entries) > policy.size:
-            self._entries.popleft()
+        self.entries.append((self.offset, message))
+        while len(self.entries) > policy.size:
+            self.entries.popleft()
         return self.offset
-
-    def entries(self):
-        if time.monotonic() >= self.expires:
-            self._entries.clear()
-        return list(self._entries)

@@ -4,15 +4,87 @@ import eventlet
 import pytest
 
 from stargate.backends import load_backend
-from stargate.backends.base import Backend
+from stargate.backends.base import Backend, HistoryPolicy
 from stargate.backends.memory import MemoryBackend
-from stargate.exceptions import BackendUnavailable, IncorrectlyConfigured
+from stargate.exceptions import (
+    BackendUnavailable,
+    HistoryUnavailable,
+    IncorrectlyConfigured,
+)
 from tests.backends.contract import BackendContract
 
 
 class TestMemoryBackendContract(BackendContract):
     backends = ["memory"]
     shared = False
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clocked():
+    """A started memory backend whose clock the test moves."""
+    backend = MemoryBackend()
+    backend._clock = clock = FakeClock()
+    backend.start(lambda *args: None)
+    yield backend, clock
+    backend.close()
+
+
+BRIEF = HistoryPolicy(size=10, ttl=5.0)
+
+
+class TestMemoryHistoryIsForgotten:
+    """Defect 8: expired history, and the channel it belonged to, leave the
+    process's memory; a history forgotten is a history lost (new epoch)."""
+
+    def test_expired_channels_are_forgotten(self, clocked):
+        backend, clock = clocked
+        for i in range(1000):
+            backend.publish(f"c{i}", "x", history=BRIEF)
+        assert len(backend._histories) == 1000
+        clock.now += 6
+        backend.publish("fresh", "y", history=BRIEF)
+        assert list(backend._histories) == ["fresh"]
+
+    def test_a_channel_read_after_its_ttl_is_forgotten(self, clocked):
+        backend, clock = clocked
+        first = backend.publish("c", "old", history=BRIEF)
+        clock.now += 6
+        with pytest.raises(HistoryUnavailable) as caught:
+            backend.history("c", first)
+        assert caught.value.offset == 0 and caught.value.epoch != first.epoch
+        assert list(backend._histories) == []
+
+    def test_a_forgotten_channel_starts_a_new_epoch(self, clocked):
+        backend, clock = clocked
+        first = backend.publish("c", "old", history=BRIEF)
+        clock.now += 6
+        second = backend.publish("c", "new", history=BRIEF)
+        # Never the same position for two messages: a client holding the
+        # old one is told its history is gone, not given the new messages
+        # as if nothing had been missed.
+        assert second.offset == 1 and second.epoch != first.epoch
+        with pytest.raises(HistoryUnavailable):
+            backend.history("c", first)
+        assert backend.history("c", (second.epoch, 0)) == [(second, "new")]
+
+    def test_channels_still_in_their_ttl_are_kept(self, clocked):
+        backend, clock = clocked
+        kept = backend.publish("kept", "a", history=BRIEF)
+        clock.now += 4
+        backend.publish("kept", "b", history=BRIEF)
+        backend.publish("other", "c", history=BRIEF)
+        clock.now += 4  # "kept" published 4 s ago: still in its ttl
+        backend.publish("third", "d", history=BRIEF)
+        assert [m for _, m in backend.history("kept", kept)] == ["b"]
+        assert set(backend._histories) == {"kept", "other", "third"}
 
 
 class TestMemoryBackend:
