@@ -4,7 +4,7 @@ The ``stargate.backend`` setting accepts:
 
 ``memory`` (the default)
     :class:`~stargate.backends.memory.MemoryBackend`: one process only.
-``redis://...``, ``rediss://...``, ``unix://...``, ``redis+cluster://...``
+``redis://``, ``rediss://``, ``unix://``, ``redis+cluster://``, ``rediss+cluster://``
     :class:`stargate.backends.redis.RedisBackend`, imported only when asked
     for, so the ``redis`` package is needed only by those who use it.
 ``redis+streams://...``, ``rediss+streams://...``
@@ -21,14 +21,25 @@ from stargate.exceptions import IncorrectlyConfigured
 
 __all__ = ["Backend", "load_backend", "REDIS_SCHEMES", "STREAMS_SCHEMES"]
 
-#: URL schemes handed to the Redis backend.
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://")
-#: URL schemes handed to the Redis Streams backend.
+#: URL schemes of the Redis backend (its ``schemes`` attribute is this).
+REDIS_SCHEMES = (
+    "redis://",
+    "rediss://",
+    "unix://",
+    "redis+cluster://",
+    "rediss+cluster://",
+)
+#: URL schemes of the Redis Streams backend (its ``schemes`` attribute).
 STREAMS_SCHEMES = ("redis+streams://", "rediss+streams://")
 
+#: The built-in backends that take URLs, imported only when one is asked for.
+_URL_BACKENDS = (
+    (REDIS_SCHEMES, "stargate.backends.redis", "RedisBackend"),
+    (STREAMS_SCHEMES, "stargate.backends.redis_streams", "RedisStreamsBackend"),
+)
+
 _ACCEPTED = (
-    "'memory', a redis://, rediss://, unix://, redis+cluster:// or "
-    "redis+streams:// URL, "
+    f"'memory', a {', '.join(REDIS_SCHEMES + STREAMS_SCHEMES)} URL, "
     "or the dotted name of a Backend subclass (package.module:Class)"
 )
 
@@ -57,14 +68,10 @@ def load_backend(setting="memory", **options):
         from stargate.backends.memory import MemoryBackend
 
         return MemoryBackend(**options)
-    if value.lower().startswith(STREAMS_SCHEMES):
-        from stargate.backends.redis_streams import RedisStreamsBackend
-
-        return RedisStreamsBackend(value, **options)
-    if value.lower().startswith(REDIS_SCHEMES):
-        from stargate.backends.redis import RedisBackend
-
-        return RedisBackend(value, **options)
+    for schemes, module_name, class_name in _URL_BACKENDS:
+        if value.lower().startswith(schemes):
+            module = importlib.import_module(module_name)
+            return getattr(module, class_name)(value, **options)
     if "://" in value:
         raise IncorrectlyConfigured(
             f"stargate.backend = {setting!r}: unknown URL scheme; use {_ACCEPTED}."

@@ -24,6 +24,7 @@ none of this: the hub never asks it for positions.
 
 import abc
 import dataclasses
+import inspect
 
 __all__ = ["Backend", "Position", "HistoryPolicy"]
 
@@ -94,9 +95,34 @@ class Backend(abc.ABC):
     #: with a position, and :meth:`history` works.
     supports_history = False
 
+    #: The URL schemes (``"redis://"``) :func:`~stargate.backends.load_backend`
+    #: hands to this backend; only built-in backends are found by scheme.
+    schemes: tuple = ()
+
     def __init__(self, url=None, **options):
         self.url = url
         self.options = options
+
+    @classmethod
+    def refuse_unknown_options(cls, options: dict) -> None:
+        """Raise :class:`~stargate.exceptions.IncorrectlyConfigured` naming
+        the first of ``options`` (keyword arguments the constructor did not
+        take), and the options it does take. A misspelt
+        ``stargate.backend.<option>`` setting would otherwise be ignored."""
+        if not options:
+            return
+        from stargate.exceptions import IncorrectlyConfigured
+
+        accepted = [
+            name
+            for name, parameter in inspect.signature(cls.__init__).parameters.items()
+            if parameter.kind is parameter.KEYWORD_ONLY
+        ]
+        raise IncorrectlyConfigured(
+            f"stargate.backend.{sorted(options)[0]} is not an option of "
+            f"{cls.__name__}; it takes "
+            f"{', '.join(accepted) if accepted else 'none'}"
+        )
 
     @abc.abstractmethod
     def start(self, deliver):

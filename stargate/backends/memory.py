@@ -45,7 +45,8 @@ class MemoryBackend(Backend):
     supports_history = True
 
     def __init__(self, url=None, **options):
-        super().__init__(url, **options)
+        self.refuse_unknown_options(options)
+        super().__init__(url)
         self._subscribed = set()
         self._deliver = None
         self._closed = False

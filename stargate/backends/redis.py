@@ -70,6 +70,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from stargate.backends import REDIS_SCHEMES
 from stargate.backends.base import Backend
 from stargate.exceptions import (
     BackendError,
@@ -104,7 +105,6 @@ _SUBSCRIBE_BATCH = 500
 #: Messages handled before the receiver yields to other green threads.
 _YIELD_EVERY = 100
 
-_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 
 # Presence scripts. Values are "<count>:<expires at, ms on the Redis clock>".
 _PRESENCE_WRITE = """
@@ -298,7 +298,8 @@ class RedisBackend(Backend):
         Connections per Redis node kept for publishing and presence; a send
         that finds them all busy waits up to ``socket_timeout`` for one.
 
-    Other keyword arguments are kept in :attr:`options` and ignored.
+    Any other keyword argument is refused
+    (:class:`~stargate.exceptions.IncorrectlyConfigured` naming it).
 
     :attr:`stats` counts ``published`` and ``received`` messages,
     ``reconnects``, ``gap_seconds`` (total time spent disconnected),
@@ -307,6 +308,7 @@ class RedisBackend(Backend):
     """
 
     synchronous = False
+    schemes = REDIS_SCHEMES
 
     def __init__(
         self,
@@ -320,7 +322,8 @@ class RedisBackend(Backend):
         max_connections=DEFAULT_MAX_CONNECTIONS,
         **options,
     ):
-        super().__init__(url, **options)
+        self.refuse_unknown_options(options)
+        super().__init__(url)
         if not isinstance(url, str) or "://" not in url:
             raise IncorrectlyConfigured(
                 f"stargate.backend: {url!r} is not a Redis URL; use "
@@ -329,10 +332,10 @@ class RedisBackend(Backend):
             )
         scheme, _, rest = url.partition("://")
         scheme = scheme.lower()
-        if scheme not in _SCHEMES:
+        if f"{scheme}://" not in self.schemes:
             raise IncorrectlyConfigured(
                 f"stargate.backend: unknown Redis URL scheme {scheme!r} in "
-                f"{redact_url(url)!r}; use one of {', '.join(_SCHEMES)}"
+                f"{redact_url(url)!r}; use one of {', '.join(self.schemes)}"
             )
         self.cluster = _as_bool(cluster) or scheme.endswith("+cluster")
         scheme = scheme.removesuffix("+cluster")

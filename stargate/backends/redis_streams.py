@@ -71,6 +71,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from stargate.backends import STREAMS_SCHEMES
 from stargate.backends.base import Backend, HistoryPolicy, Position
 from stargate.backends.redis import (
     DEFAULT_MAX_CONNECTIONS,
@@ -181,6 +182,7 @@ class RedisStreamsBackend(Backend):
 
     synchronous = False
     supports_history = True
+    schemes = STREAMS_SCHEMES
 
     def __init__(
         self,
@@ -196,7 +198,8 @@ class RedisStreamsBackend(Backend):
         max_connections=DEFAULT_MAX_CONNECTIONS,
         **options,
     ):
-        super().__init__(url, **options)
+        self.refuse_unknown_options(options)
+        super().__init__(url)
         if not isinstance(url, str) or "://" not in url:
             raise IncorrectlyConfigured(
                 f"stargate.backend: {url!r} is not a Redis URL; use "

@@ -152,9 +152,46 @@ class TestLoadBackend:
     def test_no_argument_means_memory(self):
         assert isinstance(load_backend(), MemoryBackend)
 
-    def test_options_are_passed_on(self):
-        backend = load_backend("memory", some_option=3)
-        assert backend.options == {"some_option": 3}
+    def test_an_unknown_option_is_refused_by_name(self):
+        with pytest.raises(IncorrectlyConfigured) as caught:
+            load_backend("memory", some_option=3)
+        assert "stargate.backend.some_option" in str(caught.value)
+        assert "MemoryBackend" in str(caught.value)
+
+    @pytest.mark.parametrize(
+        "url, option",
+        [
+            ("redis://127.0.0.1:1/0", "presence_tll"),
+            ("redis+cluster://127.0.0.1:1", "histroy_size"),
+            ("redis+streams://127.0.0.1:1/0", "presence_ttl"),
+        ],
+    )
+    def test_unknown_options_of_the_redis_backends_are_refused(self, url, option):
+        with pytest.raises(IncorrectlyConfigured) as caught:
+            load_backend(url, **{option: "1"})
+        message = str(caught.value)
+        assert f"stargate.backend.{option}" in message
+        assert "prefix" in message  # it says what is accepted
+
+    def test_every_scheme_load_backend_takes_is_one_its_backend_takes(self):
+        from stargate.backends import REDIS_SCHEMES, STREAMS_SCHEMES
+        from stargate.backends.redis import RedisBackend
+        from stargate.backends.redis_streams import RedisStreamsBackend
+
+        assert "rediss+cluster://" in REDIS_SCHEMES
+        for schemes, cls in (
+            (REDIS_SCHEMES, RedisBackend),
+            (STREAMS_SCHEMES, RedisStreamsBackend),
+        ):
+            for scheme in schemes:
+                host = "/tmp/redis.sock" if scheme == "unix://" else "127.0.0.1:1"
+                backend = load_backend(f"{scheme}{host}")
+                assert type(backend) is cls, scheme
+            assert cls.schemes == schemes
+
+    def test_rediss_cluster_is_a_tls_cluster(self):
+        backend = load_backend("rediss+cluster://127.0.0.1:1")
+        assert backend.cluster and backend._client_url.startswith("rediss://")
 
     @pytest.mark.parametrize(
         "setting",
