@@ -107,12 +107,7 @@ def run_demo(args):
     from stargate.demo import make_app
     from stargate.factory import serve
 
-    if args.workers > 1 and args.backend == "memory":
-        logging.getLogger("stargate.demo").warning(
-            "%d workers on the memory backend: a broadcast reaches only the "
-            "listeners of the worker that sent it; use --backend redis://...",
-            args.workers,
-        )
+    # serve() warns about several workers on the memory backend
     settings = {"stargate.backend": args.backend, **dict(args.settings)}
     app = make_app(settings)
 

@@ -13,6 +13,15 @@ listening socket; a supervising parent replaces any worker that dies. With
 several workers, broadcasts reach every worker's listeners only through a
 shared backend (``stargate.backend = redis://...``).
 
+On start it says, in one line, where and how it serves::
+
+    Serving on http://127.0.0.1:6543 (stargate 2.0.0: 4 workers, eventlet
+    0.40.3 on Python 3.12.3, backend redis://:***@10.0.0.5:6379/0)
+
+(one line in the log)
+on the ``stargate.server`` logger, or on stderr when logging would not show
+it. Several workers on the in-memory backend are warned about.
+
 SIGTERM or SIGINT stops accepting connections, closes every open WebSocket
 with 1001 (going away) and exits once they are closed or ``shutdown_timeout``
 seconds have passed.
@@ -21,6 +30,7 @@ seconds have passed.
 import errno
 import logging
 import os
+import platform
 import signal
 import socket
 import sys
@@ -124,15 +134,23 @@ def serve(
     ``listen_socket`` serves on a socket bound elsewhere; ``ready``, if
     given, is called with the bound ``(host, port)`` once connections are
     accepted.
+
+    Says once where and how it serves (:func:`startup_line`), and warns when
+    several workers share the in-memory backend, where a broadcast reaches
+    only the listeners of the worker that sent it.
     """
     eventlet.monkey_patch()
     sock = listen_socket or _listen(host, port)
     address = sock.getsockname()[:2]
-    log.info(
-        "stargate serving on http://%s:%d with %d worker(s)",
-        *_display(address),
-        workers,
-    )
+    settings = _stargate_settings(app)
+    _announce(startup_line(address, workers, settings))
+    if workers > 1 and settings is not None and _is_memory(settings.backend):
+        log.warning(
+            "%d workers on the memory backend: a broadcast reaches only the "
+            "listeners of the worker that sent it; set stargate.backend = "
+            "redis://host:port/db",
+            workers,
+        )
     if ready is not None:
         ready(address)
     worker_options = {
@@ -145,6 +163,52 @@ def serve(
         _run_worker(app, sock, **worker_options)
     else:
         _supervise(app, sock, workers, worker_options)
+
+
+def startup_line(address, workers, settings=None):
+    """The line a server says when it starts: address, workers, runtime and
+    backend (a password in its URL replaced by ``***``)."""
+    from importlib.metadata import version
+
+    from stargate import __version__
+    from stargate.config import redacted_backend
+
+    host, port = _display(address)
+    backend = "unknown" if settings is None else redacted_backend(settings.backend)
+    return (
+        f"Serving on http://{host}:{port} (stargate {__version__}: "
+        f"{workers} worker{'s' if workers != 1 else ''}, "
+        f"eventlet {version('eventlet')} on Python {platform.python_version()}, "
+        f"backend {backend})"
+    )
+
+
+def _announce(line):
+    """Log ``line`` on ``stargate.server``; print it on stderr when logging
+    would not show it (``pserve`` with an ``.ini`` without logging sections
+    sets the root logger to WARNING), as other ``pserve`` servers do."""
+    if log.isEnabledFor(logging.INFO) and log.hasHandlers():
+        log.info(line)
+    else:
+        print(line, file=sys.stderr, flush=True)
+
+
+def _stargate_settings(app):
+    """The :class:`~stargate.config.Settings` of the Pyramid application
+    ``app`` is or wraps (through ``.app`` or ``.application`` of WSGI
+    middleware), or ``None``."""
+    for _ in range(10):
+        registry = getattr(app, "registry", None)
+        if registry is not None:
+            return getattr(registry, "stargate_settings", None)
+        app = getattr(app, "app", None) or getattr(app, "application", None)
+        if app is None:
+            break
+    return None
+
+
+def _is_memory(backend):
+    return isinstance(backend, str) and backend.strip().lower() in ("", "memory")
 
 
 #: Why a listening socket could not be had, by errno, and what to do.

@@ -2,6 +2,7 @@
 naming the setting, the value and what is allowed, under ``pserve`` and
 ``stargate demo`` alike, never accepted and never a traceback."""
 
+import importlib.metadata
 import subprocess
 import sys
 import textwrap
@@ -11,7 +12,7 @@ from pyramid.config import Configurator
 
 from stargate.config import parse_settings
 from stargate.exceptions import IncorrectlyConfigured
-from tests.clients import free_port, stargate_command
+from tests.clients import ServerProcess, free_port, stargate_command, wait_until
 
 #: Seconds a refusing server may take to exit (it imports Pyramid first).
 EXIT_TIMEOUT = 60
@@ -192,3 +193,50 @@ def test_a_known_backend_option_is_passed_on():
     with Configurator(settings=settings) as config:
         config.include("stargate")
     assert config.registry.stargate_hub.backend.prefix == "app:"
+
+
+# -- what a server says when it starts -------------------------------------------
+
+
+def serving_line(server):
+    for line in server.lines:
+        if "Serving on http://" in line:
+            return line
+    raise AssertionError(f"no startup line in:\n{server.output}")
+
+
+def test_pserve_says_where_and_how_it_serves_with_credentials_redacted(tmp_path):
+    """The ini has no logging sections, as production.ini did: the line must
+    show all the same."""
+    port = free_port()
+    backend = f"redis://:s3cret@127.0.0.1:{free_port()}/0"
+    ini = write_ini(tmp_path, app=f"stargate.backend = {backend}", port=port)
+    with ServerProcess(pserve(ini), url_pattern=r"Serving on (http://\S+)") as server:
+        assert server.wait_ready() == f"http://127.0.0.1:{port}"
+        line = serving_line(server)
+    assert "1 worker," in line
+    assert f"eventlet {importlib.metadata.version('eventlet')}" in line
+    assert f"backend redis://:***@127.0.0.1:{backend.rsplit(':', 1)[1]}" in line
+    assert "s3cret" not in server.output
+
+
+def test_several_workers_on_the_memory_backend_are_warned_about(tmp_path):
+    ini = write_ini(tmp_path, server="workers = 2")
+    with ServerProcess(pserve(ini), url_pattern=r"Serving on (http://\S+)") as server:
+        server.wait_ready()
+        assert "2 workers," in serving_line(server)
+        wait_until(
+            lambda: any("2 workers on the memory backend" in ln for ln in server.lines),
+            10,
+            message="the warning",
+        )
+
+
+def test_stargate_demo_warns_once_about_workers_on_memory():
+    with ServerProcess(
+        stargate_command("demo", "--port", "0", "--workers", "2"),
+        url_pattern=r"stargate demo: (http://\S+)",
+    ) as server:
+        server.wait_ready()
+        warnings = [ln for ln in server.lines if "on the memory backend" in ln]
+    assert len(warnings) == 1, server.output

@@ -38,7 +38,7 @@ from websockets.exceptions import ConnectionClosed
 from tests.clients import ServerProcess, connect, free_port, stargate_command
 
 DEMO_READY = r"stargate demo: (http://\S+)"
-SERVING = r"stargate serving on (http://\S+)"
+SERVING = r"Serving on (http://\S+)"
 
 #: Seconds for anything a test waits for (workers up, messages, recovery).
 DEADLINE = 15.0
