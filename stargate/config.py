@@ -22,7 +22,6 @@ setting, the value and what is allowed (:class:`IncorrectlyConfigured`):
 """
 
 import dataclasses
-import inspect
 import logging
 import math
 import urllib.parse
@@ -299,27 +298,6 @@ def redacted_backend(value):
     return redact_url(value)
 
 
-def _check_backend_options(backend, options):
-    """Refuse a ``stargate.backend.<name>`` that stargate's own backend does
-    not take: they keep unknown keywords in ``Backend.options`` and never
-    read them, so a typo would otherwise be silently ignored. A backend of
-    your own may read ``options``, so it is left to check its own."""
-    unknown = sorted(set(options) & set(getattr(backend, "options", None) or ()))
-    if not unknown or not type(backend).__module__.startswith("stargate."):
-        return
-    known = [
-        f"{BACKEND_OPTION_PREFIX}{p.name}"
-        for p in inspect.signature(type(backend)).parameters.values()
-        if p.kind is p.KEYWORD_ONLY
-    ]
-    name = unknown[0]
-    allowed = ", ".join(known) if known else "none"
-    raise IncorrectlyConfigured(
-        f"unknown setting {BACKEND_OPTION_PREFIX}{name} = {options[name]!r}: "
-        f"{type(backend).__name__} takes {allowed}"
-    )
-
-
 def get_settings(registry=None):
     """The :class:`Settings` of ``registry`` (the current one by default),
     or the defaults when ``config.include('stargate')`` was not called."""
@@ -348,7 +326,6 @@ def includeme(config):
             written[PREFIX + field.name] = getattr(settings, field.name)
     config.registry.stargate_settings = settings
     backend = load_backend(settings.backend, **settings.backend_options)
-    _check_backend_options(backend, settings.backend_options)
     if settings.history_size and not getattr(backend, "supports_history", False):
         raise IncorrectlyConfigured(
             f"stargate.history_size = {settings.history_size} needs a backend "

@@ -32,7 +32,7 @@ BAD = {
     "misspelt backend option": (
         "app",
         "stargate.backend = redis://127.0.0.1:1/0\nstargate.backend.presense_ttl = 5",
-        ["stargate.backend.presense_ttl", "'5'", "stargate.backend.presence_ttl"],
+        ["stargate.backend.presense_ttl", "presence_ttl"],
     ),
     "backend port not a number": (
         "app",
@@ -182,7 +182,7 @@ def test_a_misspelt_backend_option_is_refused(backend):
     with pytest.raises(IncorrectlyConfigured) as refused:
         with Configurator(settings=settings) as config:
             config.include("stargate")
-    assert "stargate.backend.prefx = 'app:'" in str(refused.value)
+    assert "stargate.backend.prefx" in str(refused.value)
 
 
 def test_a_known_backend_option_is_passed_on():
