@@ -228,6 +228,11 @@ class FrameParser:
         """Number of received bytes not yet returned as frames."""
         return len(self._buf) - self._pos
 
+    def clear(self):
+        """Forget the bytes not parsed yet: the connection is closed."""
+        self._buf = b""
+        self._pos = 0
+
     def next_frame(self, max_size=None, max_rsv1_size=None):
         """Return the next complete :class:`Frame`, or ``None``.
 
@@ -354,13 +359,15 @@ class FrameParser:
         begin = start + skip
         if begin >= len(buf):
             return None
-        data = buf[begin:]
         if masked:
+            mask = bytes(buf[start - 4 : start])
             offset = skip & 3
-            mask = buf[start - 4 + offset : start] + buf[start - 4 : start - 4 + offset]
-            data = apply_mask(data, mask)
+            if offset:
+                mask = mask[offset:] + mask[:offset]
+            with memoryview(buf) as view:  # no copy of what arrived
+                data = apply_mask(view[begin:], mask)
         else:
-            data = bytes(data)
+            data = bytes(buf[begin:])
         return opcode, bool(b0 & 0x80), bool(b0 & 0x40), data
 
 
@@ -478,6 +485,18 @@ class HixieParser:
     def feed(self, data):
         """Append received bytes."""
         self._buf += data
+
+    @property
+    def buffered(self):
+        """Number of received bytes held, not yet returned or discarded."""
+        return len(self._buf)
+
+    def clear(self):
+        """Forget the bytes not parsed yet: the connection is closed."""
+        self._buf = bytearray()
+        self._scan = 1
+        self._skip = 0
+        self._discarding = False
 
     def next_frame(self, max_size=None):
         """Return the next text or close :class:`Frame`, or ``None``."""

@@ -122,6 +122,7 @@ class CloseStatus:
 
 
 _new_utf8_decoder = codecs.getincrementaldecoder("utf-8")
+_utf8_decode = codecs.utf_8_decode
 
 _CONT, _TEXT, _BINARY = 0x0, 0x1, 0x2
 _CLOSE, _PING, _PONG = 0x8, 0x9, 0xA
@@ -183,9 +184,10 @@ class ServerProtocol:
         self._msg_size = 0  # payload bytes plus FRAGMENT_OVERHEAD per fragment
         self._msg_wire_size = 0
         self._msg_decoder = None
-        # UTF-8 check of a text frame still arriving: its own decoder and
-        # how many of its payload bytes were checked.
-        self._partial_decoder = None
+        # UTF-8 check of a text frame still arriving: the bytes of a
+        # character not complete yet (None: no check under way) and how many
+        # of the frame's payload bytes were checked.
+        self._partial_left = None
         self._partial_checked = 0
         # The pong owed to the peer's latest ping (RFC 6455 5.5.3 lets an
         # endpoint answer only the most recent of several pings), so a
@@ -256,6 +258,23 @@ class ServerProtocol:
         return self._closed
 
     @property
+    def held_bytes(self) -> int:
+        """Bytes received and held: those not parsed yet (a frame still
+        arriving) plus the fragments of the message being reassembled.
+
+        With a ``max_message_size`` of *n* it never exceeds
+        ``n + n // 8 + 1024 + 14`` (the slack is a compressed frame's
+        allowance for deflate's expansion, and a frame header), whatever
+        the client sends; the table in ``docs/topics/limits.rst`` gives the
+        figures measured. Delivering a message copies it once more into its
+        ``str`` or ``bytes``, which the application then owns.
+        """
+        held = self._parser.buffered
+        if self._msg_buf is not None:
+            held += len(self._msg_buf)
+        return held
+
+    @property
     def close_expected(self):
         """True while our close frame is sent and the peer's is awaited."""
         return self._close_sent is not None and not self._closed
@@ -276,6 +295,8 @@ class ServerProtocol:
             self._fail_with(exc)
         except Exception as exc:  # a bug here must not kill the driver
             self._fail_with(ProtocolError(f"internal error: {exc!r}", 1011))
+        if self._closed:
+            self._parser.clear()  # nothing more will be parsed
 
     def receive_eof(self):
         """The peer closed its end of the TCP connection. Never raises."""
@@ -283,6 +304,7 @@ class ServerProtocol:
             return
         self._closed = True
         self._reset_message()
+        self._parser.clear()
 
     def events_received(self):
         """Return and forget the events received so far."""
@@ -315,8 +337,14 @@ class ServerProtocol:
                 frame_limit = limit
                 rsv1_limit = _compressed_budget(limit)
             elif self._msg_compressed:
-                frame_limit = _compressed_budget(limit) - self._msg_wire_size
-                rsv1_limit = frame_limit
+                # The whole message's wire budget, and no more than the
+                # decompressed room left could need: so the frame buffered
+                # plus the message so far stay within held_bytes' bound.
+                room = max(limit - self._msg_size - FRAGMENT_OVERHEAD, 0)
+                frame_limit = rsv1_limit = min(
+                    _compressed_budget(limit) - self._msg_wire_size,
+                    _compressed_budget(room),
+                )
             else:
                 # Clamped at 0 so an empty continuation reaches _data_frame,
                 # which names the fragment overhead when it fails.
@@ -328,7 +356,7 @@ class ServerProtocol:
                 if parsed is False:  # part of a frame has arrived
                     self._check_partial_text()
                 return
-            if self._partial_decoder is not None:
+            if self._partial_left is not None:
                 self._checked_frame(*parsed)
                 continue
             opcode, payload, fin, rsv1 = parsed
@@ -359,57 +387,58 @@ class ServerProtocol:
     def _check_partial_text(self):
         # Fail fast on invalid UTF-8 inside a text frame that has not all
         # arrived (RFC 6455 8.1), rather than when its last byte does.
+        # Validation only: keeping the text would hold the frame twice while
+        # it arrives (bytes and str); it is decoded once, on completion.
         pending = self._parser.pending_payload(self._partial_checked)
         if pending is None or self._close_sent is not None:
             return
         opcode, fin, rsv1, data = pending
         if rsv1 or not data:
             return
-        decoder = self._partial_decoder
-        if decoder is None:
+        left = self._partial_left
+        if left is None:
             if opcode == _TEXT and self._msg_opcode is None:
-                decoder = _new_utf8_decoder()
-                # A one-frame message: keep the text, not decode it twice.
-                self._partial_text = [] if fin else None
+                left = b""
             elif (
                 opcode == _CONT
                 and self._msg_opcode == _TEXT
                 and not self._msg_compressed
             ):
-                decoder = _new_utf8_decoder()
-                decoder.setstate(self._msg_decoder.getstate())
-                self._partial_text = None
+                left = self._msg_decoder.getstate()[0]
             else:
                 return
-            self._partial_decoder = decoder
+        if left:
+            data = left + data
         try:
-            text = decoder.decode(data, False)
+            consumed = _utf8_decode(data, "strict", False)[1]
         except UnicodeDecodeError:
             raise InvalidPayload("text message is not UTF-8") from None
-        if self._partial_text is not None:
-            self._partial_text.append(text)
-        self._partial_checked += len(data)
+        self._partial_left = data[consumed:]
+        self._partial_checked += len(data) - len(left)
 
     def _checked_frame(self, opcode, payload, fin, rsv1):
-        # The rest of a frame _check_partial_text began to decode.
-        decoder = self._partial_decoder
-        parts = self._partial_text
+        # The rest of a frame _check_partial_text began to validate.
+        left = self._partial_left
         checked = self._partial_checked
-        self._partial_decoder = self._partial_text = None
+        self._partial_left = None
         self._partial_checked = 0
         if self._close_sent is not None:
             return  # data after our close frame is ignored
+        if fin and opcode == _TEXT:  # a whole message: decode it, once
+            try:
+                text = payload.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidPayload("text message is not UTF-8") from None
+            self._events.append(TextMessage(text))
+            return
+        rest = left + payload[checked:]
         try:
-            text = decoder.decode(payload[checked:], fin)
+            consumed = _utf8_decode(rest, "strict", fin)[1]
         except UnicodeDecodeError:
             raise InvalidPayload("text message is not UTF-8") from None
-        if parts is not None:  # a whole text message in this frame
-            parts.append(text)
-            self._events.append(TextMessage("".join(parts)))
-        else:
-            self._data_frame(opcode, payload, fin, rsv1, checked_decoder=decoder)
+        self._data_frame(opcode, payload, fin, rsv1, checked_left=rest[consumed:])
 
-    def _data_frame(self, opcode, payload, fin, rsv1, checked_decoder=None):
+    def _data_frame(self, opcode, payload, fin, rsv1, checked_left=None):
         # A fragmented message is kept as one bytearray: its memory is its
         # size (plus the bytearray's growth margin), never one object per
         # fragment, and text is validated as each fragment arrives.
@@ -435,9 +464,9 @@ class ServerProtocol:
                 f"message over the limit of {limit} bytes (each continuation "
                 f"frame counts {FRAGMENT_OVERHEAD} bytes besides its payload)"
             )
-        if checked_decoder is not None:
-            # Already validated as it arrived; that decoder is now past it.
-            self._msg_decoder = checked_decoder
+        if checked_left is not None:
+            # Validated as it arrived: only the decoder's state moves on.
+            self._msg_decoder.setstate((checked_left, 0))
         elif self._msg_decoder is not None:
             try:
                 self._msg_decoder.decode(payload, fin)  # validation only
@@ -548,6 +577,7 @@ class ServerProtocol:
         self._queue_close(code, reason)
         if self.wire_format.draft == "hixie-75":
             self._closed = True
+            self._parser.clear()
 
     def fail(self, code, reason=""):
         """Fail the connection: send a close frame if none was sent yet, and
@@ -569,6 +599,7 @@ class ServerProtocol:
             self._queue_close(code, reason)
         self._closed = True
         self._reset_message()
+        self._parser.clear()
 
     def _fail_with(self, exc):
         self.error = exc

@@ -23,6 +23,7 @@ import random
 import socket
 import struct
 import time
+import zlib
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -33,6 +34,7 @@ from webob.headers import EnvironHeaders
 
 from stargate import WebSocketView
 from stargate.connection import open_websockets
+from stargate.deflate import DeflateParams
 from stargate.exceptions import HandShakeFailed, ProtocolError
 from stargate.frames import WireFormat, is_valid_close_code
 from stargate.handshake import Handshake, negotiate
@@ -295,6 +297,121 @@ class ProtocolMachine(RuleBasedStateMachine):
 ProtocolMachine.TestCase.settings = settings(
     max_examples=budget(150), stateful_step_count=25, **FUZZ
 )
+
+
+# -- the memory bound, whatever the client sends ------------------------------------
+
+BOUND_LIMIT = 4096
+#: What ServerProtocol.held_bytes promises for BOUND_LIMIT.
+MEMORY_BOUND = BOUND_LIMIT + BOUND_LIMIT // 8 + 1024 + 14
+
+
+def _frame(opcode, payload, fin, rsv1=False):
+    first = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
+    n = len(payload)
+    if n < 126:
+        header = struct.pack("!BB", first, 0x80 | n)
+    elif n < 65536:
+        header = struct.pack("!BBH", first, 0x80 | 126, n)
+    else:
+        header = struct.pack("!BBQ", first, 0x80 | 127, n)
+    return header + b"\x00\x00\x00\x00" + payload  # a zero mask: no XOR
+
+
+def _deflate(data, level):
+    compressor = zlib.compressobj(level, zlib.DEFLATED, -15)
+    return (compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+
+
+class MemoryBoundMachine(RuleBasedStateMachine):
+    """A hostile client: big frames, frames that never finish, fragment and
+    ping floods, compressed bombs, in any order and any chunks. However it
+    goes, ServerProtocol holds at most MEMORY_BOUND bytes and queues at most
+    a pong and a close."""
+
+    deflate = False
+
+    def __init__(self):
+        super().__init__()
+        wire = WireFormat(deflate=DeflateParams()) if self.deflate else WireFormat()
+        self.p = ServerProtocol(wire, max_message_size=BOUND_LIMIT)
+        self.pending = b""
+        self.peak = 0
+
+    def feed(self, data, cut):
+        self.pending += data
+        cut = min(cut, len(self.pending))
+        piece, self.pending = self.pending[:cut], self.pending[cut:]
+        self.p.receive_data(piece)
+        self.peak = max(self.peak, self.p.held_bytes)
+        self.p.events_received()
+        assert len(self.p.data_to_send()) <= 2 * (2 + 125)
+
+    @rule(
+        opcode=st.sampled_from([0x0, 0x1, 0x2]),
+        size=st.integers(0, 2 * BOUND_LIMIT),
+        fin=st.booleans(),
+        compressed=st.booleans(),
+        cut=st.integers(0, 3 * BOUND_LIMIT),
+    )
+    def data_frame(self, opcode, size, fin, compressed, cut):
+        payload = os.urandom(size) if size % 2 else b"a" * size
+        compressed = compressed and self.deflate
+        if compressed:  # a continuation of a compressed message has no RSV1
+            payload = _deflate(payload, 0 if size % 3 else 9)
+        rsv1 = compressed and opcode != 0x0
+        self.feed(_frame(opcode, payload, fin, rsv1), cut)
+
+    @rule(announced=st.integers(0, 2**20), sent=st.integers(0, 2 * BOUND_LIMIT))
+    def frame_that_never_ends(self, announced, sent):
+        whole = _frame(0x2, b"", False)[:2]  # header bytes for a 0-byte frame
+        if announced < 126:
+            header = bytes((whole[0], 0x80 | announced))
+        elif announced < 65536:
+            header = struct.pack("!BBH", whole[0], 0x80 | 126, announced)
+        else:
+            header = struct.pack("!BBQ", whole[0], 0x80 | 127, announced)
+        self.feed(header + b"\x00" * (4 + min(announced, sent)), 10**9)
+
+    @rule(count=st.integers(1, 400), size=st.integers(0, 3), ping=st.booleans())
+    def continuation_flood(self, count, size, ping):
+        piece = _frame(0x0, b"c" * size, False)
+        if ping:
+            piece += _frame(0x9, b"p", True)
+        self.feed(piece * count, 10**9)
+
+    @rule(zeros=st.integers(1, 64 * BOUND_LIMIT), first=st.booleans())
+    def deflate_bomb(self, zeros, first):
+        if self.deflate:
+            self.feed(
+                _frame(0x2 if first else 0x0, _deflate(bytes(zeros), 9), False, first),
+                10**9,
+            )
+
+    @rule(payload=st.binary(max_size=125), pong=st.booleans(), count=st.integers(1, 50))
+    def controls(self, payload, pong, count):
+        self.feed(_frame(0xA if pong else 0x9, payload, True) * count, 10**9)
+
+    @rule(garbage=st.binary(min_size=1, max_size=64))
+    def garbage(self, garbage):
+        self.feed(garbage, 10**9)
+
+    @invariant()
+    def memory_stays_within_the_bound(self):
+        assert self.p.held_bytes <= MEMORY_BOUND, self.p.held_bytes
+        assert self.peak <= MEMORY_BOUND, self.peak
+
+
+class DeflateMemoryBoundMachine(MemoryBoundMachine):
+    deflate = True
+
+
+for _machine in (MemoryBoundMachine, DeflateMemoryBoundMachine):
+    _machine.TestCase.settings = settings(
+        max_examples=budget(100), stateful_step_count=20, **FUZZ
+    )
+test_memory_bound_state_machine = MemoryBoundMachine.TestCase
+test_memory_bound_state_machine_with_deflate = DeflateMemoryBoundMachine.TestCase
 test_protocol_state_machine = ProtocolMachine.TestCase
 
 

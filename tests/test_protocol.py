@@ -334,6 +334,25 @@ def test_two_byte_fragments_are_held_as_one_buffer(opcode):
     assert held < 200_000, held
 
 
+def test_a_compressed_continuation_may_not_outgrow_the_room_left():
+    # 4,000 bytes decompressed from a few wire bytes, then a continuation
+    # announcing 5,000 wire bytes: the message could only use 96 more bytes,
+    # so the frame is refused at its header instead of being buffered.
+    limit = 4096
+    p = ServerProtocol(DEFLATE, max_message_size=limit)
+    p.receive_data(frame(Opcode.BINARY, compress(b"a" * 4000), fin=False, rsv1=True))
+    assert p.error is None and p.held_bytes >= 4000
+    p.receive_data(frame(Opcode.CONT, os.urandom(5000))[:3000])
+    assert_failed(p, 1009, PayloadTooBig)
+    assert p.held_bytes == 0
+
+
+def test_held_bytes_is_zero_once_closed():
+    p = ServerProtocol(WireFormat(), max_message_size=4096)
+    p.receive_data(frame(Opcode.TEXT, "x" * 3000, fin=False) + close_frame(1000))
+    assert p.state is State.CLOSED and p.held_bytes == 0
+
+
 def test_a_flood_of_pings_queues_one_pong():
     # RFC 6455 5.5.3: only the most recent ping needs an answer.
     p = ServerProtocol(WireFormat())
