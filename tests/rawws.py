@@ -68,8 +68,12 @@ def _parse(data):
 class RawClient:
     """An RFC 6455 client on a plain socket that reads frames one by one."""
 
-    def __init__(self, port, path="/", *, extra=b""):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    def __init__(self, port, path="/", *, extra=b"", rcvbuf=None):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(5)
+        self.sock.connect(("127.0.0.1", port))
         self.sock.sendall(upgrade_request(port, path) + extra)
         self.buffer = b""
         head = self._read_until(b"\r\n\r\n")
