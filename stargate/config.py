@@ -21,10 +21,14 @@ setting, the value and what is allowed (:class:`IncorrectlyConfigured`):
 ``stargate.compression = flase`` is an error, not ``False``.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import logging
 import math
 import urllib.parse
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from pyramid.settings import aslist, falsey, truthy
 
@@ -38,7 +42,7 @@ PREFIX = "stargate."
 BACKEND_OPTION_PREFIX = "stargate.backend."
 
 
-def as_bool(value):
+def as_bool(value: object) -> bool:
     """``True`` or ``False`` from a bool or from one of Pyramid's truthy and
     falsey strings; anything else (a typo like ``flase``) is a ValueError,
     where ``pyramid.settings.asbool`` would quietly say ``False``."""
@@ -52,7 +56,7 @@ def as_bool(value):
     raise ValueError("must be true or false (also yes/no, on/off, 1/0)")
 
 
-def _number(kind, value, allowed):
+def _number(kind: Callable[[Any], Any], value: Any, allowed: str) -> Any:
     try:
         number = kind(value)
     except (TypeError, ValueError):
@@ -62,9 +66,10 @@ def _number(kind, value, allowed):
     return number
 
 
-def _origins(value):
+def _origins(value: Any) -> tuple[str, ...] | None:
     if value is None:
         return None
+    origins: tuple[str, ...] | None
     if isinstance(value, (list, tuple, frozenset, set)):
         origins = tuple(value)
     else:
@@ -104,12 +109,12 @@ def _optional_seconds(value):
     return _positive(float, value, "a positive number of seconds, or 'off'")
 
 
-def as_seconds(value):
+def as_seconds(value: object) -> float:
     """A positive, finite number of seconds, or ValueError saying so."""
     return _positive(float, value, "a positive number of seconds")
 
 
-def _positive(kind, value, allowed):
+def _positive(kind: Callable[[Any], Any], value: Any, allowed: str) -> Any:
     number = _number(kind, value, allowed)
     if not number > 0:
         raise ValueError(f"must be {allowed}")
@@ -202,7 +207,7 @@ class Settings:
 
 DEFAULTS = Settings()
 
-_COERCE = {
+_COERCE: dict[str, Callable[[Any], Any]] = {
     "backend": str,
     "allowed_origins": _origins,
     "protocols": _versions,
@@ -221,7 +226,7 @@ _COERCE = {
 }
 
 
-def parse_settings(settings):
+def parse_settings(settings: Mapping[str, Any] | None) -> Settings:
     """Read the ``stargate.*`` keys of ``settings`` into a :class:`Settings`.
 
     Raises :class:`~stargate.exceptions.IncorrectlyConfigured` naming the
@@ -263,7 +268,7 @@ _HOST_PORT_SCHEMES = {
 }
 
 
-def _check_backend_url(value):
+def _check_backend_url(value: str) -> None:
     """Refuse a Redis URL whose port or database is not a number now, rather
     than at the first join ("Port could not be cast to integer value")."""
     scheme, sep, _ = value.strip().partition("://")
@@ -287,7 +292,7 @@ def _check_backend_url(value):
         )
 
 
-def redacted_backend(value):
+def redacted_backend(value: object) -> str:
     """A ``stargate.backend`` value fit for a log line: a URL's password is
     replaced with ``***``."""
     value = str(value)
@@ -298,7 +303,7 @@ def redacted_backend(value):
     return redact_url(value)
 
 
-def get_settings(registry=None):
+def get_settings(registry: Any = None) -> Settings:
     """The :class:`Settings` of ``registry`` (the current one by default),
     or the defaults when ``config.include('stargate')`` was not called."""
     if registry is None:
@@ -308,7 +313,7 @@ def get_settings(registry=None):
     return getattr(registry, "stargate_settings", None) or DEFAULTS
 
 
-def includeme(config):
+def includeme(config: Any) -> None:
     """Set stargate up in a Pyramid application.
 
     Registers the ``websocket`` view predicate, reads the settings and

@@ -27,6 +27,8 @@ with 1001 (going away) and exits once they are closed or ``shutdown_timeout``
 seconds have passed.
 """
 
+from __future__ import annotations
+
 import errno
 import logging
 import os
@@ -35,8 +37,18 @@ import signal
 import socket
 import sys
 import time
+import types
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import eventlet
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIApplication
+
+    from stargate.config import Settings
+
+T = TypeVar("T")
 
 __all__ = ["server_factory", "serve", "GenericErrorPage", "ERROR_PAGE"]
 
@@ -69,7 +81,12 @@ ERROR_PAGE = (
 CRASH_WINDOW = 5.0
 
 
-def server_factory(global_conf, host="127.0.0.1", port=6543, **options):
+def server_factory(
+    global_conf: dict[str, Any],
+    host: str = "127.0.0.1",
+    port: int | str = 6543,
+    **options: Any,
+) -> Callable[[WSGIApplication], None]:
     """Implements the Paste Deploy ``server_factory`` API: returns a callable
     that serves a WSGI application with eventlet.
 
@@ -90,7 +107,7 @@ def server_factory(global_conf, host="127.0.0.1", port=6543, **options):
 
     one_line_errors()
     eventlet.monkey_patch()
-    settings = {
+    settings: dict[str, Any] = {
         "workers": _positive_int("workers", options.pop("workers", 1)),
         "max_clients": _positive_int(
             "max_clients", options.pop("max_clients", DEFAULT_MAX_CLIENTS)
@@ -108,27 +125,27 @@ def server_factory(global_conf, host="127.0.0.1", port=6543, **options):
     if options:
         names = ", ".join(sorted(options))
         log.warning("stargate server: ignoring unknown option(s) %s", names)
-    port = _port(port)
+    number = _port(port)
 
-    def run(app):
-        serve(app, host, port, **settings)
+    def run(app: WSGIApplication) -> None:
+        serve(app, host, number, **settings)
 
     return run
 
 
 def serve(
-    app,
-    host="127.0.0.1",
-    port=6543,
+    app: WSGIApplication,
+    host: str = "127.0.0.1",
+    port: int = 6543,
     *,
-    workers=1,
-    max_clients=DEFAULT_MAX_CLIENTS,
-    shutdown_timeout=10.0,
-    access_log=True,
-    request_timeout=DEFAULT_REQUEST_TIMEOUT,
-    listen_socket=None,
-    ready=None,
-):
+    workers: int = 1,
+    max_clients: int = DEFAULT_MAX_CLIENTS,
+    shutdown_timeout: float = 10.0,
+    access_log: bool = True,
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    listen_socket: socket.socket | None = None,
+    ready: Callable[[tuple[str, int]], object] | None = None,
+) -> None:
     """Serve ``app`` until SIGTERM or SIGINT.
 
     ``listen_socket`` serves on a socket bound elsewhere; ``ready``, if
@@ -165,7 +182,9 @@ def serve(
         _supervise(app, sock, workers, worker_options)
 
 
-def startup_line(address, workers, settings=None):
+def startup_line(
+    address: tuple[str, int], workers: int, settings: Settings | None = None
+) -> str:
     """The line a server says when it starts: address, workers, runtime and
     backend (a password in its URL replaced by ``***``)."""
     from importlib.metadata import version
@@ -183,7 +202,7 @@ def startup_line(address, workers, settings=None):
     )
 
 
-def _announce(line):
+def _announce(line: str) -> None:
     """Log ``line`` on ``stargate.server``; print it on stderr when logging
     would not show it (``pserve`` with an ``.ini`` without logging sections
     sets the root logger to WARNING), as other ``pserve`` servers do."""
@@ -193,7 +212,7 @@ def _announce(line):
         print(line, file=sys.stderr, flush=True)
 
 
-def _stargate_settings(app):
+def _stargate_settings(app: object) -> Settings | None:
     """The :class:`~stargate.config.Settings` of the Pyramid application
     ``app`` is or wraps (through ``.app`` or ``.application`` of WSGI
     middleware), or ``None``."""
@@ -207,12 +226,12 @@ def _stargate_settings(app):
     return None
 
 
-def _is_memory(backend):
+def _is_memory(backend: object) -> bool:
     return isinstance(backend, str) and backend.strip().lower() in ("", "memory")
 
 
 #: Why a listening socket could not be had, by errno, and what to do.
-_LISTEN_ERRORS = {
+_LISTEN_ERRORS: dict[int | None, str] = {
     errno.EADDRINUSE: "is in use by another process; stop it or choose another port",
     errno.EACCES: "needs privileges (ports below 1024 do); choose a port from "
     "1024, or let a proxy listen there",
@@ -221,7 +240,7 @@ _LISTEN_ERRORS = {
 }
 
 
-def _listen(host, port):
+def _listen(host: str, port: int) -> socket.socket:
     """A listening socket, or :class:`IncorrectlyConfigured` naming the
     address and what to do when the kernel refuses it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -242,7 +261,7 @@ def _listen(host, port):
         ) from None
 
 
-def _display(address):
+def _display(address: tuple[str, int]) -> tuple[str, int]:
     host, port = address
     return (f"[{host}]" if ":" in host else host), port
 
@@ -605,7 +624,7 @@ def _reinit_after_fork():
     sys.stdout.flush()
 
 
-def _positive_int(name, value):
+def _positive_int(name: str, value: Any) -> int:
     try:
         number = int(value)
     except (TypeError, ValueError):
@@ -619,7 +638,7 @@ def _positive_int(name, value):
     return number
 
 
-def _port(value):
+def _port(value: Any) -> int:
     try:
         port = int(value)
     except (TypeError, ValueError):
@@ -633,7 +652,7 @@ def _port(value):
     return port
 
 
-def _option(name, value, parse):
+def _option(name: str, value: object, parse: Callable[[object], T]) -> T:
     try:
         return parse(value)
     except ValueError as exc:
@@ -644,7 +663,7 @@ def _option(name, value, parse):
         ) from None
 
 
-def one_line_errors():
+def one_line_errors() -> None:
     """Make an uncaught :class:`~stargate.exceptions.IncorrectlyConfigured`
     end the process with one line on stderr, ``stargate: <message>``, and
     exit status 1, instead of a traceback: the message names the setting,
@@ -655,7 +674,11 @@ def one_line_errors():
     if getattr(previous, "stargate_one_line", False):
         return
 
-    def excepthook(exc_type, exc, tb):
+    def excepthook(
+        exc_type: type[BaseException],
+        exc: BaseException,
+        tb: types.TracebackType | None,
+    ) -> None:
         from stargate.exceptions import IncorrectlyConfigured
 
         if issubclass(exc_type, IncorrectlyConfigured):
@@ -663,5 +686,5 @@ def one_line_errors():
         else:
             previous(exc_type, exc, tb)
 
-    excepthook.stargate_one_line = True
+    excepthook.stargate_one_line = True  # type: ignore[attr-defined]
     sys.excepthook = excepthook

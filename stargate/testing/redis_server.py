@@ -121,8 +121,8 @@ class RedisServer:
         self.extra_args = list(extra_args)
         self.start_timeout = start_timeout
         self.cluster_bus = cluster_bus
-        self.dir = None
-        self.process = None
+        self.dir: str | None = None
+        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self):
@@ -161,15 +161,17 @@ class RedisServer:
         return self
 
     def _spawn(self):
+        directory = self.dir
+        assert directory is not None, "start() makes the directory first"
         args = [
             self.binary,
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--save", "",
             "--appendonly", "no",
-            "--dir", self.dir,
+            "--dir", directory,
             "--daemonize", "no",
-            "--logfile", os.path.join(self.dir, "redis.log"),
+            "--logfile", os.path.join(directory, "redis.log"),
             *self.extra_args,
         ]  # fmt: skip
         self.process = subprocess.Popen(
@@ -186,7 +188,7 @@ class RedisServer:
                 self.process = None
                 raise RedisServerFailed(
                     f"redis-server on port {self.port} exited with status {code}"
-                    f" at start-up; see {os.path.join(self.dir, 'redis.log')}"
+                    f" at start-up; see {os.path.join(directory, 'redis.log')}"
                 )
             try:
                 with self.client(socket_timeout=1, socket_connect_timeout=1) as c:

@@ -2,6 +2,7 @@
 
 import logging
 import socket
+from typing import Any
 
 __all__ = ["LiveServer"]
 
@@ -31,8 +32,8 @@ class LiveServer:
         self.host = host
         self.stop_timeout = stop_timeout
         self.port = None
-        self._sock = None
-        self._thread = None
+        self._sock: Any = None  # an eventlet GreenSocket once started
+        self._thread: Any = None
 
     @property
     def url(self):
