@@ -34,7 +34,14 @@ from pyramid.settings import aslist, falsey, truthy
 
 from stargate.exceptions import IncorrectlyConfigured
 
-__all__ = ["Settings", "DEFAULTS", "parse_settings", "get_settings", "includeme"]
+__all__ = [
+    "Settings",
+    "DEFAULTS",
+    "parse_settings",
+    "get_settings",
+    "includeme",
+    "NoTransactionForWebSockets",
+]
 
 log = logging.getLogger("stargate.config")
 
@@ -313,6 +320,43 @@ def get_settings(registry: Any = None) -> Settings:
     return getattr(registry, "stargate_settings", None) or DEFAULTS
 
 
+class NoTransactionForWebSockets:
+    """A ``tm.activate_hook`` for ``pyramid_tm``: no transaction is begun for
+    a WebSocket upgrade request, since its handler runs inside the view for
+    the whole life of the connection and would hold the transaction (and its
+    database connection) open all that time. Other requests are decided by
+    the application's own hook, ``wrapped`` (a callable or a dotted name),
+    or get a transaction when there is none.
+
+    A handler that does transactional work opens a short transaction per
+    unit of work: ``with self.request.tm:`` (see :doc:`/howto/transactions`).
+    """
+
+    def __init__(self, wrapped: Any = None) -> None:
+        if isinstance(wrapped, str):
+            from pyramid.path import DottedNameResolver
+
+            wrapped = DottedNameResolver().maybe_resolve(wrapped)
+        self.wrapped = wrapped
+
+    def __call__(self, request: Any) -> bool:
+        from stargate.predicates import is_websocket
+
+        if is_websocket(None, request):
+            return False
+        return True if self.wrapped is None else bool(self.wrapped(request))
+
+
+def _no_transaction_for_websockets(settings: dict[str, Any]) -> None:
+    """Install :class:`NoTransactionForWebSockets` as ``tm.activate_hook``,
+    around the application's own hook if it has one. pyramid_tm reads the
+    setting when the WSGI app is made, so the order of includes does not
+    matter; a hook set with ``add_settings`` after this replaces it."""
+    hook = settings.get("tm.activate_hook")
+    if not isinstance(hook, NoTransactionForWebSockets):
+        settings["tm.activate_hook"] = NoTransactionForWebSockets(hook or None)
+
+
 def includeme(config: Any) -> None:
     """Set stargate up in a Pyramid application.
 
@@ -338,4 +382,5 @@ def includeme(config: Any) -> None:
             "or redis+streams://host:port/db, or set stargate.history_size = 0"
         )
     config.registry.stargate_hub = Hub(backend)
+    _no_transaction_for_websockets(written)
     log.debug("stargate configured: %s", settings)
