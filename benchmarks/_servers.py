@@ -11,6 +11,10 @@
     ``WebSocketView`` whose handler ``add_listener()``\\ s the connection to
     a ``WebSocketAwareResource``; a broadcast is ``resource.send(message)``.
     ``--redis URL`` sets ``stargate.backend`` (with ``--workers``).
+``stargate-kept``
+    the same, but ``/listen`` is a ``keep_open`` view: its handler returns
+    after ``add_listener()`` and the hub keeps the connection, with no green
+    thread parked under the request.
 ``websockets``
     a ``websockets`` asyncio server; a broadcast is
     ``websockets.broadcast(connections, message)``. With ``--redis URL`` each
@@ -159,6 +163,13 @@ def serve_stargate(args):
             while websocket.wait() is not None:
                 pass
 
+    class KeptListenView(WebSocketView):
+        keep_open = True  # the view returns; the hub keeps the connection
+
+        def handler(self, websocket):
+            self.request.context.add_listener(websocket)
+            websocket.send("ready")
+
     class ControlView(WebSocketView):
         def handler(self, websocket):
             resource = self.request.context
@@ -176,7 +187,8 @@ def serve_stargate(args):
         config.include("stargate")
         config.add_route("listen", CHANNEL_PATH, factory=lambda request: root)
         config.add_route("control", "/control", factory=lambda request: root)
-        config.add_view(ListenView, route_name="listen")
+        kept = getattr(args, "kind", "stargate") == "stargate-kept"
+        config.add_view(KeptListenView if kept else ListenView, route_name="listen")
         config.add_view(ControlView, route_name="control")
         app = config.make_wsgi_app()
     sock = eventlet.greenio.GreenSocket(listen_socket())
@@ -345,6 +357,7 @@ async def _async_broadcast(command, publish):
 
 SERVERS = {
     "stargate": serve_stargate,
+    "stargate-kept": serve_stargate,
     "websockets": serve_websockets,
     "eventlet": serve_eventlet,
 }

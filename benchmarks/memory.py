@@ -1,7 +1,9 @@
 """Memory per idle connection: stargate against the same peers as broadcast.
 
-For each server (``stargate``, ``websockets``, ``eventlet``; see
-:mod:`benchmarks.broadcast`), in a fresh process: connect 10 listeners and
+For each server (``stargate`` with its blocking handler, ``stargate-kept``
+with a ``keep_open`` view whose connections the hub holds without a green
+thread, ``websockets``, ``eventlet``; see :mod:`benchmarks._servers`), in a
+fresh process: connect 10 listeners and
 broadcast once (so lazily imported code and first-use caches are in
 place), read the server's RSS, connect N more idle listeners, wait a
 second, read the RSS again. Memory per connection = (after - before) / N.
@@ -31,7 +33,7 @@ from benchmarks._harness import (
     run_phase,
 )
 
-PEERS = ("stargate", "websockets", "eventlet")
+PEERS = ("stargate", "stargate-kept", "websockets", "eventlet")
 TITLE = "memory: server RSS per idle connection"
 WARM = 10
 
@@ -79,18 +81,17 @@ def run(counts, *, rounds, out, settle=1.0, compressions=(False, True)):
 
 def report(results):
     columns = ["N", "deflate"] + [f"{p} KiB/conn" for p in PEERS]
-    columns += ["sg/ws", "sg/ev", "connected"]
+    columns += ["sg/ws", "kept/ws", "sg/ev", "connected"]
     rows = []
     for r in results:
-        sg, ws, ev = (r[p] for p in PEERS)
+        sg, kept, ws, ev = (r[p] for p in PEERS)
         rows.append(
             [
                 f"{r['n']:,}",
                 "yes" if r["compress"] else "no",
-                f"{sg / 1024:.1f}",
-                f"{ws / 1024:.1f}",
-                f"{ev / 1024:.1f}",
+                *(f"{r[p] / 1024:.1f}" for p in PEERS),
                 ratio(sg, ws),
+                ratio(kept, ws),
                 ratio(sg, ev),
                 "/".join(f"{r[f'{p}_open']}" for p in PEERS),
             ]
@@ -107,7 +108,7 @@ def plot(results, out):
     width = 0.8 / len(PEERS)
     for i, peer in enumerate(PEERS):
         ax.bar(
-            [x + (i - 1) * width for x in range(len(results))],
+            [x + (i - 1.5) * width for x in range(len(results))],
             [r[peer] / 1024 for r in results],
             width=width,
             label=peer,

@@ -648,13 +648,13 @@ class WebSocket:
                 self._closed_event.send(True)
         return self._closed_event
 
-    def _wait_finished(self):
-        """Wait, up to ``close_timeout``, for the TCP connection to end; then
-        drop it."""
+    def _wait_finished(self, timeout):
+        """Wait, up to ``timeout`` seconds (None: no limit), for the TCP
+        connection to end; then drop it."""
         if not self._finished:
             done = eventlet.Event()
             self.add_close_callback(lambda websocket: done.send(True))
-            with eventlet.Timeout(self.close_timeout, False):
+            with eventlet.Timeout(timeout, False):
                 done.wait()
         self.abort()
 

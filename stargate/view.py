@@ -82,11 +82,20 @@ class WebSocketView:
         Origins allowed to connect; see ``stargate.allowed_origins``.
     ``max_message_size``
         Largest message accepted, in bytes.
+    ``keep_open``
+        ``False`` (the default): the connection lasts as long as
+        :meth:`handler` runs and is closed when it returns. ``True``: the
+        handler sets the connection up (``add_listener(websocket)``,
+        ``websocket.on_message = ...``) and returns; the connection stays
+        open, with no green thread of its own, until either side closes it.
+        What the client sends goes to ``websocket.on_message`` (ignored
+        when unset).
     """
 
     subprotocols = ()
     allowed_origins = None
     max_message_size = None
+    keep_open = False
 
     def __init__(self, request):
         self.request = request
@@ -188,6 +197,22 @@ class WebSocketView:
         """
         global _open_connections
         _open_connections += 1
+        if self.keep_open:
+            websocket.add_close_callback(_connection_ended)
+            self._run_handler(websocket)
+            return self._leave_open(websocket)
+        try:
+            self._run_handler(websocket)
+        finally:
+            _open_connections -= 1
+            if not websocket.closed:
+                websocket.close()
+            if not getattr(self, "_handed_over", False):
+                # The server closes the socket when the request ends.
+                websocket._wait_finished(websocket.close_timeout)
+        return self._already_handled()
+
+    def _run_handler(self, websocket):
         try:
             self.handler(websocket)
         except ConnectionClosed as exc:
@@ -202,13 +227,21 @@ class WebSocketView:
             log.exception("WebSocket handler %s.handler failed", type(self).__name__)
             if not websocket.closed:
                 websocket.close(1011, "internal error")
-        finally:
-            _open_connections -= 1
-            if not websocket.closed:
-                websocket.close()
-            if not getattr(self, "_handed_over", False):
-                # The server closes the socket when the request ends.
-                websocket._wait_finished()
+
+    def _leave_open(self, websocket):
+        """``keep_open``: the request ends, the connection stays with the
+        hub. It keeps only the environ keys its properties and logs read."""
+        if websocket.on_message is None:
+            websocket.on_message = _ignore_message
+        if getattr(self, "_handed_over", False):
+            environ = websocket.environ
+            websocket.environ = {
+                key: environ[key] for key in _KEPT_ENVIRON_KEYS if key in environ
+            }
+        else:
+            # Another server closes the socket when the request ends: the
+            # request lasts as long as the connection.
+            websocket._wait_finished(None)
         return self._already_handled()
 
     def handler(self, websocket):
@@ -281,6 +314,32 @@ def not_an_upgrade(exc, request):
             value=request.headers.get("Upgrade"),
         )
     )
+
+
+#: What a ``keep_open`` connection keeps of its upgrade request's environ.
+_KEPT_ENVIRON_KEYS = (
+    "REQUEST_METHOD",
+    "SCRIPT_NAME",
+    "PATH_INFO",
+    "QUERY_STRING",
+    "SERVER_NAME",
+    "SERVER_PORT",
+    "REMOTE_ADDR",
+    "REMOTE_PORT",
+    "HTTP_HOST",
+    "HTTP_ORIGIN",
+    "HTTP_SEC_WEBSOCKET_ORIGIN",
+    "wsgi.url_scheme",
+)
+
+
+def _connection_ended(websocket):
+    global _open_connections
+    _open_connections -= 1
+
+
+def _ignore_message(websocket, message):
+    """A ``keep_open`` connection's messages when nobody asked for them."""
 
 
 def _read_key3(environ, timeout):
