@@ -95,6 +95,10 @@ class Backend(abc.ABC):
     #: with a position, and :meth:`history` works.
     supports_history = False
 
+    #: Called as ``gap_handler(channel, reason)`` when ``channel`` may have
+    #: missed messages (see :meth:`report_gap`); the hub sets it.
+    gap_handler = None
+
     #: The URL schemes (``"redis://"``) :func:`~stargate.backends.load_backend`
     #: hands to this backend; only built-in backends are found by scheme.
     schemes: tuple = ()
@@ -102,6 +106,15 @@ class Backend(abc.ABC):
     def __init__(self, url=None, **options):
         self.url = url
         self.options = options
+
+    def report_gap(self, channel: str, reason: str) -> None:
+        """Tell whoever listens (the hub) that ``channel`` may have missed
+        messages: a lost connection, a moved slot, a lost history. Backends
+        call it once the channel is received again, so a listener that
+        reloads its state when told misses nothing after that."""
+        handler = self.gap_handler
+        if handler is not None:
+            handler(channel, reason)
 
     @classmethod
     def refuse_unknown_options(cls, options: dict) -> None:

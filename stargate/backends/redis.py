@@ -1,25 +1,30 @@
 """The Redis pub/sub backend: broadcast across worker processes and machines.
 
-Every process runs one receiving green thread. It holds one pub/sub
-connection (one per master node in a cluster), subscribes a channel when the
-hub gets its first local listener there and unsubscribes after the last, so
-Redis sends a worker only what it needs. :meth:`RedisBackend.publish` sends
-on an ordinary connection; the message comes back through Redis to every
-subscribed process, this one included, so each process sees the same order
-per channel.
+Every process runs one receiver (:mod:`stargate.backends.receiver`, on
+redis-py's ``PubSub``): one pub/sub connection, or one per master serving a
+subscribed channel in a cluster, each read by a green thread of its own. It
+subscribes a channel when the hub gets its first local listener there and
+unsubscribes after the last, so Redis sends a worker only what it needs.
+:meth:`RedisBackend.publish` sends on an ordinary connection; the message
+comes back through Redis to every subscribed process, this one included, so
+each process sees the same order per channel.
 
 What is lost while disconnected
 -------------------------------
 
-Redis pub/sub does not store messages. When the receiver loses its
-connection (Redis restarted, network cut, or Redis dropped a slow reader for
-exceeding ``client-output-buffer-limit pubsub``), it logs a warning,
-reconnects with a bounded, jittered exponential backoff and resubscribes
-every channel that still has local listeners. Messages published in the
-meantime are **not** delivered to this process; the gap is logged ("lost
-connection to Redis for 2.3 s; messages published meanwhile were not
-received") and counted in :attr:`RedisBackend.stats`. WebSockets stay open
-throughout. :meth:`~RedisBackend.publish` raises
+Redis pub/sub does not store messages. When the receiver loses a
+connection (Redis restarted, network cut, a cluster master down, or Redis
+dropped a slow reader for exceeding ``client-output-buffer-limit pubsub``),
+it logs a warning, reconnects with a bounded, jittered exponential backoff
+and resubscribes every channel that still has local listeners; on a
+cluster, only the lost master's channels are affected, and they move to
+the replica that takes over. A channel whose slot moves (a reshard) is
+followed to its new owner. Messages published in the meantime are **not**
+delivered to this process: the loss is logged ("lost connection to Redis
+for 2.3 s; messages published meanwhile were not received"), counted in
+:attr:`RedisBackend.stats` and reported per channel to the hub
+(:meth:`~stargate.backends.base.Backend.report_gap`), once the channel is
+received again. WebSockets stay open throughout. :meth:`~RedisBackend.publish` raises
 :class:`~stargate.exceptions.BackendUnavailable` while Redis cannot be
 reached, after at most ``socket_timeout`` seconds.
 
@@ -31,7 +36,7 @@ field per process (a random process id) holding ``"<count>:<expires_ms>"``,
 where the expiry is computed from Redis's own clock (``TIME``) inside a Lua
 script, so clocks of the worker machines do not matter. A process rewrites
 its fields when the hub reports a new local count and every
-``presence_ttl / 3`` seconds from the receiver thread. Readers sum the
+``presence_ttl / 3`` seconds from a heartbeat green thread. Readers sum the
 fields that have not expired and delete those that have, so a worker that
 died stops counting after at most ``presence_ttl`` seconds; the whole hash
 expires too when nobody refreshes it. One hash per channel keeps a read to a
@@ -49,9 +54,7 @@ channel lives on the node that owns its hash slot.
 
 import logging
 import os
-import random
 import socket
-import time
 import urllib.parse
 import uuid
 
@@ -59,11 +62,8 @@ import eventlet
 import eventlet.event
 import eventlet.patcher
 import eventlet.semaphore
-import greenlet
-from eventlet.green import select as green_select
-from eventlet.green import socket as green_socket
 from redis import BlockingConnectionPool, Redis
-from redis.backoff import NoBackoff
+from redis.backoff import EqualJitterBackoff, NoBackoff
 from redis.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -72,6 +72,7 @@ from redis.retry import Retry
 
 from stargate.backends import REDIS_SCHEMES
 from stargate.backends.base import Backend
+from stargate.backends.receiver import PubSubReceiver
 from stargate.exceptions import (
     BackendError,
     BackendUnavailable,
@@ -172,10 +173,10 @@ def _new_process_id():
 def backoff_delay(reconnect_backoff, attempt):
     """Seconds to wait before reconnection ``attempt`` (0 for the first):
     doubling from the first value of ``reconnect_backoff`` up to the second,
-    jittered to 50-100 % so workers do not reconnect in step."""
+    jittered to 50-100 % so workers do not reconnect in step
+    (``redis.backoff.EqualJitterBackoff``)."""
     initial, maximum = reconnect_backoff
-    delay = min(maximum, initial * 2 ** min(attempt, 32))
-    return random.uniform(delay / 2, delay)
+    return EqualJitterBackoff(cap=maximum, base=initial).compute(min(attempt, 32))
 
 
 def redact_url(url):
@@ -304,7 +305,9 @@ class RedisBackend(Backend):
     :attr:`stats` counts ``published`` and ``received`` messages,
     ``reconnects``, ``gap_seconds`` (total time spent disconnected),
     ``undecodable`` messages skipped, ``delivery_errors`` (``deliver``
-    raised) and ``heartbeats`` (presence refreshes and connection checks).
+    raised), ``heartbeats`` (presence refreshes) and ``gaps`` (a channel may
+    have missed messages: a lost connection, a moved slot, a failover; each
+    is also reported to the hub, see :meth:`Backend.report_gap`).
     """
 
     synchronous = False
@@ -363,29 +366,21 @@ class RedisBackend(Backend):
             "undecodable": 0,
             "delivery_errors": 0,
             "heartbeats": 0,
+            "gaps": 0,
         }
         self._prefix_bytes = prefix.encode("utf-8")
         self._deliver = None
         self._client = None
         self._write_presence = None
         self._read_presence = None
-        self._receiver = None
+        self._receiver = None  # the PubSubReceiver, once started
+        self._heartbeat_thread = None
         self._started_in = None  # the pid start() ran in
         self._closed = False
-        self._lock = eventlet.semaphore.Semaphore()
         self._stopping = eventlet.event.Event()
         # Channels with local listeners; the receiver keeps Redis in step.
         self._channels = set()
         self._local_counts = {}
-        self._pending = {}  # channel -> Event set when Redis confirms it
-        self._conns = {}  # node name (None outside a cluster) -> Connection
-        self._channel_nodes = {}  # channel -> node name it is subscribed on
-        self._connected = False
-        self._broken = None  # an error seen outside the receiver
-        self._lost_at = None
-        self._wake_r = self._wake_w = None
-        self._last_traffic = 0.0
-        self._next_heartbeat = 0.0
 
     def __repr__(self):
         return f"<RedisBackend {redact_url(self.url)} prefix={self.prefix!r}>"
@@ -397,14 +392,6 @@ class RedisBackend(Backend):
 
     def _presence_key(self, channel):
         return f"{self.prefix}presence:{channel}"
-
-    @property
-    def _sub_command(self):
-        return "SSUBSCRIBE" if self.cluster else "SUBSCRIBE"
-
-    @property
-    def _unsub_command(self):
-        return "SUNSUBSCRIBE" if self.cluster else "UNSUBSCRIBE"
 
     # -- set-up --------------------------------------------------------------
 
@@ -429,7 +416,7 @@ class RedisBackend(Backend):
         )
 
     def start(self, deliver):
-        """Connect, subscribe what is already wanted and start the receiver.
+        """Connect, subscribe what is already wanted and start receiving.
 
         Raises :class:`~stargate.exceptions.BackendUnavailable` naming the
         URL when Redis cannot be reached, and
@@ -459,34 +446,73 @@ class RedisBackend(Backend):
             self._client.ping()
             self._write_presence = self._client.register_script(_PRESENCE_WRITE)
             self._read_presence = self._client.register_script(_PRESENCE_READ)
-            with self._lock:
-                self._connect_all()
         except (RedisError, OSError) as exc:
             self._client_close()
             raise self._unavailable("connect", exc) from exc
-        self._wake_r, self._wake_w = green_socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._receiver = eventlet.spawn(self._run)
+        self._receiver = PubSubReceiver(
+            self._client,
+            self._pubsub_client,
+            cluster=self.cluster,
+            on_message=self._on_message,
+            on_gap=self._on_gap,
+            on_reconnected=self._reconnected,
+            backoff=self.reconnect_backoff,
+            read_timeout=self._heartbeat_interval,
+            describe=self._describe,
+        )
+        for channel in sorted(self._channels):
+            self._receiver.subscribe(self._redis_channel(channel))
+        self._heartbeat_thread = eventlet.spawn(self._heartbeat_loop)
+
+    def _pubsub_client(self, node):
+        """A client with a pool of its own for the pub/sub connection to
+        ``node`` (the server itself outside a cluster); see
+        :mod:`stargate.backends.receiver`."""
+        kwargs = {
+            "socket_timeout": self.socket_timeout,
+            "socket_connect_timeout": self.socket_timeout,
+            "retry": Retry(NoBackoff(), 0),
+            "protocol": 2,
+            "client_name": f"{self.prefix}pubsub:{self.process_id}",
+        }
+        if not self._client_url.startswith("unix:"):
+            kwargs["socket_keepalive"] = True  # a peer gone without a FIN
+        if node is None:
+            return Redis.from_url(
+                self._client_url,
+                health_check_interval=self._heartbeat_interval,
+                **kwargs,
+            )
+        url = urllib.parse.urlsplit(self._client_url)
+        return Redis(
+            host=node.host,
+            port=node.port,
+            username=url.username,
+            password=url.password,
+            ssl=url.scheme == "rediss",
+            health_check_interval=self._heartbeat_interval,
+            **kwargs,
+        )
+
+    def _describe(self, shard_key):
+        return redact_url(self.url) if shard_key is None else shard_key
 
     def _forget_parent(self):
         """In a forked child: drop what belongs to the parent, untouched.
 
         The inherited sockets are shared with the parent, so nothing is sent
-        on them, shut down or closed; the inherited receiver is killed before
-        it can read the parent's messages. The child starts with no channels:
-        its hub subscribes its own.
+        on them, shut down or closed; the inherited green threads are killed
+        before they can read the parent's messages. The child starts with no
+        channels: its hub subscribes its own.
         """
         receiver, self._receiver = self._receiver, None
         if receiver is not None:
-            receiver.kill()
+            receiver.abandon()
+        heartbeat, self._heartbeat_thread = self._heartbeat_thread, None
+        if heartbeat is not None:
+            heartbeat.kill()
         self._client = self._write_presence = self._read_presence = None
-        self._conns, self._channel_nodes = {}, {}
-        self._connected, self._broken, self._lost_at = False, None, None
-        self._channels, self._local_counts, self._pending = set(), {}, {}
-        self._wake_r = self._wake_w = None
-        self._lock = eventlet.semaphore.Semaphore()
-        self._stopping = eventlet.event.Event()
+        self._channels, self._local_counts = set(), {}
         self.process_id = _new_process_id()
 
     # -- subscriptions -------------------------------------------------------
@@ -497,23 +523,14 @@ class RedisBackend(Backend):
         When Redis is unreachable the channel is remembered and subscribed as
         soon as the receiver reconnects; this never raises for that.
         """
-        with self._lock:
-            if channel in self._channels:
-                return
-            self._channels.add(channel)
-            if not self._connected or self._closed:
-                return
-            confirmed = self._pending[channel] = eventlet.event.Event()
-            try:
-                conn, node = self._conn_for(channel)
-                conn.send_command(self._sub_command, self._redis_channel(channel))
-                self._channel_nodes[channel] = node
-            except (RedisError, OSError) as exc:
-                self._pending.pop(channel, None)
-                self._break(exc)
-                return
-        if self._receiver is not None and eventlet.getcurrent() is self._receiver:
-            return  # called from deliver(): only the receiver reads the reply
+        if channel in self._channels:
+            return
+        self._channels.add(channel)
+        if self._receiver is None or self._closed:
+            return
+        confirmed = self._receiver.subscribe(self._redis_channel(channel))
+        if confirmed.ready():
+            return
         if confirmed.wait(self.socket_timeout) is None:
             log.warning(
                 "Redis at %s did not confirm the subscription to %r within %s s",
@@ -524,88 +541,11 @@ class RedisBackend(Backend):
 
     def unsubscribe(self, channel):
         """Stop receiving ``channel``; nothing more is delivered for it."""
-        with self._lock:
-            if channel not in self._channels:
-                return
-            self._channels.discard(channel)
-            self._pending.pop(channel, None)
-            node = self._channel_nodes.pop(channel, None)
-            conn = self._conns.get(node)
-            if not self._connected or conn is None:
-                return
-            try:
-                conn.send_command(self._unsub_command, self._redis_channel(channel))
-            except (RedisError, OSError) as exc:
-                self._break(exc)
-
-    def _break(self, exc):
-        """A connection failed outside the receiver: make it reconnect."""
-        if self._broken is None:
-            self._broken = exc
-        self._wake()
-
-    def _wake(self):
-        if self._wake_w is not None:
-            try:
-                self._wake_w.send(b"x")
-            except OSError:
-                pass  # full (already woken) or closed
-
-    def _new_connection(self, pool):
-        conn = pool.connection_class(**pool.connection_kwargs)
-        conn.connect()
-        return conn
-
-    def _conn_for(self, channel):
-        """The pub/sub connection for ``channel`` (lock held)."""
-        if not self.cluster:
-            return self._conns[None], None
-        node = self._client.get_node_from_key(self._redis_channel(channel))
-        conn = self._conns.get(node.name)
-        if conn is None:
-            pool = self._client.get_redis_connection(node).connection_pool
-            conn = self._conns[node.name] = self._new_connection(pool)
-            self._wake()  # the receiver must watch the new connection too
-        return conn, node.name
-
-    def _connect_all(self):
-        """Open the pub/sub connection(s) and subscribe every wanted channel.
-
-        Called with the lock held; raises on failure, leaving nothing open.
-        """
-        try:
-            if self.cluster:
-                if self._lost_at is not None:
-                    self._client.nodes_manager.initialize()
-                self._conns = {}
-                for channel in sorted(self._channels):
-                    conn, node = self._conn_for(channel)
-                    conn.send_command(self._sub_command, self._redis_channel(channel))
-                    self._channel_nodes[channel] = node
-            else:
-                conn = self._new_connection(self._client.connection_pool)
-                self._conns = {None: conn}
-                names = [self._redis_channel(c) for c in sorted(self._channels)]
-                for i in range(0, len(names), _SUBSCRIBE_BATCH):
-                    chunk = names[i : i + _SUBSCRIBE_BATCH]
-                    conn.send_command(self._sub_command, *chunk)
-                self._channel_nodes = dict.fromkeys(self._channels)
-        except BaseException:
-            self._disconnect_all()
-            raise
-        self._connected = True
-        self._broken = None
-        self._last_traffic = time.monotonic()
-
-    def _disconnect_all(self):
-        conns, self._conns = self._conns, {}
-        self._connected = False
-        self._channel_nodes = {}
-        for conn in conns.values():
-            try:
-                conn.disconnect()
-            except Exception:  # a half-dead socket: nothing more to do
-                pass
+        if channel not in self._channels:
+            return
+        self._channels.discard(channel)
+        if self._receiver is not None:
+            self._receiver.unsubscribe(self._redis_channel(channel))
 
     # -- publishing ----------------------------------------------------------
 
@@ -683,7 +623,7 @@ class RedisBackend(Backend):
         return local_count + int(others)
 
     def _heartbeat(self):
-        """Refresh presence entries and check the pub/sub connections."""
+        """Refresh this process's presence entries."""
         self.stats["heartbeats"] += 1
         for channel, count in list(self._local_counts.items()):
             try:
@@ -691,181 +631,70 @@ class RedisBackend(Backend):
             except (RedisError, OSError) as exc:
                 log.debug("presence heartbeat failed on %r: %s", channel, exc)
                 break
-        with self._lock:
-            for conn in self._conns.values():
-                conn.send_command("PING")
-
-    # -- the receiver --------------------------------------------------------
 
     @property
     def _heartbeat_interval(self):
         return self.presence_ttl / 3
 
-    def _run(self):
-        attempt = 0
-        self._next_heartbeat = time.monotonic()
-        while not self._stopping.ready():
-            if not self._connected:
-                try:
-                    with self._lock:
-                        if self._stopping.ready():
-                            break
-                        self._connect_all()
-                except (RedisError, OSError) as exc:
-                    delay = backoff_delay(self.reconnect_backoff, attempt)
-                    attempt += 1
-                    log.debug(
-                        "reconnecting to Redis at %s failed (%s); next try in %.2f s",
-                        redact_url(self.url),
-                        exc,
-                        delay,
-                    )
-                    self._stopping.wait(delay)
-                    continue
-                attempt = 0
-                self._reconnected()
+    def _heartbeat_loop(self):
+        while not self._stopping.wait(self._heartbeat_interval):
             try:
-                self._pump()
-            except (RedisError, OSError) as exc:
-                self._connection_lost(exc)
+                self._heartbeat()
             except Exception:
-                log.exception("unexpected error in the Redis receiver; reconnecting")
-                self._connection_lost(None)
-                self._stopping.wait(backoff_delay(self.reconnect_backoff, 0))
+                log.exception("the presence heartbeat failed")
 
-    def _connection_lost(self, exc):
-        if self._stopping.ready():
-            return
-        with self._lock:
-            self._disconnect_all()
-        if self._lost_at is None:
-            self._lost_at = time.monotonic()
-        if exc is not None:
-            log.warning(
-                "lost connection to Redis at %s (%s: %s); reconnecting",
-                redact_url(self.url),
-                type(exc).__name__,
-                exc,
-            )
+    # -- what the receiver reports ---------------------------------------------
 
-    def _reconnected(self):
-        if self._lost_at is None:
+    def _on_message(self, name, data):
+        channel = name[len(self._prefix_bytes) :].decode("utf-8", "replace")
+        if channel not in self._channels:
+            return  # in flight when we unsubscribed
+        try:
+            message = decode_message(data)
+        except ValueError as exc:
+            self.stats["undecodable"] += 1
+            log.warning("skipped a message on %r: %s", channel, exc)
             return
-        gap = time.monotonic() - self._lost_at
-        self._lost_at = None
+        self.stats["received"] += 1
+        try:
+            self._deliver(channel, message)
+        except Exception:
+            self.stats["delivery_errors"] += 1
+            log.exception("delivering a message on %r failed", channel)
+
+    def _on_gap(self, name, reason):
+        channel = name[len(self._prefix_bytes) :].decode("utf-8", "replace")
+        if channel not in self._channels:
+            return
+        self.stats["gaps"] += 1
+        self.report_gap(channel, reason)
+
+    def _reconnected(self, seconds, channels):
         self.stats["reconnects"] += 1
-        self.stats["gap_seconds"] += gap
+        self.stats["gap_seconds"] += seconds
         log.warning(
             "lost connection to Redis for %.1f s; messages published meanwhile "
             "were not received (%d channels resubscribed)",
-            gap,
-            len(self._channels),
+            seconds,
+            channels,
         )
-
-    def _pump(self):
-        """Read and deliver until the connection fails or close() is called."""
-        # A pub/sub connection answers a PING within a heartbeat; silence for
-        # longer than this means the peer is gone without a FIN.
-        dead_after = 2 * self._heartbeat_interval + self.socket_timeout
-        while not self._stopping.ready():
-            if self._broken is not None:
-                raise self._broken
-            now = time.monotonic()
-            if now >= self._next_heartbeat:
-                self._next_heartbeat = now + self._heartbeat_interval
-                self._heartbeat()
-            conns = list(self._conns.values())
-            if not conns:
-                # No channel, so no pub/sub connection (a cluster worker opens
-                # one per node when a channel needs it): nothing to hear from,
-                # and silence is not a lost connection.
-                self._last_traffic = now
-            elif now - self._last_traffic > dead_after:
-                raise RedisTimeoutError(f"no reply from Redis in {dead_after:.1f} s")
-            ready = [conn for conn in conns if conn.can_read(timeout=0)]
-            if not ready:
-                socks = [conn._sock for conn in conns]
-                if any(sock is None for sock in socks):
-                    raise RedisConnectionError("pub/sub connection closed")
-                timeout = max(0.0, self._next_heartbeat - time.monotonic())
-                green_select.select([self._wake_r, *socks], [], [], timeout)
-                self._drain_wake()
-                continue
-            handled = 0
-            for conn in ready:
-                while handled < _YIELD_EVERY and conn.can_read(timeout=0):
-                    self._handle(conn.read_response(push_request=True))
-                    handled += 1
-            eventlet.sleep(0)
-
-    def _drain_wake(self):
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
-
-    def _handle(self, response):
-        self._last_traffic = time.monotonic()
-        if not isinstance(response, list) or len(response) < 2:
-            return  # b"PONG" on a connection with no subscriptions
-        kind = response[0]
-        if kind in (b"message", b"smessage"):
-            name = response[1]
-            if not name.startswith(self._prefix_bytes):
-                return
-            channel = name[len(self._prefix_bytes) :].decode("utf-8", "replace")
-            if channel not in self._channels:
-                return  # in flight when we unsubscribed
-            try:
-                message = decode_message(response[2])
-            except ValueError as exc:
-                self.stats["undecodable"] += 1
-                log.warning("skipped a message on %r: %s", channel, exc)
-                return
-            self.stats["received"] += 1
-            try:
-                self._deliver(channel, message)
-            except Exception:
-                self.stats["delivery_errors"] += 1
-                log.exception("delivering a message on %r failed", channel)
-        elif kind in (b"subscribe", b"ssubscribe"):
-            channel = response[1][len(self._prefix_bytes) :].decode("utf-8")
-            confirmed = self._pending.pop(channel, None)
-            if confirmed is not None and not confirmed.ready():
-                confirmed.send(True)
 
     # -- shutting down -------------------------------------------------------
 
     def close(self, timeout=None):
-        """Stop the receiver (waiting at most ``timeout`` seconds, by default
-        ``socket_timeout``), unsubscribe, remove this process's presence
+        """Stop receiving, unsubscribe, remove this process's presence
         entries and close every connection. Safe to call twice."""
         if self._closed:
             return
         self._closed = True
         if not self._stopping.ready():
             self._stopping.send(True)
-        self._wake()
+        heartbeat, self._heartbeat_thread = self._heartbeat_thread, None
+        if heartbeat is not None:
+            heartbeat.kill()
         receiver, self._receiver = self._receiver, None
         if receiver is not None:
-            with eventlet.Timeout(timeout or self.socket_timeout, False):
-                try:
-                    receiver.wait()
-                except greenlet.GreenletExit:
-                    pass  # it was killed already
-            receiver.kill()
-        with self._lock:
-            for conn in self._conns.values():
-                try:
-                    conn.send_command(self._unsub_command)
-                except (RedisError, OSError):
-                    pass
-            self._disconnect_all()
-        for pending in self._pending.values():
-            if not pending.ready():
-                pending.send(False)
-        self._pending.clear()
+            receiver.close()
         if self._write_presence is not None:
             for channel in list(self._local_counts):
                 try:
@@ -874,10 +703,6 @@ class RedisBackend(Backend):
                     break
         self._local_counts.clear()
         self._client_close()
-        for sock in (self._wake_r, self._wake_w):
-            if sock is not None:
-                sock.close()
-        self._wake_r = self._wake_w = None
 
     def _client_close(self):
         client, self._client = self._client, None

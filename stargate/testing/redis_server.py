@@ -257,24 +257,32 @@ class RedisServer:
 
 
 class RedisCluster:
-    """Three private cluster-enabled masters joined into one cluster.
+    """Private cluster-enabled masters (three by default) joined into one
+    cluster, each with ``replicas`` replicas.
 
     The slots are split evenly (``CLUSTER ADDSLOTSRANGE``), the nodes are
-    introduced with ``CLUSTER MEET``, and :meth:`start` returns once every
-    node reports ``cluster_state:ok``. ``url`` is a ``redis+cluster://``
-    URL for the first node; ``urls`` and ``servers`` list them all.
+    introduced with ``CLUSTER MEET``, each replica follows its master
+    (``CLUSTER REPLICATE``), and :meth:`start` returns once every node
+    reports ``cluster_state:ok`` and every replica's link to its master is
+    up. ``url`` is a ``redis+cluster://`` URL for the first node; ``urls``
+    and ``servers`` list them all (masters first, then the replicas of the
+    first master, of the second...). For fault tests: :meth:`master_of`,
+    :meth:`move_slots`, :meth:`wait_for_failover`.
     """
 
     def __init__(
         self,
         masters=3,
         *,
+        replicas=0,
         binary=None,
         start_timeout=DEFAULT_CLUSTER_TIMEOUT,
         node_timeout_ms=2000,
     ):
         if masters < 1:
             raise ValueError("a cluster needs at least one master")
+        self.masters = masters
+        self.replicas = replicas
         self.start_timeout = start_timeout
         extra = [
             "--cluster-enabled", "yes",
@@ -283,7 +291,7 @@ class RedisCluster:
         ]  # fmt: skip
         self.servers = [
             RedisServer(binary=binary, extra_args=extra, cluster_bus=True)
-            for _ in range(masters)
+            for _ in range(masters * (1 + replicas))
         ]
 
     @property
@@ -308,26 +316,176 @@ class RedisCluster:
         clients = [server.client() for server in self.servers]
         try:
             count = len(clients)
-            for index, client in enumerate(clients):
-                first = index * CLUSTER_SLOTS // count
-                last = (index + 1) * CLUSTER_SLOTS // count - 1
+            masters = self.masters
+            for index, client in enumerate(clients[:masters]):
+                first = index * CLUSTER_SLOTS // masters
+                last = (index + 1) * CLUSTER_SLOTS // masters - 1
                 client.execute_command("CLUSTER ADDSLOTSRANGE", first, last)
             for server in self.servers[1:]:
                 clients[0].execute_command("CLUSTER MEET", "127.0.0.1", server.port)
             deadline = time.monotonic() + self.start_timeout
-            while True:
-                if all(self._ready(client, count) for client in clients):
-                    return
-                if time.monotonic() > deadline:
-                    raise RedisServerFailed(
-                        f"the cluster on ports {[s.port for s in self.servers]} "
-                        f"did not reach cluster_state:ok within "
-                        f"{self.start_timeout} s"
-                    )
-                time.sleep(0.05)
+            for index, client in enumerate(clients[masters:]):
+                master = self._node_id(clients[index // self.replicas])
+                # A replica can follow its master once it knows of it.
+                self._until(
+                    deadline,
+                    lambda: self._knows(client, master),
+                    "a replica never learnt of its master",
+                )
+                client.execute_command("CLUSTER REPLICATE", master)
+            self._until(
+                deadline,
+                lambda: all(self._ready(c, count) for c in clients)
+                and all(self._replica_up(c) for c in clients[masters:]),
+                "the cluster did not reach cluster_state:ok",
+            )
         finally:
             for client in clients:
                 client.close()
+
+    def _until(self, deadline, predicate, what):
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise RedisServerFailed(
+                    f"{what} within {self.start_timeout} s (ports "
+                    f"{[s.port for s in self.servers]})"
+                )
+            time.sleep(0.05)
+
+    @staticmethod
+    def _node_id(client):
+        node_id = client.execute_command("CLUSTER MYID")
+        return node_id.decode() if isinstance(node_id, bytes) else node_id
+
+    @staticmethod
+    def _nodes(client):
+        """``CLUSTER NODES`` as a list of dicts (id, port, flags, slots)."""
+        text = client.execute_command("CLUSTER NODES")
+        if isinstance(text, bytes):
+            text = text.decode()
+        if isinstance(text, dict):  # some redis-py versions parse it
+            text = "\n".join(
+                f"{v['node_id']} {k} {v['flags']} {v.get('master_id', '-')}"
+                for k, v in text.items()
+            )
+        nodes = []
+        for line in text.splitlines():
+            fields = line.split()
+            if len(fields) < 3:
+                continue
+            address = fields[1].split("@")[0]
+            nodes.append(
+                {
+                    "id": fields[0],
+                    "port": int(address.rsplit(":", 1)[1] or 0),
+                    "flags": fields[2].split(","),
+                }
+            )
+        return nodes
+
+    def _knows(self, client, node_id):
+        return any(node["id"] == node_id for node in self._nodes(client))
+
+    @staticmethod
+    def _info(client, section):
+        info = client.execute_command("INFO", section)
+        if isinstance(info, bytes):
+            info = info.decode()
+        if isinstance(info, dict):
+            return {k: str(v) for k, v in info.items()}
+        return dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+
+    def _replica_up(self, client):
+        info = self._info(client, "replication")
+        return info.get("role") == "slave" and info.get("master_link_status") == "up"
+
+    def server_on(self, port):
+        return next(s for s in self.servers if s.port == port)
+
+    def master_of(self, slot):
+        """The :class:`RedisServer` that serves ``slot`` now, as a running
+        node sees it."""
+        for server in self.servers:
+            if not server.running:
+                continue
+            with server.client() as client:
+                reply = client.execute_command("CLUSTER SLOTS")
+            for entry in reply:
+                first, last, master = entry[0], entry[1], entry[2]
+                if first <= slot <= last:
+                    return self.server_on(int(master[1]))
+        raise RedisServerFailed(f"no running node serves slot {slot}")
+
+    def move_slots(self, slots, target):
+        """Move ``slots`` to the master ``target`` (a :class:`RedisServer`)
+        the way ``redis-cli --cluster reshard`` does: IMPORTING on the
+        target, MIGRATING on the owner, keys moved with MIGRATE, then every
+        master is told the new owner."""
+        with target.client() as dest:
+            target_id = self._node_id(dest)
+            for slot in slots:
+                source = self.master_of(slot)
+                if source is target:
+                    continue
+                with source.client() as src:
+                    source_id = self._node_id(src)
+                    dest.execute_command(
+                        "CLUSTER SETSLOT", slot, "IMPORTING", source_id
+                    )
+                    src.execute_command(
+                        "CLUSTER SETSLOT", slot, "MIGRATING", target_id
+                    )
+                    while True:
+                        keys = src.execute_command("CLUSTER GETKEYSINSLOT", slot, 100)
+                        if not keys:
+                            break
+                        src.execute_command(
+                            "MIGRATE", "127.0.0.1", target.port, "", 0, 5000,
+                            "KEYS", *keys,
+                        )  # fmt: skip
+                    dest.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+                    src.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+                for server in self.servers:
+                    if server.running and server not in (source, target):
+                        with server.client() as other:
+                            if "master" in self._info(other, "replication").get(
+                                "role", ""
+                            ):
+                                other.execute_command(
+                                    "CLUSTER SETSLOT", slot, "NODE", target_id
+                                )
+
+    def wait_for_failover(self, slot, dead, timeout=None):
+        """Wait until a node other than ``dead`` serves ``slot`` and the
+        cluster is ``ok`` again; returns the new master."""
+        deadline = time.monotonic() + (timeout or self.start_timeout)
+        while True:
+            try:
+                master = self.master_of(slot)
+                if master is not dead and all(
+                    self._state_ok(server)
+                    for server in self.servers
+                    if server.running
+                ):
+                    return master
+            except (redis.RedisError, RedisServerFailed):
+                pass
+            if time.monotonic() > deadline:
+                raise RedisServerFailed(f"slot {slot} was not failed over in time")
+            time.sleep(0.05)
+
+    def _state_ok(self, server):
+        with server.client() as client:
+            return self._cluster_info(client).get("cluster_state") == "ok"
+
+    @staticmethod
+    def _cluster_info(client):
+        info = client.execute_command("CLUSTER INFO")
+        if isinstance(info, bytes):
+            info = info.decode()
+        if isinstance(info, dict):
+            return {k: str(v) for k, v in info.items()}
+        return dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
 
     @staticmethod
     def _ready(client, count):

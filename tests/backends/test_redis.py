@@ -355,8 +355,8 @@ class TestPresence:
         eventlet.sleep(ttl * 2.5)
         assert alive.listener_count("room", 1) == 5
         assert dying.listener_count("room", 4) == 5
-        # ...until a worker's receiver dies (as with a crashed process).
-        dying._receiver.kill()
+        # ...until a worker's heartbeat stops (as with a crashed process).
+        dying._heartbeat_thread.kill()
         assert wait_until(lambda: alive.listener_count("room", 1) == 1, timeout=3)
 
     def test_close_removes_the_workers_entries(self, redis_server, make_backend):
