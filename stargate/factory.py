@@ -29,7 +29,9 @@ seconds have passed.
 
 from __future__ import annotations
 
+import collections
 import errno
+import functools
 import logging
 import os
 import platform
@@ -75,6 +77,25 @@ ERROR_PAGE = (
     b"500 Internal Server Error\n\n"
     b"The server could not complete this request; the error has been logged.\n"
 )
+
+#: In the environ: called by the view with each WebSocket it opens, so the
+#: server logs the session and counts it (:func:`websocket_opened`).
+WEBSOCKET_OPENED_KEY = "stargate.websocket_opened"
+
+#: An HTTP request's access log line. No date: the logging formatter stamps
+#: each line once (eventlet's default format would add a second stamp).
+ACCESS_LOG_FORMAT = (
+    '%(client_ip)s "%(request_line)s" %(status_code)s %(body_length)s '
+    "%(wall_seconds).3fs"
+)
+
+#: The ``stargate.access`` logger: requests and WebSocket sessions.
+access_log = logging.getLogger("stargate.access")
+
+#: WebSockets opened in this process, by draft; and closed, by draft and
+#: close code. Plain counters, read by :mod:`stargate.metrics`.
+opened_websockets: collections.Counter[str] = collections.Counter()
+closed_websockets: collections.Counter[tuple[str, int]] = collections.Counter()
 
 #: A worker that dies sooner than this after starting counts as crashing,
 #: and the supervisor waits before starting another.
@@ -281,6 +302,8 @@ def _run_worker(
     def request_stop(signum, frame):
         if not stopping.ready():
             stopping.send(signum)
+        else:
+            _exit_now(signum)
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
@@ -289,8 +312,9 @@ def _run_worker(
         sock,
         GenericErrorPage(app),
         protocol=HttpProtocol,
-        log=logging.getLogger("stargate.access"),
+        log=_AccessLog(),
         log_output=access_log,
+        log_format=ACCESS_LOG_FORMAT,
         custom_pool=_ConnectionPool(max_clients),
         socket_timeout=request_timeout,
         # eventlet's default (debug=True) sends the traceback as the body.
@@ -321,6 +345,72 @@ def _run_worker(
         closers.waitall()
     for websocket in open_websockets():
         websocket.abort()
+
+
+class _AccessLog:
+    """The log eventlet's server writes to: its request lines and errors go
+    to ``stargate.access``; its own start and exit lines do not (they said
+    ``wsgi exited, is_accepting=True`` at every shutdown)."""
+
+    def info(self, msg, *args, **kwargs):
+        if msg.startswith("(") and (") wsgi " in msg) or msg == "wsgi exiting":
+            return
+        access_log.info(msg, *args, **kwargs)
+
+    def error(self, msg, *args, **kwargs):
+        access_log.error(msg, *args, **kwargs)
+
+    def debug(self, msg, *args, **kwargs):
+        access_log.debug(msg, *args, **kwargs)
+
+    def write(self, msg, *args):
+        access_log.info(msg.rstrip("\n"), *args)
+
+
+def websocket_opened(websocket: Any, *, log: bool = True) -> None:
+    """Count a WebSocket the view opened and, if ``log``, log one line on
+    ``stargate.access`` now and one when it closes, with its close code and
+    how long it lasted::
+
+        203.0.113.7 "WebSocket /rooms/lobby" rfc6455 open
+        203.0.113.7 "WebSocket /rooms/lobby" rfc6455 closed 1001 after 312.4s
+    """
+    draft = websocket.draft
+    opened_websockets[draft] += 1
+    if log:
+        access_log.info(
+            '%s "WebSocket %s" %s open', _client(websocket), websocket.path, draft
+        )
+    websocket.add_close_callback(
+        functools.partial(_websocket_closed, time.monotonic(), log)
+    )
+
+
+_logged_websocket = functools.partial(websocket_opened, log=True)
+_counted_websocket = functools.partial(websocket_opened, log=False)
+
+
+def _websocket_closed(started, log, websocket):
+    code = websocket.close_code or 1006
+    closed_websockets[websocket.draft, code] += 1
+    if log:
+        access_log.info(
+            '%s "WebSocket %s" %s closed %d after %.1fs',
+            _client(websocket),
+            websocket.path,
+            websocket.draft,
+            code,
+            time.monotonic() - started,
+        )
+
+
+def _client(websocket):
+    """The client as eventlet's access log names it: ``X-Forwarded-For``,
+    then the peer address."""
+    environ = websocket.environ
+    peer = environ.get("REMOTE_ADDR", "-")
+    forwarded = environ.get("HTTP_X_FORWARDED_FOR")
+    return f"{forwarded},{peer}" if forwarded else peer
 
 
 class GenericErrorPage:
@@ -408,6 +498,9 @@ def _http_protocol_class():
             environ["SERVER_PROTOCOL"] = self.request_version
             environ[TRUE_PROTOCOL_KEY] = True
             environ[RELEASE_BUFFERS_KEY] = self._release_buffers
+            environ[WEBSOCKET_OPENED_KEY] = (
+                _logged_websocket if self.server.log_output else _counted_websocket
+            )
             return environ
 
         def _release_buffers(self):
@@ -531,6 +624,10 @@ def _supervise(app, sock, workers, worker_options):
 
     def request_stop(signum, frame):
         nonlocal stopping
+        if stopping:
+            for pid in children:
+                _signal(pid, signal.SIGKILL)
+            _exit_now(signum)
         stopping = True
 
     signal.signal(signal.SIGTERM, request_stop)
@@ -590,6 +687,18 @@ def _supervise(app, sock, workers, worker_options):
         log.warning("worker %d did not stop in time; killing it", pid)
         _signal(pid, signal.SIGKILL)
     sock.close()
+
+
+def _exit_now(signum):
+    """A second SIGINT or SIGTERM while stopping: the operator will not wait
+    for WebSockets to close, so exit at once (128 + the signal number, as a
+    shell reports a process killed by it). Called in a signal handler: a
+    plain write, no logging (its locks may be held)."""
+    name = signal.Signals(signum).name
+    # eventlet's green os.write would wait on the hub, which is running this
+    plain_os = eventlet.patcher.original("os")
+    plain_os.write(2, f"stargate: second {name}, exiting now\n".encode())
+    os._exit(128 + signum)
 
 
 def _wait_child():

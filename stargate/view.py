@@ -39,7 +39,11 @@ from stargate.exceptions import (
     IncorrectlyConfigured,
     NotWebSocketRequest,
 )
-from stargate.factory import RELEASE_BUFFERS_KEY, TRUE_PROTOCOL_KEY
+from stargate.factory import (
+    RELEASE_BUFFERS_KEY,
+    TRUE_PROTOCOL_KEY,
+    WEBSOCKET_OPENED_KEY,
+)
 from stargate.protocol import ServerProtocol
 
 __all__ = ["WebSocketView", "IncorrectlyConfigured"]
@@ -183,6 +187,9 @@ class WebSocketView:
             initial_data=initial_data or b"",
             **settings.connection_options(),
         )
+        opened = environ.get(WEBSOCKET_OPENED_KEY)  # stargate's server logs it
+        if opened is not None:
+            opened(websocket)
         return self.handle_websocket(websocket)
 
     def handle_websocket(self, websocket):

@@ -57,8 +57,35 @@ BAD = {
 }
 
 
-def write_ini(tmp_path, app="", server="", port=None):
-    ini = tmp_path / "bad.ini"
+#: Logging sections for an .ini: INFO and up on stderr, one date per line.
+LOGGING = """
+[loggers]
+keys = root
+
+[handlers]
+keys = console
+
+[formatters]
+keys = generic
+
+[logger_root]
+level = INFO
+handlers = console
+
+[handler_console]
+class = StreamHandler
+args = (sys.stderr,)
+formatter = generic
+
+[formatter_generic]
+format = %(asctime)s %(levelname)s [%(name)s] %(message)s
+"""
+
+
+def write_ini(tmp_path, app="", server="", port=None, logging=False):
+    """The demo under ``pserve`` with extra ``app`` and ``server`` lines; with
+    ``logging``, the logging sections too (else pserve's default: WARNING)."""
+    ini = tmp_path / "server.ini"
     ini.write_text(
         textwrap.dedent(
             """\
@@ -72,7 +99,8 @@ def write_ini(tmp_path, app="", server="", port=None):
             port = {port}
             {server}
             """
-        ).format(app=app, server=server, port=port or free_port()),
+        ).format(app=app, server=server, port=port or free_port())
+        + (LOGGING if logging else ""),
         encoding="utf-8",
     )
     return ini

@@ -1,0 +1,97 @@
+"""The access log and shutdown as an operator sees them under ``pserve``:
+one timestamp per line, a WebSocket session logged when it opens and when it
+closes, no eventlet start/exit chatter, and a second Ctrl-C that exits at
+once."""
+
+import re
+import signal
+import socket
+
+import pytest
+
+from tests.clients import ServerProcess, connect, http, wait_until
+from tests.test_config import pserve, write_ini
+
+#: Seconds anything here may take: a server starting, a line being logged.
+DEADLINE = 30
+
+#: A date in a log line: logging's asctime, or eventlet's own stamp.
+DATE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d|\d\d/\w{3}/\d{4}[ :]\d\d")
+
+
+def serve(tmp_path, app="", server=""):
+    ini = write_ini(tmp_path, app=app, server=server, logging=True)
+    process = ServerProcess(pserve(ini), url_pattern=r"Serving on (http://\S+)")
+    process.wait_ready(DEADLINE)
+    return process
+
+
+@pytest.fixture
+def pserved(tmp_path):
+    server = serve(tmp_path)
+    yield server
+    server.stop()
+
+
+def line_with(server, *texts):
+    return wait_until(
+        lambda: next(
+            (ln for ln in server.lines if all(text in ln for text in texts)), None
+        ),
+        DEADLINE,
+        message=f"a log line with {texts}",
+    )
+
+
+def test_a_request_line_has_one_timestamp(pserved):
+    http(pserved.url + "/jobs/stamped")
+    line = line_with(pserved, "GET /jobs/stamped")
+    assert len(DATE.findall(line)) == 1, line
+
+
+def test_a_websocket_session_is_logged_when_it_opens_and_closes(pserved):
+    with connect(pserved.ws_url + "/echo") as ws:
+        line_with(pserved, '"WebSocket /echo" rfc6455 open')
+        ws.send("hello")
+        assert ws.recv(timeout=10) == "hello"
+    closed = line_with(pserved, '"WebSocket /echo" rfc6455 closed 1000 after')
+    assert "127.0.0.1" in closed
+    assert len(DATE.findall(closed)) == 1
+
+
+def test_shutdown_says_nothing_about_wsgi_internals(tmp_path):
+    server = serve(tmp_path)
+    http(server.url + "/jobs/x")
+    line_with(server, "GET /jobs/x")
+    server.signal(signal.SIGTERM)
+    assert server.wait(DEADLINE) == 0
+    server.stop()
+    assert "wsgi exited" not in server.output
+    assert "wsgi starting up" not in server.output
+
+
+def test_a_second_ctrl_c_exits_at_once(tmp_path):
+    """The first SIGINT waits for WebSockets to close (here, a client that
+    never answers, with 600-second timeouts); the second one exits."""
+    server = serve(
+        tmp_path, app="stargate.close_timeout = 600", server="shutdown_timeout = 600"
+    )
+    try:
+        host, port = server.url.removeprefix("http://").split(":")
+        silent = socket.create_connection((host, int(port)), timeout=DEADLINE)
+        silent.sendall(
+            b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        assert silent.recv(1024).startswith(b"HTTP/1.1 101")
+        line_with(server, '"WebSocket /echo" rfc6455 open')
+        server.signal(signal.SIGINT)
+        line_with(server, "stopping (SIGINT)")
+        server.signal(signal.SIGINT)
+        status = server.wait(DEADLINE)
+        assert status == 128 + signal.SIGINT, server.output
+        assert "second SIGINT, exiting now" in server.output
+        silent.close()
+    finally:
+        server.stop()
