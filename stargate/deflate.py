@@ -37,6 +37,7 @@ __all__ = [
 EXTENSION_NAME = "permessage-deflate"
 
 _TAIL = b"\x00\x00\xff\xff"
+_STEP = 65536  # bytes inflated at a time
 _EMPTY = b"\x00"
 
 
@@ -275,33 +276,47 @@ class Decompressor:
         self._decoder = zlib.decompressobj(-15)
 
     def decompress(self, data, final):
-        """Return the decompressed bytes of one frame's payload.
+        """Return the decompressed bytes of one frame's payload, as a
+        ``bytearray`` (grown in 64 KiB steps, so inflating never holds the
+        output twice).
 
         Data after a final deflate block (BFINAL) is a protocol error
         (RFC 7692 7.2.2): the message ends with that block.
         """
         decoder = self._decoder
-        limit = self.max_size
+        out = bytearray()
         try:
-            if limit is None:
-                out = decoder.decompress(data)
-                if final and not decoder.eof:
-                    out += decoder.decompress(_TAIL)
-            else:
-                room = limit - self._size
-                out = decoder.decompress(data, room + 1)
-                if final and not decoder.eof and len(out) <= room:
-                    out += decoder.decompress(_TAIL, room + 1 - len(out))
+            self._inflate(data, out)
+            if final and not decoder.eof and not self._over(out):
+                self._inflate(_TAIL, out)
         except zlib.error as exc:
             raise ProtocolError(f"invalid compressed data: {exc}") from None
         if decoder.unused_data:
             raise ProtocolError("data after the final deflate block")
         self._size += len(out)
-        if limit is not None and self._size > limit:
-            raise PayloadTooBig(f"decompressed message over the limit of {limit} bytes")
+        if self._over():
+            raise PayloadTooBig(
+                f"decompressed message over the limit of {self.max_size} bytes"
+            )
         if final:
             self._size = 0
             if self.params.client_no_context_takeover or decoder.eof:
                 # A final deflate block (BFINAL) ends the stream; start anew.
                 self._decoder = zlib.decompressobj(-15)
         return out
+
+    def _over(self, out=b""):
+        return self.max_size is not None and self._size + len(out) > self.max_size
+
+    def _inflate(self, data, out):
+        # Stops one byte past the limit: enough to know it was passed.
+        decoder = self._decoder
+        while True:
+            step = _STEP
+            if self.max_size is not None:
+                step = min(step, self.max_size - self._size - len(out) + 1)
+            chunk = decoder.decompress(data, step)
+            out += chunk
+            data = decoder.unconsumed_tail
+            if self._over(out) or (len(chunk) < step and not data):
+                return

@@ -147,6 +147,11 @@ except ImportError:  # not built: the pure Python version is used
     _apply_mask_c = None
 
 
+# Payloads from this size up are unmasked through a memoryview of the
+# receive buffer rather than a copy of their bytes.
+_VIEW_FROM = 4096
+
+
 def _header(first_byte, length, mask_bit=0):
     if length < 126:
         return bytes((first_byte, mask_bit | length))
@@ -320,10 +325,21 @@ class FrameParser:
             self._more()
             return False
         if masked:
-            payload = apply_mask(buf[start:end], buf[start - 4 : start])
+            if length < _VIEW_FROM:
+                payload = apply_mask(buf[start:end], buf[start - 4 : start])
+            else:  # unmask from the buffer itself, not from a copy of it
+                with memoryview(buf) as view:
+                    mask = bytes(view[start - 4 : start])
+                    payload = apply_mask(view[start:end], mask)
         else:
             payload = bytes(buf[start:end])
-        self._pos = end
+        if end == len(buf):
+            # All parsed: let go of the received bytes before the caller
+            # turns the payload into a message (a third copy of it).
+            self._buf = b""
+            self._pos = 0
+        else:
+            self._pos = end
         return opcode, payload, fin, rsv1
 
 

@@ -464,6 +464,13 @@ class ServerProtocol:
                 f"message over the limit of {limit} bytes (each continuation "
                 f"frame counts {FRAGMENT_OVERHEAD} bytes besides its payload)"
             )
+        buf = self._msg_buf
+        if fin and not buf:
+            # The whole message is this payload: decode it once, no copy.
+            opcode = self._msg_opcode
+            self._reset_message()
+            self._events.append(_message(opcode, payload))
+            return
         if checked_left is not None:
             # Validated as it arrived: only the decoder's state moves on.
             self._msg_decoder.setstate((checked_left, 0))
@@ -472,15 +479,14 @@ class ServerProtocol:
                 self._msg_decoder.decode(payload, fin)  # validation only
             except UnicodeDecodeError:
                 raise InvalidPayload("text message is not UTF-8") from None
-        buf = self._msg_buf
-        buf += payload
+        if not buf and type(payload) is bytearray:
+            buf = self._msg_buf = payload  # decompressed: adopt, not copy
+        else:
+            buf += payload
         if fin:
-            if self._msg_opcode == _TEXT:
-                event = TextMessage(buf.decode("utf-8"))
-            else:
-                event = BinaryMessage(bytes(buf))
+            opcode = self._msg_opcode
             self._reset_message()
-            self._events.append(event)
+            self._events.append(_message(opcode, buf))
 
     def _reset_message(self):
         self._msg_opcode = None
@@ -613,6 +619,16 @@ class ServerProtocol:
             self._output.append(bytes((0x88, len(body))) + body)
         elif draft == "hixie-76":
             self._output.append(_frames.HIXIE_CLOSE)
+
+
+def _message(opcode, data):
+    """The event for a complete message's ``data`` (any bytes-like)."""
+    if opcode == _TEXT:
+        try:
+            return TextMessage(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise InvalidPayload("text message is not UTF-8") from None
+    return BinaryMessage(bytes(data))
 
 
 def _truncate_reason(reason):
