@@ -44,6 +44,7 @@ import weakref
 import eventlet
 import greenlet
 from eventlet import hubs
+from eventlet.greenio import GreenSocket
 from eventlet.hubs import hub as _eventlet_hub
 
 from stargate import protocol as _protocol
@@ -117,6 +118,21 @@ _DEAD = SendResult.DEAD
 _MESSAGE_EVENTS = (_protocol.TextMessage, _protocol.BinaryMessage)
 
 
+def _adopt(sock):
+    """The plain socket under an eventlet green socket, owned from now on.
+
+    A green socket holds a dictionary and eight bound methods (about
+    0.8 KiB) and closes its descriptor when collected: the descriptor moves
+    to a new plain, non-blocking socket object and the wrapper is let go.
+    """
+    raw = getattr(sock, "fd", None)
+    if raw is None:
+        return sock
+    adopted = type(raw)(raw.family, raw.type, raw.proto, fileno=raw.detach())
+    adopted.setblocking(False)
+    return adopted
+
+
 class WebSocket:
     """A WebSocket connection, as a handler sees it.
 
@@ -143,6 +159,47 @@ class WebSocket:
         request); they are processed before anything read later.
     """
 
+    # Slots: an idle connection's attributes cost 8 bytes each instead of a
+    # dict's share (about 1.2 KiB). A subclass, or code that sets another
+    # attribute, gets a __dict__ as usual.
+    __slots__ = (
+        "_green",
+        "protocol",
+        "environ",
+        "subprotocol",
+        "ping_interval",
+        "ping_timeout",
+        "idle_timeout",
+        "close_timeout",
+        "max_send_buffer",
+        "slow_listener",
+        "wire_format",
+        "dropped",
+        "_raw",
+        "_hub",
+        "_queue",
+        "_queued",
+        "_writer",
+        "_messages",
+        "_on_message",
+        "_dispatcher",
+        "_waiters",
+        "_finished",
+        "_shutting",
+        "_half_closed",
+        "_closed_event",
+        "_close_callbacks",
+        "_last_message",
+        "_last_ping",
+        "_awaiting_pong_since",
+        "_timer",
+        "_deadline",
+        "_local_close_code",
+        "_listener",
+        "__dict__",
+        "__weakref__",
+    )
+
     def __init__(
         self,
         sock,
@@ -162,7 +219,6 @@ class WebSocket:
             raise ValueError(
                 f"slow_listener must be 'close' or 'drop', not {slow_listener!r}"
             )
-        self.socket = sock
         self.protocol = protocol
         self.environ = environ if environ is not None else {}
         self.subprotocol = subprotocol
@@ -176,7 +232,8 @@ class WebSocket:
         #: How messages are encoded for this peer (a canonical
         #: :class:`~stargate.frames.WireFormat`, shared by equal peers).
         self.wire_format = protocol.wire_format
-        self._raw = getattr(sock, "fd", sock)
+        self._raw = _adopt(sock)
+        self._green = None
         self._hub = hubs.get_hub()
         # The send backlog and the received messages not yet returned by
         # wait(): deques made only when needed and dropped once empty, since
@@ -211,6 +268,15 @@ class WebSocket:
             self._schedule_timer()
 
     # -- what handlers use --------------------------------------------------
+
+    @property
+    def socket(self):
+        """The connection's socket, as an eventlet green socket (made when
+        first asked for: an idle connection keeps only the plain socket)."""
+        green = self._green
+        if green is None:
+            green = self._green = GreenSocket(self._raw)
+        return green
 
     @property
     def draft(self):
@@ -425,7 +491,7 @@ class WebSocket:
             while self._queue:
                 chunk = self._queue[0]
                 try:
-                    self.socket.sendall(chunk)
+                    self.socket.sendall(chunk)  # green: waits for room
                 except OSError:
                     self.abort()  # the peer is gone
                     return
@@ -450,9 +516,16 @@ class WebSocket:
         if fileno < 0:
             self._finish()
             return
-        self._listener = self._hub.add(
+        self._listener = listener = self._hub.add(
             _READ, fileno, self._readable, self._descriptor_gone, None
         )
+        # eventlet ties a listener to the green thread that registered it (to
+        # skip its throwback once that thread is dead). This one belongs to
+        # the connection, which outlives the request's green thread: tie it
+        # to the hub, so the dead thread is freed and the throwback still
+        # runs. There is no public way to say so; ``greenlet`` is a plain
+        # attribute of eventlet's FdListener.
+        listener.greenlet = self._hub.greenlet
 
     def _unlisten(self):
         listener, self._listener = self._listener, None
@@ -691,7 +764,7 @@ class WebSocket:
             except OSError:
                 pass
         try:
-            self.socket.close()
+            self._raw.close()
         except OSError:
             pass
         self._wake()
