@@ -142,6 +142,9 @@ def server_factory(
             options.pop("request_timeout", DEFAULT_REQUEST_TIMEOUT),
             as_seconds,
         ),
+        "trusted_proxies": _option(
+            "trusted_proxies", options.pop("trusted_proxies", ""), trusted_proxies
+        ),
     }
     if options:
         names = ", ".join(sorted(options))
@@ -164,12 +167,16 @@ def serve(
     shutdown_timeout: float = 10.0,
     access_log: bool = True,
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    trusted_proxies: frozenset[str] = frozenset(),
     listen_socket: socket.socket | None = None,
     ready: Callable[[tuple[str, int]], object] | None = None,
 ) -> None:
     """Serve ``app`` until SIGTERM or SIGINT.
 
-    ``listen_socket`` serves on a socket bound elsewhere; ``ready``, if
+    ``trusted_proxies`` are the addresses of proxies whose
+    ``X-Forwarded-For``, ``-Proto`` and ``-Host`` headers are believed (see
+    :func:`trusted_proxies`). ``listen_socket`` serves on a socket bound
+    elsewhere; ``ready``, if
     given, is called with the bound ``(host, port)`` once connections are
     accepted.
 
@@ -196,6 +203,7 @@ def serve(
         "shutdown_timeout": shutdown_timeout,
         "access_log": access_log,
         "request_timeout": request_timeout,
+        "trusted_proxies": trusted_proxies,
     }
     if workers == 1:
         _run_worker(app, sock, **worker_options)
@@ -288,14 +296,21 @@ def _display(address: tuple[str, int]) -> tuple[str, int]:
 
 
 def _run_worker(
-    app, sock, *, max_clients, shutdown_timeout, access_log, request_timeout
+    app,
+    sock,
+    *,
+    max_clients,
+    shutdown_timeout,
+    access_log,
+    request_timeout,
+    trusted_proxies=frozenset(),
 ):
     """Serve in this process until told to stop; then close WebSockets (1001)."""
     import eventlet.wsgi
 
     from stargate.connection import open_websockets
 
-    HttpProtocol = _http_protocol_class()
+    HttpProtocol = _http_protocol_class(trusted_proxies)
 
     stopping = eventlet.Event()
 
@@ -345,6 +360,70 @@ def _run_worker(
         closers.waitall()
     for websocket in open_websockets():
         websocket.abort()
+
+
+def trusted_proxies(value: object) -> frozenset[str]:
+    """The ``trusted_proxies`` server option: addresses (``127.0.0.1 ::1``,
+    space- or comma-separated) of the proxies in front of the server, or
+    ``*`` for any peer (only when nothing else can reach the port).
+
+    A request from one of them is taken as the proxy says: its scheme from
+    ``X-Forwarded-Proto`` (so URLs the application generates, and a
+    hixie-75 handshake's location, say ``https``/``wss`` behind TLS), its
+    client from ``X-Forwarded-For`` (the address nearest the proxy that is
+    not itself a trusted proxy) and its host from ``X-Forwarded-Host``.
+    From any other peer the headers are left alone (a client can send them
+    too). Empty by default: nothing is believed.
+    """
+    import ipaddress
+
+    if isinstance(value, (set, frozenset, list, tuple)):
+        items = [str(item) for item in value]
+    else:
+        items = str(value or "").replace(",", " ").split()
+    for item in items:
+        if item != "*":
+            try:
+                ipaddress.ip_address(item)
+            except ValueError:
+                raise ValueError(
+                    f"{item!r} is not an IP address; list the proxies' "
+                    "addresses (127.0.0.1 ::1), or * for any peer"
+                ) from None
+    return frozenset(items)
+
+
+#: Set in the environ when the request came through a trusted proxy: its
+#: ``REMOTE_ADDR`` is the client the proxy named, not the proxy.
+PROXIED_KEY = "stargate.proxied"
+
+
+def _believe_proxy(environ, trusted):
+    """Apply ``X-Forwarded-*`` to ``environ`` if the peer is ``trusted``."""
+    peer = environ.get("REMOTE_ADDR", "")
+    if "*" not in trusted and peer not in trusted:
+        return
+    proto = environ.get("HTTP_X_FORWARDED_PROTO", "").split(",")[0].strip().lower()
+    if proto in ("http", "https"):
+        environ["wsgi.url_scheme"] = proto
+        if proto == "https":
+            environ["HTTPS"] = "on"
+        else:
+            environ.pop("HTTPS", None)
+    host = environ.get("HTTP_X_FORWARDED_HOST", "").split(",")[0].strip()
+    if host:
+        environ["HTTP_HOST"] = host
+    hops = [
+        hop.strip()
+        for hop in environ.get("HTTP_X_FORWARDED_FOR", "").split(",")
+        if hop.strip()
+    ]
+    while hops:
+        client = hops.pop()
+        if client not in trusted or not hops:
+            environ["REMOTE_ADDR"] = client
+            environ[PROXIED_KEY] = True
+            break
 
 
 class _AccessLog:
@@ -410,6 +489,8 @@ def _client(websocket):
     environ = websocket.environ
     peer = environ.get("REMOTE_ADDR", "-")
     forwarded = environ.get("HTTP_X_FORWARDED_FOR")
+    if environ.get(PROXIED_KEY):
+        return peer  # the client the trusted proxy named
     return f"{forwarded},{peer}" if forwarded else peer
 
 
@@ -451,7 +532,7 @@ class GenericErrorPage:
             return [ERROR_PAGE]
 
 
-def _http_protocol_class():
+def _http_protocol_class(trusted_proxies=frozenset()):
     import eventlet.wsgi
 
     class HttpProtocol(eventlet.wsgi.HttpProtocol):
@@ -493,8 +574,17 @@ def _http_protocol_class():
                 deadline.cancel()
                 self._head_deadline = None
 
+        def get_client_address(self):
+            """For the access log: the client a trusted proxy named, alone."""
+            environ = getattr(self, "environ", None)
+            if environ is not None and environ.get(PROXIED_KEY):
+                return environ["REMOTE_ADDR"], super().get_client_address()[1]
+            return super().get_client_address()
+
         def get_environ(self, *args, **kwargs):
             environ = super().get_environ(*args, **kwargs)
+            if trusted_proxies:
+                _believe_proxy(environ, trusted_proxies)
             environ["SERVER_PROTOCOL"] = self.request_version
             environ[TRUE_PROTOCOL_KEY] = True
             environ[RELEASE_BUFFERS_KEY] = self._release_buffers
