@@ -157,6 +157,9 @@ class WebSocket:
     :param initial_data: bytes of the connection already read from the
         socket (a client that sent its first frames with the upgrade
         request); they are processed before anything read later.
+    :param message_context: a callable returning a context manager entered
+        around each :attr:`on_message` call (the view uses it to make the
+        application's Pyramid registry current there).
     """
 
     # Slots: an idle connection's attributes cost 8 bytes each instead of a
@@ -196,6 +199,7 @@ class WebSocket:
         "_deadline",
         "_local_close_code",
         "_listener",
+        "_message_context",
         "__dict__",
         "__weakref__",
     )
@@ -214,6 +218,7 @@ class WebSocket:
         max_send_buffer=2**20,
         slow_listener="close",
         initial_data=b"",
+        message_context=None,
     ):
         if slow_listener not in ("close", "drop"):
             raise ValueError(
@@ -232,6 +237,7 @@ class WebSocket:
         #: How messages are encoded for this peer (a canonical
         #: :class:`~stargate.frames.WireFormat`, shared by equal peers).
         self.wire_format = protocol.wire_format
+        self._message_context = message_context
         self._raw = _adopt(sock)
         self._green = None
         self._hub = hubs.get_hub()
@@ -644,7 +650,12 @@ class WebSocket:
                 if self._listener is None and not self._finished:
                     self._listen()
                 try:
-                    callback(self, message)
+                    context = self._message_context
+                    if context is None:
+                        callback(self, message)
+                    else:
+                        with context():
+                            callback(self, message)
                 except Exception:
                     log.exception("on_message callback %r failed", callback)
                     if not self.closed:

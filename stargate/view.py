@@ -28,6 +28,7 @@ from pyramid.httpexceptions import (
     HTTPServiceUnavailable,
 )
 from pyramid.response import Response
+from pyramid.threadlocal import manager as threadlocal_manager
 from webob.headers import EnvironHeaders
 
 from stargate import handshake as _handshake
@@ -185,6 +186,7 @@ class WebSocketView:
             environ=environ,
             subprotocol=handshake.subprotocol,
             initial_data=initial_data or b"",
+            message_context=_registry_context(request.registry),
             **settings.connection_options(),
         )
         opened = environ.get(WEBSOCKET_OPENED_KEY)  # stargate's server logs it
@@ -338,6 +340,35 @@ _KEPT_ENVIRON_KEYS = (
     "HTTP_SEC_WEBSOCKET_ORIGIN",
     "wsgi.url_scheme",
 )
+
+
+class _RegistryContext:
+    """Makes an application's registry current (as in a request) around a
+    ``keep_open`` connection's ``on_message`` calls, which run after the
+    request ended: ``get_current_registry()``, and so a resource's hub, is
+    the application's there too. One per registry."""
+
+    __slots__ = ("_registry",)
+
+    def __init__(self, registry):
+        self._registry = registry
+
+    def __call__(self):
+        return self
+
+    def __enter__(self):
+        # Pyramid's own router and pyramid.scripting push the same frame.
+        threadlocal_manager.push({"registry": self._registry, "request": None})
+
+    def __exit__(self, *exc_info):
+        threadlocal_manager.pop()
+
+
+def _registry_context(registry):
+    context = getattr(registry, "_stargate_registry_context", None)
+    if context is None:
+        context = registry._stargate_registry_context = _RegistryContext(registry)
+    return context
 
 
 def _connection_ended(websocket):

@@ -30,10 +30,22 @@ class Room(WebSocketAwareResource):
     def received(self, websocket, message):
         if message == "raise":
             raise RuntimeError("on_message broke")
+        if message.startswith("broadcast:"):
+            self.send(message)  # through get_hub(): the registry's hub
+            return
         websocket.send(f"echo: {message}")
 
 
 ROOM = Room()
+
+
+class Lobby(Room):
+    __name__ = "lobby"
+    __parent__ = None
+
+
+#: No hub assigned: it is looked up in the current registry.
+LOBBY = Lobby()
 
 
 class Listen(WebSocketView):
@@ -59,6 +71,8 @@ def make_app(**settings):
         ROOM.hub = get_hub(config.registry)
         config.add_route("listen", "/listen")
         config.add_view(Listen, route_name="listen")
+        config.add_route("lobby", "/lobby", factory=lambda request: LOBBY)
+        config.add_view(Listen, route_name="lobby")
         config.add_route("quiet", "/quiet")
         config.add_view(Quiet, route_name="quiet")
         return config.make_wsgi_app()
@@ -96,6 +110,13 @@ def test_broadcasts_reach_kept_connections_and_messages_reach_on_message(live):
         assert client.recv(timeout=CLIENT_TIMEOUT) == "echo: again"
     assert wait_until(lambda: listeners() == 0, CLIENT_TIMEOUT)
     assert wait_until(lambda: open_connections() == 0, CLIENT_TIMEOUT)
+
+
+def test_on_message_runs_with_the_applications_registry(live):
+    with connect(live.ws_url("/lobby"), ping_interval=None) as client:
+        assert client.recv(timeout=CLIENT_TIMEOUT) == "ready"
+        client.send("broadcast:to the lobby")
+        assert client.recv(timeout=CLIENT_TIMEOUT) == "broadcast:to the lobby"
 
 
 def test_no_green_thread_stays_parked_per_connection(live):
