@@ -91,6 +91,10 @@ class HubStats:
     ``skipped``
         deliveries not attempted because the message cannot be put on that
         listener's wire (a binary message for a hixie-75/76 client).
+    ``gaps``
+        times the backend reported that a channel with local listeners may
+        have missed messages (a lost connection, a moved slot, a lost
+        history); each also called the channel's gap hook.
 
     Every counter but ``listeners`` and ``channels`` only grows.
     """
@@ -104,6 +108,7 @@ class HubStats:
     closed_slow: int = 0
     dropped: int = 0
     skipped: int = 0
+    gaps: int = 0
 
     def as_dict(self):
         return dataclasses.asdict(self)
@@ -198,6 +203,8 @@ class Hub:
         self._closed_slow = 0
         self._dropped = 0
         self._skipped = 0
+        self._gaps = 0
+        self._gap_hooks = {}  # channel -> on_gap(channel, reason)
         self._formatters = {}  # channel -> format_message(message, position)
         self._catching_up = {}  # channel -> {ws: _Recovery}
         #: Counters of recoveries (``Hub.add(..., since=...)``): listeners
@@ -237,6 +244,7 @@ class Hub:
         done = eventlet.event.Event()
         self._starting = (pid, done)
         try:
+            self.backend.gap_handler = self.gap
             self.backend.start(self.deliver)
             # Only now: a backend that failed to start is tried again next time.
             self._started = pid
@@ -271,7 +279,7 @@ class Hub:
 
     # -- listeners ---------------------------------------------------------
 
-    def add(self, channel, ws, since=None, formatter=None):
+    def add(self, channel, ws, since=None, formatter=None, on_gap=None):
         """Attach ``ws`` to ``channel``. Adding it twice changes nothing.
 
         The first local listener of a channel subscribes the backend to it
@@ -280,7 +288,8 @@ class Hub:
         when its connection ends, however it ends.
 
         ``formatter`` (optional) becomes the channel's formatter (see the
-        module docstring); the most recent one given wins.
+        module docstring); the most recent one given wins. So does
+        ``on_gap`` (optional), the channel's gap hook: see :meth:`gap`.
 
         ``since`` (a :class:`~stargate.backends.base.Position` or an
         ``(epoch, offset)`` pair) first sends ``ws`` every message published
@@ -291,6 +300,8 @@ class Hub:
         """
         if formatter is not None:
             self._formatters[channel] = formatter
+        if on_gap is not None:
+            self._gap_hooks[channel] = on_gap
         if since is not None:
             self._add_since(channel, ws, Position.coerce(since))
             return
@@ -438,6 +449,7 @@ class Hub:
         if not listeners:
             del self._channels[channel]
             self._formatters.pop(channel, None)
+            self._gap_hooks.pop(channel, None)
             if not self._closed:
                 try:
                     self.backend.unsubscribe(channel)
@@ -635,6 +647,30 @@ class Hub:
             logger.debug("channel %r: %d slow listeners dropped it", channel, dropped)
         return delivered
 
+    def gap(self, channel, reason):
+        """The backend's word that ``channel`` may have missed messages.
+
+        Called by the backend (``Backend.report_gap``) once the channel is
+        received again: after a lost connection, a moved cluster slot, a
+        history window overrun or a lost history. Counted in
+        :attr:`stats` (``gaps``); the channel's gap hook (``on_gap`` given
+        to :meth:`add`, the resource's
+        :meth:`~stargate.resource.WebSocketAwareResource.on_gap`) is called
+        as ``on_gap(channel, reason)`` so the application can tell its
+        clients to reload. Never raises.
+        """
+        if channel not in self._channels:
+            return
+        self._gaps += 1
+        logger.info("channel %r may have missed messages: %s", channel, reason)
+        hook = self._gap_hooks.get(channel)
+        if hook is None:
+            return
+        try:
+            hook(channel, reason)
+        except Exception:
+            logger.exception("the gap hook of %r failed", channel)
+
     @staticmethod
     def _send_unprepared(ws, message):
         """A listener of another kind (eventlet's own WebSocket): it encodes
@@ -682,6 +718,7 @@ class Hub:
             closed_slow=self._closed_slow,
             dropped=self._dropped,
             skipped=self._skipped,
+            gaps=self._gaps,
         )
 
     def __repr__(self):

@@ -148,7 +148,27 @@ class WebSocketAwareResource:
         ``epoch`` and ``offset`` are the channel's current position, and
         ``ws`` is not added: reload the client's state, then add it again.
         """
-        self.hub.add(self.channel, ws, since=since, formatter=self.format_message)
+        self.hub.add(
+            self.channel,
+            ws,
+            since=since,
+            formatter=self.format_message,
+            on_gap=self.on_gap,
+        )
+
+    def on_gap(self, channel, reason):
+        """Called when this channel's listeners in this process may have
+        missed messages: the backend lost its connection and got it back, a
+        cluster slot moved or failed over, a history was lost. ``reason``
+        says which, in a few words. Called once the channel is received
+        again, from the backend's green thread.
+
+        The default does nothing (the hub counts and logs it). Override it
+        to tell clients to reload their state, for example by sending each
+        of :attr:`listeners` a message your client understands. With
+        history on, a client that kept its position can also reconnect
+        with it and get what is still in the window.
+        """
 
     def format_message(self, message, position):
         """What is sent for ``message`` at ``position`` (history on only).

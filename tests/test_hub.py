@@ -33,6 +33,7 @@ from stargate.exceptions import BackendUnavailable
 from stargate.frames import FrameParser, Opcode, WireFormat, encode_message
 from stargate.hub import Hub, HubStats, default_hub, get_hub
 from stargate.protocol import ServerProtocol
+from stargate.resource import WebSocketAwareResource
 
 #: Seconds any single wait in these tests may take.
 DEADLINE = 10.0
@@ -591,6 +592,7 @@ class TestHub:
             "closed_slow": 0,
             "dropped": 0,
             "skipped": 0,
+            "gaps": 0,
         }
 
     def test_starts_by_itself_once(self, loopback):
@@ -770,6 +772,44 @@ class TestInterruptedFirstSubscribe:
         assert peer.messages(1) == ["probe"]
         assert redis_numsub(server, "interrupted:room") == 0
         assert redis_numsub(server, "interrupted:other") == 1
+        hub.close()
+
+
+class TestGapsReachTheApplication:
+    """Item 5: a backend's gap report is counted by the hub and calls the
+    resource's ``on_gap`` for that channel, with real Redis."""
+
+    def test_a_lost_redis_connection_calls_the_resources_on_gap(
+        self, fresh_redis_server, loopback
+    ):
+        told = []
+
+        class Room(WebSocketAwareResource):
+            channel = "/rooms/gap"
+
+            def on_gap(self, channel, reason):
+                told.append((channel, reason))
+                for ws in self.listeners:
+                    ws.send("reload")
+
+        backend = RedisBackend(
+            fresh_redis_server.url,
+            prefix="gap-hook:",
+            reconnect_backoff=(0.05, 0.3),
+            socket_timeout=2.0,
+        )
+        hub = Hub(backend)
+        room = Room()
+        room.hub = hub
+        ws, peer = loopback.connect()
+        room.add_listener(ws)
+        room.send("before")
+        assert peer.messages(1) == ["before"]
+        with fresh_redis_server.client() as client:
+            assert client.client_kill_filter(_type="pubsub") == 1
+        assert peer.messages(1) == ["reload"]
+        assert told == [("/rooms/gap", "reconnected")]
+        assert hub.stats.gaps == 1
         hub.close()
 
 

@@ -100,6 +100,12 @@ DEFAULT_MAX_CONNECTIONS = 16
 #: Type tags put in front of every message so ``str`` and ``bytes`` survive.
 TEXT_TAG = b"t"
 BINARY_TAG = b"b"
+#: Put in front of a tagged message by the pub/sub backend, followed by the
+#: publishing process's 8-byte tag and the message's 8-byte number in that
+#: process's sequence for the channel: a receiver that sees a number skipped
+#: reports a gap (pub/sub has no history to fill it from).
+SEQUENCED_TAG = b"#"
+_SEQUENCE_HEADER = 1 + 8 + 8
 
 #: Channels sent per SUBSCRIBE command when resubscribing.
 _SUBSCRIBE_BATCH = 500
@@ -307,7 +313,8 @@ class RedisBackend(Backend):
     ``undecodable`` messages skipped, ``delivery_errors`` (``deliver``
     raised), ``heartbeats`` (presence refreshes) and ``gaps`` (a channel may
     have missed messages: a lost connection, a moved slot, a failover; each
-    is also reported to the hub, see :meth:`Backend.report_gap`).
+    is also reported to the hub, see :meth:`Backend.report_gap`) and
+    ``missed`` (messages seen missing from a publisher's numbered sequence).
     """
 
     synchronous = False
@@ -367,6 +374,7 @@ class RedisBackend(Backend):
             "delivery_errors": 0,
             "heartbeats": 0,
             "gaps": 0,
+            "missed": 0,
         }
         self._prefix_bytes = prefix.encode("utf-8")
         self._deliver = None
@@ -381,6 +389,9 @@ class RedisBackend(Backend):
         # Channels with local listeners; the receiver keeps Redis in step.
         self._channels = set()
         self._local_counts = {}
+        self._publisher_tag = os.urandom(8)
+        self._sequence = {}  # channel -> number of the last message published
+        self._seen = {}  # channel -> {publisher tag: last number received}
 
     def __repr__(self):
         return f"<RedisBackend {redact_url(self.url)} prefix={self.prefix!r}>"
@@ -513,6 +524,7 @@ class RedisBackend(Backend):
             heartbeat.kill()
         self._client = self._write_presence = self._read_presence = None
         self._channels, self._local_counts = set(), {}
+        self._publisher_tag, self._sequence, self._seen = os.urandom(8), {}, {}
         self.process_id = _new_process_id()
 
     # -- subscriptions -------------------------------------------------------
@@ -544,6 +556,7 @@ class RedisBackend(Backend):
         if channel not in self._channels:
             return
         self._channels.discard(channel)
+        self._seen.pop(channel, None)
         if self._receiver is not None:
             self._receiver.unsubscribe(self._redis_channel(channel))
 
@@ -562,6 +575,11 @@ class RedisBackend(Backend):
             raise BackendUnavailable("this Redis backend is closed")
         if self._client is None:
             raise BackendError("the Redis backend is not started (call start())")
+        # Numbered per channel before it is sent: a publish that fails after
+        # Redis took it leaves a hole the receivers report as a possible
+        # gap, never a silent one.
+        seq = self._sequence[channel] = self._sequence.get(channel, 0) + 1
+        data = SEQUENCED_TAG + self._publisher_tag + seq.to_bytes(8, "big") + data
         try:
             if self.cluster:
                 self._client.spublish(self._redis_channel(channel), data)
@@ -649,6 +667,9 @@ class RedisBackend(Backend):
         channel = name[len(self._prefix_bytes) :].decode("utf-8", "replace")
         if channel not in self._channels:
             return  # in flight when we unsubscribed
+        if data[:1] == SEQUENCED_TAG and len(data) >= _SEQUENCE_HEADER:
+            self._check_sequence(channel, data[1:9], int.from_bytes(data[9:17], "big"))
+            data = data[_SEQUENCE_HEADER:]
         try:
             message = decode_message(data)
         except ValueError as exc:
@@ -662,11 +683,25 @@ class RedisBackend(Backend):
             self.stats["delivery_errors"] += 1
             log.exception("delivering a message on %r failed", channel)
 
+    def _check_sequence(self, channel, publisher, number):
+        seen = self._seen.setdefault(channel, {})
+        last = seen.get(publisher)
+        seen[publisher] = number
+        if last is not None and number > last + 1:
+            self.stats["missed"] += number - last - 1
+            self._gap(channel, f"{number - last - 1} messages missing")
+
     def _on_gap(self, name, reason):
         channel = name[len(self._prefix_bytes) :].decode("utf-8", "replace")
+        # Numbers start afresh: the messages missed are reported here.
+        self._seen.pop(channel, None)
+        self._gap(channel, reason)
+
+    def _gap(self, channel, reason):
         if channel not in self._channels:
             return
         self.stats["gaps"] += 1
+        log.warning("channel %r may have missed messages: %s", channel, reason)
         self.report_gap(channel, reason)
 
     def _reconnected(self, seconds, channels):

@@ -589,6 +589,7 @@ class RedisStreamsBackend(Backend):
             cursor[1],
         )
         self._cursors[channel] = [epoch, 0]
+        self.report_gap(channel, "history lost (new epoch)")
 
     def _read_once(self):
         if self._check_epochs_at <= time.monotonic():
@@ -657,6 +658,7 @@ class RedisStreamsBackend(Backend):
                     cursor[1] + 1,
                     offset - 1,
                 )
+                self.report_gap(channel, f"{missed} messages left the window")
             cursor[1] = offset
             try:
                 message = decode_message(fields[b"d"])

@@ -96,3 +96,50 @@ class TestIdleCluster:
             ready(backend, collector, "late")
         finally:
             backend.close()
+
+
+class TestGapsAreReported:
+    """Gaps are signals: a channel that may have missed messages is
+    reported to ``gap_handler`` (the hub), never left silent."""
+
+    def make(self, server, gaps):
+        backend = RedisBackend(
+            server.url,
+            prefix=f"gaps-{uuid.uuid4().hex[:8]}:",
+            reconnect_backoff=(0.05, 0.3),
+            socket_timeout=2.0,
+        )
+        backend.gap_handler = lambda channel, reason: gaps.append((channel, reason))
+        return backend
+
+    def test_a_number_missing_from_a_publishers_sequence(self, redis_server):
+        gaps = []
+        backend = self.make(redis_server, gaps)
+        try:
+            collector = started(backend, "seq")
+            tag = b"12345678"
+            with redis_server.client() as client:
+                for number in (1, 2, 5, 6):  # 3 and 4 never arrive
+                    header = b"#" + tag + number.to_bytes(8, "big")
+                    client.publish(f"{backend.prefix}seq", header + b"t%d" % number)
+            assert wait_until(lambda: collector.messages("seq") == ["1", "2", "5", "6"])
+            assert gaps == [("seq", "2 messages missing")]
+            assert backend.stats["missed"] == 2
+        finally:
+            backend.close()
+
+    def test_a_lost_connection_is_reported_per_channel(self, fresh_redis_server):
+        gaps = []
+        backend = self.make(fresh_redis_server, gaps)
+        try:
+            collector = started(backend, "a", "b")
+            with fresh_redis_server.client() as client:
+                killed = client.client_kill_filter(_type="pubsub")
+            assert killed == 1
+            assert wait_until(lambda: len(gaps) == 2)
+            assert sorted(channel for channel, _ in gaps) == ["a", "b"]
+            collector.clear()
+            ready(backend, collector, "a", "b")  # and delivery goes on
+            assert backend.stats["gaps"] == 2
+        finally:
+            backend.close()
