@@ -61,8 +61,14 @@ def start_demo(port):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    line = process.stdout.readline()  # the URL line, once it accepts
-    assert "stargate demo: http://" in line, line
+    # The server's startup line ("Serving on ...") comes first, then the
+    # demo's own URL line once it accepts.
+    lines = []
+    while len(lines) < 20:
+        lines.append(process.stdout.readline())
+        if "stargate demo: http://" in lines[-1] or not lines[-1]:
+            break
+    assert "stargate demo: http://" in lines[-1], "".join(lines)
     return process
 
 
