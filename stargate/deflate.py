@@ -22,6 +22,7 @@ smaller one, 8 bits included.
 
 import dataclasses
 import zlib
+from collections.abc import Iterator
 
 from stargate.exceptions import PayloadTooBig, ProtocolError
 
@@ -35,6 +36,9 @@ __all__ = [
 ]
 
 EXTENSION_NAME = "permessage-deflate"
+
+#: One parsed extension offer: its name and its ``(param, value)`` pairs.
+Extension = tuple[str, list[tuple[str, "str | None"]]]
 
 _TAIL = b"\x00\x00\xff\xff"
 _STEP = 65536  # bytes inflated at a time
@@ -57,13 +61,13 @@ class DeflateParams:
     #: zlib compression level of outgoing messages (not negotiated).
     compress_level: int = 6
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("server_max_window_bits", "client_max_window_bits"):
             bits = getattr(self, name)
             if not isinstance(bits, int) or not 8 <= bits <= 15:
                 raise ValueError(f"{name} must be 8..15, got {bits!r}")
 
-    def response_value(self, *, window_bits_offered=False):
+    def response_value(self, *, window_bits_offered: bool = False) -> str:
         """Return the ``Sec-WebSocket-Extensions`` value announcing these."""
         parts = [EXTENSION_NAME]
         if self.server_no_context_takeover:
@@ -82,11 +86,11 @@ _TCHAR = frozenset(
 )
 
 
-def _is_token(s):
+def _is_token(s: str) -> bool:
     return bool(s) and all(c in _TCHAR for c in s)
 
 
-def _split(value, sep):
+def _split(value: str, sep: str) -> list[str]:
     """Split on ``sep`` outside double-quoted strings."""
     parts = []
     current = []
@@ -109,7 +113,7 @@ def _split(value, sep):
     return parts
 
 
-def _unquote(value):
+def _unquote(value: str) -> str:
     if len(value) >= 2 and value[0] == value[-1] == '"':
         out = []
         escaped = False
@@ -126,7 +130,7 @@ def _unquote(value):
     return value
 
 
-def _parse_element(element):
+def _parse_element(element: str) -> Extension:
     items = _split(element, ";")
     name = items[0].strip()
     if not _is_token(name):
@@ -141,13 +145,13 @@ def _parse_element(element):
     return name, params
 
 
-def _elements(header_value):
+def _elements(header_value: str) -> Iterator[str]:
     for element in _split(header_value, ","):
         if element.strip():
             yield element
 
 
-def parse_extensions(header_value):
+def parse_extensions(header_value: str) -> list[Extension]:
     """Parse a ``Sec-WebSocket-Extensions`` value.
 
     Returns a list of ``(name, [(param, value or None), ...])`` in offer
@@ -156,7 +160,7 @@ def parse_extensions(header_value):
     return [_parse_element(element) for element in _elements(header_value)]
 
 
-def _window_bits(value):
+def _window_bits(value: "str | None") -> int:
     # RFC 7692 7.1.2: a decimal integer 8..15 without leading zeros.
     if value is None or not value.isdigit() or value[0] == "0" or len(value) > 2:
         raise ValueError(f"invalid window bits {value!r}")
@@ -166,7 +170,7 @@ def _window_bits(value):
     return bits
 
 
-def _accept(params):
+def _accept(params: list[tuple[str, "str | None"]]) -> tuple[str, DeflateParams]:
     """Return ``(response_value, DeflateParams)`` for one offer or raise."""
     seen = set()
     client_no_context = False
@@ -199,7 +203,9 @@ def _accept(params):
     return result.response_value(window_bits_offered=server_bits is not None), result
 
 
-def negotiate(header_value, *, enabled=True):
+def negotiate(
+    header_value: "str | None", *, enabled: bool = True
+) -> "tuple[str, DeflateParams] | None":
     """Accept the first acceptable permessage-deflate offer in ``header_value``.
 
     Returns ``(response_header_value, DeflateParams)`` or ``None`` when
@@ -232,10 +238,10 @@ def negotiate(header_value, *, enabled=True):
 
 # ------------------------------------------------------------------ codec
 
-_compressors = {}
+_compressors: "dict[tuple[int, int], zlib._Compress]" = {}
 
 
-def compress(data, params):
+def compress(data: bytes, params: DeflateParams) -> bytes:
     """Return ``data`` compressed as one permessage-deflate message.
 
     A fresh compression context every call (``server_no_context_takeover``),
@@ -269,13 +275,13 @@ class Decompressor:
     :class:`~stargate.exceptions.ProtocolError`.
     """
 
-    def __init__(self, params, max_size=None):
+    def __init__(self, params: DeflateParams, max_size: "int | None" = None) -> None:
         self.params = params
         self.max_size = max_size
         self._size = 0
         self._decoder = zlib.decompressobj(-15)
 
-    def decompress(self, data, final):
+    def decompress(self, data: "bytes | bytearray", final: bool) -> bytearray:
         """Return the decompressed bytes of one frame's payload, as a
         ``bytearray`` (grown in 64 KiB steps, so inflating never holds the
         output twice).
@@ -305,10 +311,10 @@ class Decompressor:
                 self._decoder = zlib.decompressobj(-15)
         return out
 
-    def _over(self, out=b""):
+    def _over(self, out: "bytes | bytearray" = b"") -> bool:
         return self.max_size is not None and self._size + len(out) > self.max_size
 
-    def _inflate(self, data, out):
+    def _inflate(self, data: "bytes | bytearray", out: bytearray) -> None:
         # Stops one byte past the limit: enough to know it was passed.
         decoder = self._decoder
         while True:

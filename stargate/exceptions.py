@@ -21,6 +21,8 @@ WebSocket ``close_code``. ``stargate.handshake`` and ``stargate.view``
 re-export the names their 2010 documentation gave them.
 """
 
+from collections.abc import Iterable
+
 __all__ = [
     "StargateError",
     "IncorrectlyConfigured",
@@ -59,7 +61,13 @@ class HandShakeFailed(StargateError):
 
     status = 400
 
-    def __init__(self, reason=None, header=None, value=None, headers=()):
+    def __init__(
+        self,
+        reason: "str | None" = None,
+        header: "str | None" = None,
+        value: "str | None" = None,
+        headers: "Iterable[tuple[str, str]]" = (),
+    ) -> None:
         self.header = header
         self.value = value
         self.headers = list(headers)
@@ -103,7 +111,7 @@ class ProtocolError(StargateError):
 
     close_code = 1002
 
-    def __init__(self, reason, close_code=None):
+    def __init__(self, reason: str, close_code: "int | None" = None) -> None:
         if close_code is not None:
             self.close_code = close_code
         self.reason = reason
@@ -129,7 +137,7 @@ class ConnectionClosed(StargateError):
     (1006 and ``""`` when the connection ended without a closing handshake).
     """
 
-    def __init__(self, code=1006, reason=""):
+    def __init__(self, code: int = 1006, reason: str = "") -> None:
         self.code = code
         self.reason = reason
         detail = f": {reason}" if reason else ""
@@ -151,7 +159,9 @@ class HistoryUnavailable(BackendError):
     application can reload its state and continue from there.
     """
 
-    def __init__(self, reason, epoch=None, offset=None):
+    def __init__(
+        self, reason: str, epoch: "str | None" = None, offset: "int | None" = None
+    ) -> None:
         self.epoch = epoch
         self.offset = offset
         super().__init__(reason)

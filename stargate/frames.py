@@ -20,6 +20,8 @@ Bytes go in, frames come out; nothing here reads or writes a socket.
 import dataclasses
 import enum
 import struct
+from collections.abc import Callable
+from typing import Literal, Union
 
 from stargate import deflate as _deflate
 from stargate.exceptions import InvalidPayload, PayloadTooBig, ProtocolError
@@ -41,6 +43,10 @@ __all__ = [
     "encode_hixie_binary",
     "encode_message",
 ]
+
+
+#: What the masking and encoding functions accept: any bytes-like object.
+BytesLike = Union[bytes, bytearray, memoryview]
 
 
 class Opcode(enum.IntEnum):
@@ -73,7 +79,7 @@ class Frame:
     rsv3: bool = False
 
     @property
-    def is_control(self):
+    def is_control(self) -> bool:
         """True for close, ping and pong frames."""
         return self.opcode >= 0x8
 
@@ -86,7 +92,7 @@ _TRANSLATE_FROM = 512
 _XOR_TABLES = [bytes(b ^ m for b in range(256)) for m in range(256)]
 
 
-def apply_mask(data, mask):
+def apply_mask(data: BytesLike, mask: BytesLike) -> bytes:
     """Return ``data`` XOR-ed with the repeated 4-byte ``mask`` as ``bytes``.
 
     Masking and unmasking are the same operation. It runs in C when the
@@ -104,7 +110,7 @@ def apply_mask(data, mask):
     return apply_mask_python(data, mask)
 
 
-def _byte_string(data):
+def _byte_string(data: BytesLike) -> "bytes | bytearray":
     # Any buffer as the bytes it holds: an array("H") or a memoryview cast
     # to "I" has fewer items than bytes, and a strided view is gathered.
     # (The C speedup reads every buffer as its raw bytes too.)
@@ -113,7 +119,7 @@ def _byte_string(data):
     return memoryview(data).tobytes()
 
 
-def apply_mask_python(data, mask):
+def apply_mask_python(data: BytesLike, mask: BytesLike) -> bytes:
     """:func:`apply_mask` without the C speedup. No per-byte Python loop:
     payloads under 512 bytes are XOR-ed as one big integer
     (``int.from_bytes``), longer ones lane by lane with ``bytes.translate``.
@@ -142,9 +148,10 @@ def apply_mask_python(data, mask):
 
 
 try:
-    from stargate._speedups import apply_mask as _apply_mask_c
+    from stargate._speedups import apply_mask as _speedup
 except ImportError:  # not built: the pure Python version is used
-    _apply_mask_c = None
+    _speedup = None
+_apply_mask_c: "Callable[[BytesLike, BytesLike], bytes] | None" = _speedup
 
 
 # Payloads from this size up are unmasked through a memoryview of the
@@ -152,7 +159,7 @@ except ImportError:  # not built: the pure Python version is used
 _VIEW_FROM = 4096
 
 
-def _header(first_byte, length, mask_bit=0):
+def _header(first_byte: int, length: int, mask_bit: int = 0) -> bytes:
     if length < 126:
         return bytes((first_byte, mask_bit | length))
     if length < 0x10000:
@@ -160,7 +167,7 @@ def _header(first_byte, length, mask_bit=0):
     return struct.pack("!BBQ", first_byte, mask_bit | 127, length)
 
 
-def serialize_frame(frame, mask=None):
+def serialize_frame(frame: Frame, mask: "BytesLike | None" = None) -> bytes:
     """Return the bytes of ``frame``; masked with the 4-byte ``mask`` if given.
 
     Lengths use the shortest of the 7, 16 and 64-bit encodings. A server
@@ -206,13 +213,13 @@ class FrameParser:
 
     __slots__ = ("_buf", "_pos", "require_mask", "allow_rsv1")
 
-    def __init__(self, *, require_mask=True, allow_rsv1=False):
-        self._buf = b""
+    def __init__(self, *, require_mask: bool = True, allow_rsv1: bool = False) -> None:
+        self._buf: bytes | bytearray = b""
         self._pos = 0
         self.require_mask = require_mask
         self.allow_rsv1 = allow_rsv1
 
-    def feed(self, data):
+    def feed(self, data: BytesLike) -> None:
         """Append received bytes."""
         buf = self._buf
         pos = self._pos
@@ -229,38 +236,45 @@ class FrameParser:
         self._pos = 0
 
     @property
-    def buffered(self):
+    def buffered(self) -> int:
         """Number of received bytes not yet returned as frames."""
         return len(self._buf) - self._pos
 
-    def clear(self):
+    def clear(self) -> None:
         """Forget the bytes not parsed yet: the connection is closed."""
         self._buf = b""
         self._pos = 0
 
-    def next_frame(self, max_size=None, max_rsv1_size=None):
+    def next_frame(
+        self, max_size: "int | None" = None, max_rsv1_size: "int | None" = None
+    ) -> "Frame | None":
         """Return the next complete :class:`Frame`, or ``None``.
 
         ``max_size`` limits the payload of a data frame, ``max_rsv1_size``
         that of a data frame with RSV1 set (a compressed frame, whose wire
         size is not its message size); ``None`` means no limit.
         """
-        parsed = self._next(max_size, max_rsv1_size)
+        parsed = self.next_parsed(max_size, max_rsv1_size)
         if not parsed:
             return None
         opcode, payload, fin, rsv1 = parsed
         return Frame(Opcode(opcode), payload, fin, rsv1)
 
-    def _more(self):
+    def _more(self) -> None:
         # More bytes are needed: keep only what is not parsed yet, so a large
         # frame already returned is not held until the next feed().
         if self._pos:
             self._buf = self._buf[self._pos :]
             self._pos = 0
 
-    def _next(self, max_size, max_rsv1_size):
-        # Hot path: returns (opcode, payload, fin, rsv1) as plain values;
-        # None when every byte was parsed, False when part of a frame waits.
+    def next_parsed(
+        self, max_size: "int | None", max_rsv1_size: "int | None"
+    ) -> "tuple[int, bytes, bool, bool] | Literal[False] | None":
+        """:meth:`next_frame` without building a :class:`Frame`, for the
+        receive path: ``(opcode, payload, fin, rsv1)`` as plain values;
+        ``None`` when every byte was parsed, ``False`` when part of a frame
+        has arrived (see :meth:`pending_payload`). Raises as ``next_frame``.
+        """
         buf = self._buf
         pos = self._pos
         avail = len(buf) - pos
@@ -342,8 +356,7 @@ class FrameParser:
             self._pos = end
         return opcode, payload, fin, rsv1
 
-
-    def pending_payload(self, skip=0):
+    def pending_payload(self, skip: int = 0) -> "tuple[int, bool, bool, bytes] | None":
         """The arrived part of an incomplete data frame's payload.
 
         After :meth:`next_frame` returned ``None``: if the buffer starts
@@ -393,7 +406,7 @@ _VALID_CLOSE_CODES = frozenset(
 )
 
 
-def is_valid_close_code(code):
+def is_valid_close_code(code: int) -> bool:
     """Whether ``code`` may appear in a close frame.
 
     Valid: 1000-1003, 1007-1011, the IANA-registered 1012-1014, and
@@ -403,7 +416,7 @@ def is_valid_close_code(code):
     return code in _VALID_CLOSE_CODES or 3000 <= code <= 4999
 
 
-def parse_close(payload):
+def parse_close(payload: BytesLike) -> tuple[int, str]:
     """Return ``(code, reason)`` from the body of a received close frame.
 
     An empty body gives ``(1005, "")`` (RFC 6455 7.1.5: no status code).
@@ -425,7 +438,7 @@ def parse_close(payload):
     return code, reason
 
 
-def serialize_close(code=1000, reason=""):
+def serialize_close(code: "int | None" = 1000, reason: str = "") -> bytes:
     """Return the body of a close frame with ``code`` and ``reason``.
 
     ``code=None`` gives an empty body (no status code; ``reason`` must then
@@ -450,12 +463,12 @@ def serialize_close(code=1000, reason=""):
 HIXIE_CLOSE = b"\xff\x00"
 
 
-def encode_hixie_text(text):
+def encode_hixie_text(text: str) -> bytes:
     """Return a hixie text frame: ``0x00``, the UTF-8 text, ``0xFF``."""
     return b"\x00" + text.encode("utf-8") + b"\xff"
 
 
-def _hixie_length(n):
+def _hixie_length(n: int) -> bytes:
     groups = [n & 0x7F]
     n >>= 7
     while n:
@@ -464,7 +477,7 @@ def _hixie_length(n):
     return bytes(reversed(groups))
 
 
-def encode_hixie_binary(data):
+def encode_hixie_binary(data: BytesLike) -> bytes:
     """Return a hixie length-prefixed frame: ``0x80``, the length, the data.
 
     The length is big-endian in 7-bit groups, the high bit set on every
@@ -492,36 +505,37 @@ class HixieParser:
 
     __slots__ = ("_buf", "_scan", "_skip", "_discarding")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._buf = bytearray()
         self._scan = 1  # where to resume looking for the 0xFF sentinel
         self._skip = 0  # bytes of a length-prefixed frame still to drop
         self._discarding = False  # inside a non-text sentinel frame
 
-    def feed(self, data):
+    def feed(self, data: BytesLike) -> None:
         """Append received bytes."""
         self._buf += data
 
     @property
-    def buffered(self):
+    def buffered(self) -> int:
         """Number of received bytes held, not yet returned or discarded."""
         return len(self._buf)
 
-    def clear(self):
+    def clear(self) -> None:
         """Forget the bytes not parsed yet: the connection is closed."""
         self._buf = bytearray()
         self._scan = 1
         self._skip = 0
         self._discarding = False
 
-    def next_frame(self, max_size=None):
+    def next_frame(self, max_size: "int | None" = None) -> "Frame | None":
         """Return the next text or close :class:`Frame`, or ``None``."""
-        parsed = self._next(max_size)
+        parsed = self.next_parsed(max_size)
         if parsed is None:
             return None
         return Frame(Opcode(parsed[0]), parsed[1])
 
-    def _next(self, max_size):
+    def next_parsed(self, max_size: "int | None") -> "tuple[int, bytes] | None":
+        """:meth:`next_frame` as ``(opcode, payload)``, or ``None``."""
         buf = self._buf
         while True:
             if self._skip:
@@ -602,18 +616,18 @@ class WireFormat:
     draft: str = "rfc6455"
     deflate: "_deflate.DeflateParams | None" = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.draft not in DRAFTS:
             raise ValueError(f"unknown draft {self.draft!r}, expected one of {DRAFTS}")
         if self.deflate is not None and self.draft != "rfc6455":
             raise ValueError(f"{self.draft} cannot use permessage-deflate")
 
     @property
-    def is_hixie(self):
+    def is_hixie(self) -> bool:
         """True for the hixie-75 and hixie-76 drafts."""
         return self.draft != "rfc6455"
 
-    def canonical(self):
+    def canonical(self) -> "WireFormat":
         """The one shared instance equal to this one.
 
         Connections hold canonical wire formats, so a broadcast can key its
@@ -623,11 +637,13 @@ class WireFormat:
         return _CANONICAL.setdefault(self, self)
 
 
-_CANONICAL = {}
+_CANONICAL: "dict[WireFormat, WireFormat]" = {}
 _RFC6455 = WireFormat().canonical()
 
 
-def encode_message(message, wire_format=_RFC6455):
+def encode_message(
+    message: "str | BytesLike", wire_format: WireFormat = _RFC6455
+) -> bytes:
     """Return the complete bytes that send ``message`` with ``wire_format``.
 
     ``str`` is sent as text, ``bytes`` (and ``bytearray``, ``memoryview``)

@@ -24,6 +24,7 @@ the error is kept in :attr:`ServerProtocol.error`, and
 import codecs
 import dataclasses
 import enum
+from typing import Union
 
 from stargate import deflate as _deflate
 from stargate import frames as _frames
@@ -121,6 +122,9 @@ class CloseStatus:
     reason: str = ""
 
 
+#: What :meth:`ServerProtocol.events_received` returns.
+Event = Union[TextMessage, BinaryMessage, Ping, Pong, CloseReceived]
+
 _new_utf8_decoder = codecs.getincrementaldecoder("utf-8")
 _utf8_decode = codecs.utf_8_decode
 
@@ -128,7 +132,7 @@ _CONT, _TEXT, _BINARY = 0x0, 0x1, 0x2
 _CLOSE, _PING, _PONG = 0x8, 0x9, 0xA
 
 
-def _compressed_budget(size):
+def _compressed_budget(size: int) -> int:
     # Wire size allowed for a compressed message of at most ``size`` bytes:
     # deflate may expand incompressible data slightly (stored blocks,
     # flushes). The decompressed size is checked exactly by Decompressor.
@@ -152,14 +156,15 @@ class ServerProtocol:
 
     def __init__(
         self,
-        wire_format=_frames.WireFormat(),
+        wire_format: _frames.WireFormat = _frames.WireFormat(),
         *,
-        max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
-    ):
+        max_message_size: "int | None" = DEFAULT_MAX_MESSAGE_SIZE,
+    ) -> None:
         self.wire_format = wire_format.canonical()
         self.max_message_size = max_message_size
         self._hixie = wire_format.draft != "rfc6455"
         params = wire_format.deflate
+        self._parser: _frames.FrameParser | _frames.HixieParser
         if self._hixie:
             self._parser = _frames.HixieParser()
         else:
@@ -171,33 +176,33 @@ class ServerProtocol:
         )
         #: The :class:`~stargate.exceptions.ProtocolError` that failed the
         #: connection, or ``None``.
-        self.error = None
-        self._events = []
-        self._output = []
-        self._close_sent = None
-        self._close_received = None
+        self.error: ProtocolError | None = None
+        self._events: list[Event] = []
+        self._output: list[bytes] = []
+        self._close_sent: CloseStatus | None = None
+        self._close_received: CloseStatus | None = None
         self._closed = False
         # Message being reassembled.
-        self._msg_opcode = None
+        self._msg_opcode: int | None = None
         self._msg_compressed = False
-        self._msg_buf = None
+        self._msg_buf: bytearray | bytes = b""
         self._msg_size = 0  # payload bytes plus FRAGMENT_OVERHEAD per fragment
         self._msg_wire_size = 0
-        self._msg_decoder = None
+        self._msg_decoder: codecs.IncrementalDecoder | None = None
         # UTF-8 check of a text frame still arriving: the bytes of a
         # character not complete yet (None: no check under way) and how many
         # of the frame's payload bytes were checked.
-        self._partial_left = None
+        self._partial_left: bytes | None = None
         self._partial_checked = 0
         # The pong owed to the peer's latest ping (RFC 6455 5.5.3 lets an
         # endpoint answer only the most recent of several pings), so a
         # flood of pings queues one pong, not one per ping.
-        self._pong = None
+        self._pong: bytes | None = None
 
     # ------------------------------------------------------------ properties
 
     @property
-    def state(self):
+    def state(self) -> State:
         """The :class:`State`."""
         if self._closed:
             return State.CLOSED
@@ -206,12 +211,12 @@ class ServerProtocol:
         return State.OPEN
 
     @property
-    def close_sent(self):
+    def close_sent(self) -> "CloseStatus | None":
         """The :class:`CloseStatus` we sent (truthy), or ``None``."""
         return self._close_sent
 
     @property
-    def close_received(self):
+    def close_received(self) -> "CloseStatus | None":
         """The :class:`CloseStatus` the peer sent (truthy), or ``None``.
 
         Its ``code`` is 1005 when the peer's close frame had no code.
@@ -219,7 +224,7 @@ class ServerProtocol:
         return self._close_received
 
     @property
-    def close_code(self):
+    def close_code(self) -> "int | None":
         """The peer's close code; 1006 if the connection ended without one.
 
         ``None`` while the connection is neither closed nor closing by the
@@ -232,7 +237,7 @@ class ServerProtocol:
         return None
 
     @property
-    def close_reason(self):
+    def close_reason(self) -> "str | None":
         """The peer's close reason; ``None`` exactly when :attr:`close_code` is.
 
         ``""`` when the peer gave none or the connection ended without one.
@@ -244,7 +249,7 @@ class ServerProtocol:
         return None
 
     @property
-    def should_close_transport(self):
+    def should_close_transport(self) -> bool:
         """True once the driver should close the TCP connection.
 
         After the closing handshake completed (the server closes the TCP
@@ -269,19 +274,16 @@ class ServerProtocol:
         figures measured. Delivering a message copies it once more into its
         ``str`` or ``bytes``, which the application then owns.
         """
-        held = self._parser.buffered
-        if self._msg_buf is not None:
-            held += len(self._msg_buf)
-        return held
+        return self._parser.buffered + len(self._msg_buf)
 
     @property
-    def close_expected(self):
+    def close_expected(self) -> bool:
         """True while our close frame is sent and the peer's is awaited."""
         return self._close_sent is not None and not self._closed
 
     # ------------------------------------------------------------ receiving
 
-    def receive_data(self, data):
+    def receive_data(self, data: bytes) -> None:
         """Process bytes received from the peer. Never raises."""
         if self._closed or not data:
             return
@@ -298,7 +300,7 @@ class ServerProtocol:
         if self._closed:
             self._parser.clear()  # nothing more will be parsed
 
-    def receive_eof(self):
+    def receive_eof(self) -> None:
         """The peer closed its end of the TCP connection. Never raises."""
         if self._closed:
             return
@@ -306,13 +308,13 @@ class ServerProtocol:
         self._reset_message()
         self._parser.clear()
 
-    def events_received(self):
+    def events_received(self) -> "list[Event]":
         """Return and forget the events received so far."""
         events = self._events
         self._events = []
         return events
 
-    def data_to_send(self):
+    def data_to_send(self) -> bytes:
         """Return and forget the bytes to write to the peer."""
         output = self._output
         pong = self._pong
@@ -325,8 +327,8 @@ class ServerProtocol:
         self._output = []
         return b"".join(output)
 
-    def _process(self):
-        parser = self._parser
+    def _process(self) -> None:
+        parser: _frames.FrameParser = self._parser  # type: ignore[assignment]
         limit = self.max_message_size
         events = self._events
         while not self._closed:
@@ -351,7 +353,7 @@ class ServerProtocol:
                 frame_limit = rsv1_limit = max(
                     limit - self._msg_size - FRAGMENT_OVERHEAD, 0
                 )
-            parsed = parser._next(frame_limit, rsv1_limit)
+            parsed = parser.next_parsed(frame_limit, rsv1_limit)
             if not parsed:
                 if parsed is False:  # part of a frame has arrived
                     self._check_partial_text()
@@ -384,12 +386,13 @@ class ServerProtocol:
             else:
                 events.append(Pong(payload))
 
-    def _check_partial_text(self):
+    def _check_partial_text(self) -> None:
         # Fail fast on invalid UTF-8 inside a text frame that has not all
         # arrived (RFC 6455 8.1), rather than when its last byte does.
         # Validation only: keeping the text would hold the frame twice while
         # it arrives (bytes and str); it is decoded once, on completion.
-        pending = self._parser.pending_payload(self._partial_checked)
+        parser: _frames.FrameParser = self._parser  # type: ignore[assignment]
+        pending = parser.pending_payload(self._partial_checked)
         if pending is None or self._close_sent is not None:
             return
         opcode, fin, rsv1, data = pending
@@ -401,7 +404,7 @@ class ServerProtocol:
                 left = b""
             elif (
                 opcode == _CONT
-                and self._msg_opcode == _TEXT
+                and self._msg_decoder is not None  # a text message
                 and not self._msg_compressed
             ):
                 left = self._msg_decoder.getstate()[0]
@@ -416,7 +419,9 @@ class ServerProtocol:
         self._partial_left = data[consumed:]
         self._partial_checked += len(data) - len(left)
 
-    def _checked_frame(self, opcode, payload, fin, rsv1):
+    def _checked_frame(
+        self, opcode: int, payload: bytes, fin: bool, rsv1: bool
+    ) -> None:
         # The rest of a frame _check_partial_text began to validate.
         left = self._partial_left
         checked = self._partial_checked
@@ -431,14 +436,21 @@ class ServerProtocol:
                 raise InvalidPayload("text message is not UTF-8") from None
             self._events.append(TextMessage(text))
             return
-        rest = left + payload[checked:]
+        rest = (left or b"") + payload[checked:]
         try:
             consumed = _utf8_decode(rest, "strict", fin)[1]
         except UnicodeDecodeError:
             raise InvalidPayload("text message is not UTF-8") from None
         self._data_frame(opcode, payload, fin, rsv1, checked_left=rest[consumed:])
 
-    def _data_frame(self, opcode, payload, fin, rsv1, checked_left=None):
+    def _data_frame(
+        self,
+        opcode: int,
+        payload: "bytes | bytearray",
+        fin: bool,
+        rsv1: bool,
+        checked_left: "bytes | None" = None,
+    ) -> None:
         # A fragmented message is kept as one bytearray: its memory is its
         # size (plus the bytearray's growth margin), never one object per
         # fragment, and text is validated as each fragment arrives.
@@ -457,7 +469,7 @@ class ServerProtocol:
                 self._msg_decoder = _new_utf8_decoder()
         if self._msg_compressed:
             self._msg_wire_size += len(payload)
-            payload = self._decompressor.decompress(payload, fin)
+            payload = self._decompressor.decompress(payload, fin)  # type: ignore[union-attr]
         self._msg_size += len(payload)
         if limit is not None and self._msg_size > limit:
             raise PayloadTooBig(
@@ -471,10 +483,12 @@ class ServerProtocol:
             self._reset_message()
             self._events.append(_message(opcode, payload))
             return
-        if checked_left is not None:
+        if self._msg_decoder is None:
+            pass  # a binary message
+        elif checked_left is not None:
             # Validated as it arrived: only the decoder's state moves on.
             self._msg_decoder.setstate((checked_left, 0))
-        elif self._msg_decoder is not None:
+        else:
             try:
                 self._msg_decoder.decode(payload, fin)  # validation only
             except UnicodeDecodeError:
@@ -488,15 +502,15 @@ class ServerProtocol:
             self._reset_message()
             self._events.append(_message(opcode, buf))
 
-    def _reset_message(self):
+    def _reset_message(self) -> None:
         self._msg_opcode = None
         self._msg_compressed = False
-        self._msg_buf = None
+        self._msg_buf = b""
         self._msg_size = 0
         self._msg_wire_size = 0
         self._msg_decoder = None
 
-    def _receive_close(self, payload):
+    def _receive_close(self, payload: bytes) -> None:
         code, reason = _frames.parse_close(payload)
         self._close_received = CloseStatus(code, reason)
         if self._close_sent is None:
@@ -506,10 +520,10 @@ class ServerProtocol:
         self._reset_message()
         self._events.append(CloseReceived(code, reason))
 
-    def _process_hixie(self):
-        parser = self._parser
+    def _process_hixie(self) -> None:
+        parser: _frames.HixieParser = self._parser  # type: ignore[assignment]
         while not self._closed:
-            parsed = parser._next(self.max_message_size)
+            parsed = parser.next_parsed(self.max_message_size)
             if parsed is None:
                 return
             opcode, payload = parsed
@@ -528,11 +542,11 @@ class ServerProtocol:
 
     # ------------------------------------------------------------ sending
 
-    def _check_open(self):
+    def _check_open(self) -> None:
         if self._closed or self._close_sent is not None:
             raise ConnectionClosed(self.close_code or 1006, self.close_reason or "")
 
-    def send_message(self, message):
+    def send_message(self, message: "str | _frames.BytesLike") -> None:
         """Queue a ``str`` (text) or ``bytes`` (binary) message.
 
         Raises :class:`~stargate.exceptions.ConnectionClosed` once a close
@@ -541,7 +555,7 @@ class ServerProtocol:
         self._check_open()
         self._output.append(_frames.encode_message(message, self.wire_format))
 
-    def _control(self, opcode, data):
+    def _control(self, opcode: int, data: "str | _frames.BytesLike") -> None:
         if isinstance(data, str):
             data = data.encode("utf-8")
         data = bytes(data)
@@ -549,7 +563,7 @@ class ServerProtocol:
             raise ValueError(f"control frame payload of {len(data)} bytes, over 125")
         self._output.append(bytes((0x80 | opcode, len(data))) + data)
 
-    def send_ping(self, data=b""):
+    def send_ping(self, data: "str | _frames.BytesLike" = b"") -> bool:
         """Queue a ping; return ``True``. Hixie drafts have no ping: ``False``.
 
         Raises :class:`~stargate.exceptions.ConnectionClosed` once closing
@@ -561,7 +575,7 @@ class ServerProtocol:
         self._control(_PING, data)
         return True
 
-    def send_pong(self, data=b""):
+    def send_pong(self, data: "str | _frames.BytesLike" = b"") -> bool:
         """Queue an unsolicited pong; return ``True`` (``False`` on hixie)."""
         self._check_open()
         if self._hixie:
@@ -569,7 +583,7 @@ class ServerProtocol:
         self._control(_PONG, data)
         return True
 
-    def send_close(self, code=1000, reason=""):
+    def send_close(self, code: "int | None" = 1000, reason: str = "") -> None:
         """Start the closing handshake; a no-op once a close frame was sent.
 
         ``code=None`` sends a close frame without a status. Raises
@@ -585,7 +599,7 @@ class ServerProtocol:
             self._closed = True
             self._parser.clear()
 
-    def fail(self, code, reason=""):
+    def fail(self, code: "int | None", reason: "str | None" = "") -> None:
         """Fail the connection: send a close frame if none was sent yet, and
         close the transport without waiting for the peer's reply.
 
@@ -607,11 +621,11 @@ class ServerProtocol:
         self._reset_message()
         self._parser.clear()
 
-    def _fail_with(self, exc):
+    def _fail_with(self, exc: ProtocolError) -> None:
         self.error = exc
         self.fail(exc.close_code, exc.reason)
 
-    def _queue_close(self, code, reason):
+    def _queue_close(self, code: "int | None", reason: str) -> None:
         self._close_sent = CloseStatus(code, reason)
         draft = self.wire_format.draft
         if draft == "rfc6455":
@@ -621,7 +635,9 @@ class ServerProtocol:
             self._output.append(_frames.HIXIE_CLOSE)
 
 
-def _message(opcode, data):
+def _message(
+    opcode: "int | None", data: "bytes | bytearray"
+) -> "TextMessage | BinaryMessage":
     """The event for a complete message's ``data`` (any bytes-like)."""
     if opcode == _TEXT:
         try:
@@ -631,7 +647,7 @@ def _message(opcode, data):
     return BinaryMessage(bytes(data))
 
 
-def _truncate_reason(reason):
+def _truncate_reason(reason: "str | None") -> str:
     if not reason:
         return ""
     data = str(reason).encode("utf-8")

@@ -45,6 +45,7 @@ from stargate.frames import (
 )
 from stargate.handshake import Handshake, negotiate
 from stargate.protocol import (
+    FRAGMENT_OVERHEAD,
     BinaryMessage,
     CloseReceived,
     Ping,
@@ -232,6 +233,8 @@ class ProtocolMachine(RuleBasedStateMachine):
         data = b""
         for i, chunk in enumerate(chunks):
             data += client_frame(opcode if i == 0 else 0x0, chunk, i == len(chunks) - 1)
+        if len(payload) + FRAGMENT_OVERHEAD * (len(chunks) - 1) > MAX_SIZE:
+            self.valid = False  # over the limit once fragments are charged: 1009
         if self.valid:
             self.expected.append(message)
         self.feed(data, cut)
