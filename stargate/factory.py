@@ -188,7 +188,8 @@ def serve(
     sock = listen_socket or _listen(host, port)
     address = sock.getsockname()[:2]
     settings = _stargate_settings(app)
-    _announce(startup_line(address, workers, settings))
+    # a caller that passes ready (stargate demo) prints its own line
+    _announce(startup_line(address, workers, settings), fallback=ready is None)
     if workers > 1 and settings is not None and _is_memory(settings.backend):
         log.warning(
             "%d workers on the memory backend: a broadcast reaches only the "
@@ -231,13 +232,13 @@ def startup_line(
     )
 
 
-def _announce(line: str) -> None:
+def _announce(line: str, fallback: bool = True) -> None:
     """Log ``line`` on ``stargate.server``; print it on stderr when logging
     would not show it (``pserve`` with an ``.ini`` without logging sections
     sets the root logger to WARNING), as other ``pserve`` servers do."""
     if log.isEnabledFor(logging.INFO) and log.hasHandlers():
         log.info(line)
-    else:
+    elif fallback:
         print(line, file=sys.stderr, flush=True)
 
 

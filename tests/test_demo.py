@@ -80,6 +80,14 @@ class TestEcho:
         assert response.headers["upgrade"].lower() == "websocket"
         assert "WebSocket endpoint" in response.text
 
+    def test_a_browser_gets_a_page_that_talks_to_the_endpoint(self, demo):
+        response = http(demo.url + "/echo", headers=[("Accept", "text/html,*/*")])
+        assert response.status == 200
+        assert "new WebSocket(" in response.text
+
+    def test_the_browsers_favicon_request_is_answered(self, demo):
+        assert http(demo.url + "/favicon.ico").status == 204
+
     def test_a_foreign_origin_is_refused_with_403(self, demo):
         with pytest.raises(InvalidStatus) as info:
             connect(demo.ws_url + "/echo", origin="http://evil.example")

@@ -7,7 +7,8 @@ ships next to this module). Endpoints:
     A small chat page (plain JavaScript, no external resources).
 ``/echo``
     A WebSocket that sends every message back: text as text, binary as
-    binary. A plain GET gets 426 with a page saying what this URL is.
+    binary. A browser's plain GET gets a small page that talks to it; any
+    other plain GET gets 426 saying what this URL is.
 ``/rooms/{name}``
     A WebSocket per chat room. Every message received is broadcast to every
     listener of the room, the sender included. The room resource is built
@@ -240,7 +241,23 @@ def job_stop(request):
 
 
 def chat_page(request):
-    html = importlib.resources.files(__name__).joinpath("chat.html").read_bytes()
+    return _page("chat.html")
+
+
+def echo_page(request):
+    """``GET /echo`` from a browser: a page that talks to the endpoint,
+    instead of a bare 426 (other clients still get the 426)."""
+    return _page("echo.html")
+
+
+def favicon(request):
+    """``/favicon.ico``: nothing, said plainly (204), so a browser logs no
+    error for the icon it asks every page for."""
+    return Response(status=204)
+
+
+def _page(name):
+    html = importlib.resources.files(__name__).joinpath(name).read_bytes()
     return Response(html, content_type="text/html", charset="utf-8")
 
 
@@ -262,9 +279,19 @@ def make_app(settings=None):
 
         config.add_route("chat", "/")
         config.add_view(chat_page, route_name="chat", request_method="GET")
+        config.add_route("favicon", "/favicon.ico")
+        config.add_view(favicon, route_name="favicon")
 
         config.add_route("echo", "/echo")
         config.add_view(EchoView, route_name="echo")
+        # a browser's plain GET (it accepts text/html) gets a page instead
+        config.add_view(
+            echo_page,
+            route_name="echo",
+            request_method="GET",
+            websocket=False,
+            header="Accept:text/html",
+        )
 
         config.add_route("room", "/rooms/{name}", factory=room_factory)
         config.add_view(RoomView, route_name="room")
