@@ -65,7 +65,7 @@ class HandShakeFailed(StargateError):
         self,
         reason: "str | None" = None,
         header: "str | None" = None,
-        value: "str | None" = None,
+        value: "str | bytes | None" = None,
         headers: "Iterable[tuple[str, str]]" = (),
     ) -> None:
         self.header = header

@@ -20,10 +20,13 @@ draft from the request and returns a :class:`Handshake`.
 :func:`websocket_handshake` is the 2010 entry point and returns only the
 response bytes.
 
-Nothing here does I/O. ``headers`` is any mapping of header names to values:
-a ``webob.headers.EnvironHeaders`` (``request.headers``), whose ``environ``
-is then used for the method, the HTTP version, the URL scheme and the path,
-or a plain ``dict`` (names in any case). Values are WSGI strings (latin-1).
+Nothing here does I/O. The request is a :class:`Request` value (method,
+HTTP version, scheme, path and headers; :meth:`Request.from_environ` makes
+one from a WSGI environ without copying it), or, as in 2010, a mapping of
+header names to values: a ``webob.headers.EnvironHeaders``
+(``request.headers``), whose ``environ`` is then read as
+``Request.from_environ`` does, or a plain ``dict`` (names in any case).
+Values are WSGI strings (latin-1).
 A header the client sent more than once arrives joined with ``", "``, as
 WSGI servers join them.
 
@@ -58,8 +61,9 @@ import binascii
 import hashlib
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any, Union
 from urllib.parse import quote
 
 from stargate import deflate
@@ -78,6 +82,7 @@ __all__ = [
     "NotWebSocketRequest",
     "UnsupportedVersion",
     "Handshake",
+    "Request",
     "build_location_url",
     "handshake_pre76",
     "handshake_v76",
@@ -158,21 +163,89 @@ class Handshake:
 # -- reading headers --------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Request:
+    """An upgrade request, as the handshake needs it: no WSGI, no I/O.
+
+    ``headers`` is any mapping of header names to values (or ``(name,
+    value)`` pairs), names in any case, values WSGI strings (latin-1).
+    ``method`` (``"GET"``) and ``version`` (``"HTTP/1.1"``) are checked when
+    given; ``None`` means the server cannot say. ``scheme`` (``"http"`` or
+    ``"https"``, how the client reached the server) decides the same-origin
+    policy and the hixie ``Location``; ``path`` (decoded, as WSGI's
+    ``SCRIPT_NAME + PATH_INFO``) and ``query`` build that ``Location``.
+    """
+
+    headers: "Mapping[str, str] | Iterable[tuple[str, str]]"
+    method: "str | None" = None
+    version: "str | None" = None
+    scheme: "str | None" = None
+    path: "str | None" = None
+    query: str = ""
+
+    @classmethod
+    def from_environ(
+        cls, environ: "Mapping[str, Any]", *, version_known: bool = True
+    ) -> "Request":
+        """The request a WSGI ``environ`` describes, without copying it.
+
+        ``version_known=False`` when the server's ``SERVER_PROTOCOL`` is not
+        the request's own (eventlet's plain server always says HTTP/1.0).
+        """
+        return cls(
+            headers=_EnvironHeaders(environ),
+            method=environ.get("REQUEST_METHOD"),
+            version=environ.get("SERVER_PROTOCOL") if version_known else None,
+            scheme=environ.get("wsgi.url_scheme"),
+            path=environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""),
+            query=environ.get("QUERY_STRING", ""),
+        )
+
+
+class _EnvironHeaders(Mapping[str, str]):
+    """The ``HTTP_*`` keys of an environ as header names, read in place."""
+
+    def __init__(self, environ: "Mapping[str, Any]") -> None:
+        self._environ = environ
+
+    def __getitem__(self, name: str) -> str:
+        value: str = self._environ["HTTP_" + name.upper().replace("-", "_")]
+        return value
+
+    def __iter__(self) -> "Iterator[str]":
+        for key in self._environ:
+            if key.startswith("HTTP_"):
+                yield key[5:].replace("_", "-").lower()
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 class _Headers:
-    """The request headers, looked up case-insensitively, plus the environ.
+    """The request, its headers looked up case-insensitively.
 
     Every value read through :meth:`get` is checked for control characters,
     so nothing read here can split the response it may be echoed into.
     """
 
-    def __init__(self, headers):
-        if isinstance(headers, _Headers):
-            self.values = headers.values
-            self.environ = headers.environ
+    def __init__(self, source: "HeadersLike") -> None:
+        if isinstance(source, _Headers):
+            self.__dict__.update(source.__dict__)
             return
-        self.environ = getattr(headers, "environ", None)
+        if not isinstance(source, Request):
+            environ = getattr(source, "environ", None)  # webob's EnvironHeaders
+            if isinstance(environ, Mapping):
+                source = Request.from_environ(environ)
+            else:
+                source = Request(source)
+        self.method = source.method
+        self.version = source.version
+        self.scheme = None if source.scheme is None else source.scheme.lower()
+        self.path = source.path
+        self.query = source.query
+        headers = source.headers
         items = headers.items() if isinstance(headers, Mapping) else headers
-        values = {}
+        values: dict[str, str] = {}
         for name, value in items:
             if isinstance(name, bytes):
                 name = name.decode("latin-1")
@@ -183,7 +256,7 @@ class _Headers:
             values[name] = f"{values[name]}, {value}" if name in values else value
         self.values = values
 
-    def get(self, name):
+    def get(self, name: str) -> "str | None":
         value = self.values.get(name.lower())
         if value is None:
             return None
@@ -201,20 +274,29 @@ class _Headers:
             ) from None
         return value
 
-    def environ_get(self, key, default=None):
-        if self.environ is None:
-            return default
-        return self.environ.get(key, default)
+
+#: A response's first lines (``None``: the draft's own).
+BaseResponse = Union[bytes, str, None]
+#: Subprotocols this server speaks, preferred first (one may be a ``str``).
+Subprotocols = Union[Iterable[str], str]
+#: Protocol versions to accept: ``"13"``, ``"76"``, ``"75"`` (ints too).
+Versions = Union[Iterable[Union[str, int]], str, int]
+#: hixie-76's eight key bytes.
+Key3 = Union[bytes, bytearray, memoryview, None]
+
+#: What the handshake functions accept as the request: a :class:`Request`,
+#: ``request.headers`` (whose environ is then read), or a mapping of headers.
+HeadersLike = Union[Request, "_Headers", Mapping[str, str], Iterable[tuple[str, str]]]
 
 
-def _tokens(value):
+def _tokens(value: "str | None") -> list[str]:
     """The comma-separated tokens of a header value, stripped and lowercased."""
     if not value:
         return []
     return [token.strip().lower() for token in value.split(",") if token.strip()]
 
 
-def _as_bytes(base_response, draft):
+def _as_bytes(base_response: BaseResponse, draft: str) -> bytes:
     if base_response is None:
         return _BASE_RESPONSE[draft]
     if isinstance(base_response, str):
@@ -225,14 +307,14 @@ def _as_bytes(base_response, draft):
     return base_response
 
 
-def _header_line(name, value):
+def _header_line(name: str, value: str) -> bytes:
     return f"{name}: {value}\r\n".encode("latin-1")
 
 
 # -- the Host header and the Location URL -----------------------------------
 
 
-def _host(headers):
+def _host(headers: _Headers) -> str:
     """The validated ``Host`` header, as sent."""
     host = headers.get("Host")
     if host is not None:
@@ -248,23 +330,23 @@ def _host(headers):
     return host
 
 
-def _is_secure(headers, secure):
+def _is_secure(headers: _Headers, secure: "bool | None") -> bool:
     if secure is not None:
         return bool(secure)
-    return headers.environ_get("wsgi.url_scheme") == "https"
+    return headers.scheme in ("https", "wss")
 
 
-def _location_path(headers, path):
+def _location_path(headers: _Headers, path: "str | None") -> str:
     if path is not None:
         if not path.startswith("/") or re.search(r"[\x00-\x20\x7f]", path):
             raise HandShakeFailed(f"invalid resource path {path!r}", value=path)
         return path
-    if headers.environ is None:
+    if headers.path is None:
         return "/"
-    raw = headers.environ_get("SCRIPT_NAME", "") + headers.environ_get("PATH_INFO", "")
+    raw = headers.path
     # WSGI paths are percent-decoded bytes read as latin-1: quote them again.
     path = quote(raw.encode("latin-1", "replace"), safe=_PATH_SAFE) or "/"
-    query = headers.environ_get("QUERY_STRING", "")
+    query = headers.query
     if query:
         if re.search(r"[\x00-\x20\x7f]", query):
             raise HandShakeFailed(
@@ -275,7 +357,9 @@ def _location_path(headers, path):
     return path
 
 
-def build_location_url(headers, *, secure=None, path=None):
+def build_location_url(
+    headers: HeadersLike, *, secure: "bool | None" = None, path: "str | None" = None
+) -> str:
     """Construct the WebSocket URL the client connected to.
 
     ``ws://host/path?query``, or ``wss://`` when ``secure`` is true; by
@@ -297,7 +381,7 @@ def build_location_url(headers, *, secure=None, path=None):
 # -- the origin policy --------------------------------------------------------
 
 
-def _parse_origin(value):
+def _parse_origin(value: str) -> "tuple[str, str, int] | None":
     """``(scheme, host, port)`` of a serialized origin, or ``None``."""
     scheme, sep, rest = value.strip().partition("://")
     scheme = scheme.lower()
@@ -313,7 +397,9 @@ def _parse_origin(value):
     return scheme, host, port
 
 
-def _normalise_allowed(allowed_origins):
+def _normalise_allowed(
+    allowed_origins: "Iterable[str] | str",
+) -> "set[tuple[str, str, int]] | str":
     if isinstance(allowed_origins, str):
         allowed_origins = (allowed_origins,)
     allowed = set()
@@ -330,22 +416,25 @@ def _normalise_allowed(allowed_origins):
     return allowed
 
 
-def _server_scheme(headers, secure):
+def _server_scheme(headers: _Headers, secure: "bool | None") -> "str | None":
     """``"https"``, ``"http"``, or ``None`` when nothing says which."""
     if secure is not None:
         return "https" if secure else "http"
-    scheme = headers.environ_get("wsgi.url_scheme")
-    if scheme is None:
+    if headers.scheme is None:
         return None
-    return "https" if scheme.lower() in ("https", "wss") else "http"
+    return "https" if headers.scheme in ("https", "wss") else "http"
 
 
-def _same_origin(parsed, headers, secure):
+def _same_origin(
+    parsed: "tuple[str, str, int]", headers: _Headers, secure: "bool | None"
+) -> bool:
     """Whether the parsed origin is this server's (RFC 6454): same scheme,
     host and port, the server's scheme from ``secure`` or
     ``wsgi.url_scheme``, and its port from ``Host`` or that scheme."""
     scheme, host, port = parsed
     match = _HOST_RE.fullmatch(_host(headers))
+    if match is None:  # _host() already refused it
+        return False
     server_host, server_port = match.group(1).lower(), match.group(2)
     if host != server_host:
         return False
@@ -363,7 +452,11 @@ def _same_origin(parsed, headers, secure):
     return port == int(server_port)
 
 
-def _check_origin(headers, allowed_origins, secure=None):
+def _check_origin(
+    headers: _Headers,
+    allowed_origins: "Iterable[str] | str | None",
+    secure: "bool | None" = None,
+) -> "str | None":
     """Apply the origin policy (see the module docstring)."""
     name = "Origin"
     origin = headers.get("Origin")
@@ -392,13 +485,13 @@ def _check_origin(headers, allowed_origins, secure=None):
 # -- RFC 6455 -----------------------------------------------------------------
 
 
-def _accept_key(key):
+def _accept_key(key: str) -> str:
     """``Sec-WebSocket-Accept`` for a ``Sec-WebSocket-Key`` (RFC 6455 4.2.2)."""
     digest = hashlib.sha1(key.encode("ascii") + _RFC6455_GUID).digest()
     return base64.b64encode(digest).decode("ascii")
 
 
-def _select_subprotocol(headers, subprotocols):
+def _select_subprotocol(headers: _Headers, subprotocols: Subprotocols) -> "str | None":
     if isinstance(subprotocols, str):
         subprotocols = (subprotocols,)
     offered = [
@@ -411,7 +504,13 @@ def _select_subprotocol(headers, subprotocols):
     return None
 
 
-def _rfc6455(headers, base_response, *, subprotocols=(), compression=True):
+def _rfc6455(
+    headers: _Headers,
+    base_response: BaseResponse,
+    *,
+    subprotocols: Subprotocols = (),
+    compression: bool = True,
+) -> Handshake:
     key = headers.get("Sec-WebSocket-Key")
     if key is None:
         raise HandShakeFailed(header="Sec-WebSocket-Key")
@@ -454,7 +553,13 @@ def _rfc6455(headers, base_response, *, subprotocols=(), compression=True):
     )
 
 
-def handshake_rfc6455(headers, base_response, *, subprotocols=(), compression=True):
+def handshake_rfc6455(
+    headers: HeadersLike,
+    base_response: BaseResponse,
+    *,
+    subprotocols: Subprotocols = (),
+    compression: bool = True,
+) -> bytes:
     """The handshake of RFC 6455 (``Sec-WebSocket-Version: 13``).
 
     Checks ``Sec-WebSocket-Key`` (base64 of exactly 16 bytes, sent once) and
@@ -486,7 +591,7 @@ def handshake_rfc6455(headers, base_response, *, subprotocols=(), compression=Tr
 # -- hixie-75 and hixie-76 ------------------------------------------------------
 
 
-def _hixie_origin(headers):
+def _hixie_origin(headers: _Headers) -> str:
     origin = headers.get("Origin")
     if origin is None or not origin.strip():
         raise HandShakeFailed(
@@ -496,7 +601,9 @@ def _hixie_origin(headers):
     return origin.strip()
 
 
-def _hixie_subprotocol(headers, name, subprotocols):
+def _hixie_subprotocol(
+    headers: _Headers, name: str, subprotocols: Subprotocols
+) -> "str | None":
     """The subprotocol to echo: the client's, if ``subprotocols`` allows it.
 
     The hixie drafts offer one subprotocol and the client fails the
@@ -515,15 +622,29 @@ def _hixie_subprotocol(headers, name, subprotocols):
     return protocol
 
 
-def _hixie75(headers, base_response, *, subprotocols=(), secure=None, path=None):
+def _hixie75(
+    headers: _Headers,
+    base_response: BaseResponse,
+    *,
+    subprotocols: Subprotocols = (),
+    secure: "bool | None" = None,
+    path: "str | None" = None,
+) -> Handshake:
     return _hixie_handshake(
         "hixie-75", "", headers, base_response, b"", subprotocols, secure, path
     )
 
 
 def _hixie_handshake(
-    draft, prefix, headers, base_response, body, subprotocols, secure, path
-):
+    draft: str,
+    prefix: str,
+    headers: _Headers,
+    base_response: BaseResponse,
+    body: bytes,
+    subprotocols: Subprotocols,
+    secure: "bool | None",
+    path: "str | None",
+) -> Handshake:
     """The response both drafts share; hixie-76 names its headers with the
     ``Sec-`` ``prefix`` and follows them with its challenge answer (``body``)."""
     origin = _hixie_origin(headers)
@@ -547,7 +668,14 @@ def _hixie_handshake(
     )
 
 
-def handshake_pre76(headers, base_response, *, subprotocols=(), secure=None, path=None):
+def handshake_pre76(
+    headers: HeadersLike,
+    base_response: BaseResponse,
+    *,
+    subprotocols: Subprotocols = (),
+    secure: "bool | None" = None,
+    path: "str | None" = None,
+) -> bytes:
     """The handshake of draft-hixie-thewebsocketprotocol-75.
 
     Returns ``base_response`` followed by ``WebSocket-Origin`` (the client's
@@ -574,7 +702,7 @@ def handshake_pre76(headers, base_response, *, subprotocols=(), secure=None, pat
     ).response
 
 
-def _hixie76_key_part(headers, name):
+def _hixie76_key_part(headers: _Headers, name: str) -> int:
     """``key-number / spaces`` of ``Sec-WebSocket-Key1`` or ``-Key2``."""
     key = headers.get(name)
     if key is None:
@@ -601,7 +729,7 @@ def _hixie76_key_part(headers, name):
     return part
 
 
-def _challenge_response(headers, key3):
+def _challenge_response(headers: _Headers, key3: Key3) -> bytes:
     part1 = _hixie76_key_part(headers, "Sec-WebSocket-Key1")
     part2 = _hixie76_key_part(headers, "Sec-WebSocket-Key2")
     if key3 is None:
@@ -615,8 +743,14 @@ def _challenge_response(headers, key3):
 
 
 def _hixie76(
-    headers, base_response, *, key3=None, subprotocols=(), secure=None, path=None
-):
+    headers: _Headers,
+    base_response: BaseResponse,
+    *,
+    key3: Key3 = None,
+    subprotocols: Subprotocols = (),
+    secure: "bool | None" = None,
+    path: "str | None" = None,
+) -> Handshake:
     answer = _challenge_response(headers, key3)
     return _hixie_handshake(
         "hixie-76", "Sec-", headers, base_response, answer, subprotocols, secure, path
@@ -624,8 +758,14 @@ def _hixie76(
 
 
 def handshake_v76(
-    headers, base_response, *, key3=None, subprotocols=(), secure=None, path=None
-):
+    headers: HeadersLike,
+    base_response: BaseResponse,
+    *,
+    key3: Key3 = None,
+    subprotocols: Subprotocols = (),
+    secure: "bool | None" = None,
+    path: "str | None" = None,
+) -> bytes:
     """The handshake of draft-hixie-thewebsocketprotocol-76.
 
     ``key3`` is the 8 bytes the client sends after its request headers (no
@@ -662,7 +802,7 @@ def handshake_v76(
 # -- the common part ----------------------------------------------------------
 
 
-def requested_draft(headers):
+def requested_draft(headers: HeadersLike) -> str:
     """The draft an upgrade request asks for: ``"rfc6455"``, ``"hixie-76"``
     or ``"hixie-75"``.
 
@@ -680,7 +820,7 @@ def requested_draft(headers):
     return "hixie-75"
 
 
-def _normalise_versions(versions):
+def _normalise_versions(versions: Versions) -> tuple[str, ...]:
     if isinstance(versions, (str, int)):
         versions = (versions,)
     versions = tuple(str(version) for version in versions)
@@ -692,7 +832,9 @@ def _normalise_versions(versions):
     return versions
 
 
-def _unsupported(draft, versions, value=None):
+def _unsupported(
+    draft: "str | None", versions: tuple[str, ...], value: "str | None" = None
+) -> UnsupportedVersion:
     spoken = ", ".join(_DRAFT_TITLE[_DRAFT_OF_VERSION[v]] for v in versions)
     if draft is None:
         what = f"WebSocket version {value!r}"
@@ -706,7 +848,7 @@ def _unsupported(draft, versions, value=None):
     )
 
 
-def _check_request(headers):
+def _check_request(headers: _Headers) -> None:
     """The checks common to every draft, in the order a client hits them."""
     upgrade = headers.get("Upgrade")
     if upgrade is None or "websocket" not in _tokens(upgrade):
@@ -716,12 +858,12 @@ def _check_request(headers):
             value=upgrade,
             headers=[("Upgrade", "websocket")],
         )
-    method = headers.environ_get("REQUEST_METHOD")
+    method = headers.method
     if method is not None and method != "GET":
         raise HandShakeFailed(
             f"WebSocket upgrade requires GET, not {method}", value=method
         )
-    protocol = headers.environ_get("SERVER_PROTOCOL")
+    protocol = headers.version
     if protocol is not None:
         match = re.fullmatch(r"HTTP/(\d+)\.(\d+)", protocol)
         if match is None or (int(match.group(1)), int(match.group(2))) < (1, 1):
@@ -740,16 +882,16 @@ def _check_request(headers):
 
 
 def negotiate(
-    headers,
-    allowed_origins=None,
+    headers: HeadersLike,
+    allowed_origins: "Iterable[str] | str | None" = None,
     *,
-    key3=None,
-    subprotocols=(),
-    versions=ALL_VERSIONS,
-    compression=True,
-    secure=None,
-    path=None,
-):
+    key3: Key3 = None,
+    subprotocols: Subprotocols = (),
+    versions: Versions = ALL_VERSIONS,
+    compression: bool = True,
+    secure: "bool | None" = None,
+    path: "str | None" = None,
+) -> Handshake:
     """Check an upgrade request and answer it: returns a :class:`Handshake`.
 
     In order: ``Upgrade`` must hold the token ``websocket``
@@ -764,7 +906,11 @@ def negotiate(
     docstring) and the draft's own checks. Every other refusal is a
     :class:`HandShakeFailed` (400) whose ``header`` names what is wrong.
 
-    :param headers: ``request.headers`` or any mapping of headers.
+    :param headers: a :class:`Request` (method, HTTP version, scheme, path
+        and headers, as :meth:`Request.from_environ` reads them from WSGI),
+        or ``request.headers``, whose environ is read the same way, or any
+        mapping of headers (then the method, version and scheme are unknown
+        and not checked).
     :param allowed_origins: ``None`` for same-origin only, or an iterable of
         origins (``"https://example.com"``), possibly holding ``"*"``.
     :param key3: hixie-76 only: the 8 bytes after the request headers (see
@@ -822,16 +968,16 @@ def negotiate(
 
 
 def websocket_handshake(
-    headers,
-    allowed_origins=None,
+    headers: HeadersLike,
+    allowed_origins: "Iterable[str] | str | None" = None,
     *,
-    key3=None,
-    subprotocols=(),
-    versions=ALL_VERSIONS,
-    compression=False,
-    secure=None,
-    path=None,
-):
+    key3: Key3 = None,
+    subprotocols: Subprotocols = (),
+    versions: Versions = ALL_VERSIONS,
+    compression: bool = False,
+    secure: "bool | None" = None,
+    path: "str | None" = None,
+) -> bytes:
     """Perform the WebSocket handshake; returns the bytes to send back.
 
     The 2010 entry point: ``negotiate(...).response`` (see :func:`negotiate`

@@ -29,7 +29,6 @@ from pyramid.httpexceptions import (
 )
 from pyramid.response import Response
 from pyramid.threadlocal import manager as threadlocal_manager
-from webob.headers import EnvironHeaders
 
 from stargate import handshake as _handshake
 from stargate.config import get_settings
@@ -124,16 +123,15 @@ class WebSocketView:
         settings = self.settings
         key3 = None
         headers = request.headers
-        if (
+        # eventlet.wsgi.server always reports HTTP/1.0: unless stargate's own
+        # server says the request's real version, the handshake must not
+        # judge it.
+        version_known = not (
             "eventlet.input" in environ
             and environ.get("SERVER_PROTOCOL") == "HTTP/1.0"
             and not environ.get(TRUE_PROTOCOL_KEY)
-        ):
-            # eventlet.wsgi.server always reports HTTP/1.0: the request's real
-            # version is unknown here, so the handshake must not judge it.
-            trusted = dict(environ)
-            del trusted["SERVER_PROTOCOL"]
-            headers = EnvironHeaders(trusted)
+        )
+        upgrade = _handshake.Request.from_environ(environ, version_known=version_known)
         if (
             "Sec-WebSocket-Key1" in headers
             and "Sec-WebSocket-Version" not in headers
@@ -144,7 +142,7 @@ class WebSocketView:
             key3 = _read_key3(environ, settings.handshake_timeout)
         try:
             handshake = _handshake.negotiate(
-                headers,
+                upgrade,
                 self._allowed_origins(),
                 key3=key3,
                 subprotocols=tuple(self.subprotocols),

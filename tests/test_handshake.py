@@ -937,6 +937,42 @@ def test_secure_overrides_the_environ_for_the_origin_scheme():
         negotiate(rfc_request(Origin="https://example.com"), secure=False)
 
 
+def test_negotiate_takes_a_request_value():
+    from stargate.handshake import Request
+
+    request = Request(
+        rfc_request(Origin="https://example.com"),
+        method="GET",
+        version="HTTP/1.1",
+        scheme="https",
+        path="/chat room",
+        query="a=1",
+    )
+    assert negotiate(request).draft == "rfc6455"
+    assert build_location_url(Request(rfc_request(), scheme="https", path="/a b")) == (
+        "wss://example.com/a%20b"
+    )
+    with pytest.raises(HandShakeFailed, match="GET"):
+        negotiate(Request(rfc_request(), method="POST"))
+    with pytest.raises(HandShakeFailed, match="HTTP/1.1"):
+        negotiate(Request(rfc_request(), version="HTTP/1.0"))
+    with pytest.raises(InvalidOrigin):
+        negotiate(Request(rfc_request(Origin="http://example.com"), scheme="https"))
+
+
+def test_a_request_from_an_environ_reads_it_in_place():
+    from stargate.handshake import Request
+
+    environ = environ_request("https", Origin="https://example.com").environ
+    environ["SERVER_PROTOCOL"] = "HTTP/1.0"
+    request = Request.from_environ(environ, version_known=False)
+    assert request.version is None and request.scheme == "https"
+    assert negotiate(request).draft == "rfc6455"
+    with pytest.raises(HandShakeFailed, match="HTTP/1.1"):
+        negotiate(Request.from_environ(environ))
+    assert environ["SERVER_PROTOCOL"] == "HTTP/1.0"  # untouched
+
+
 def test_request_without_origin_is_accepted():
     # Browsers always send Origin: a request without one is not hijackable.
     assert negotiate(rfc_request()).draft == "rfc6455"
