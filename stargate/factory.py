@@ -243,13 +243,17 @@ def _announce(line: str, fallback: bool = True) -> None:
 
 
 def _stargate_settings(app: object) -> Settings | None:
-    """The :class:`~stargate.config.Settings` of the Pyramid application
-    ``app`` is or wraps (through ``.app`` or ``.application`` of WSGI
-    middleware), or ``None``."""
+    """The :class:`~stargate.config.Settings` of the application, or ``None``."""
+    return getattr(registry_of(app), "stargate_settings", None)
+
+
+def registry_of(app: object) -> Any:
+    """The Pyramid registry of the application ``app`` is or wraps (through
+    ``.app`` or ``.application`` of WSGI middleware), or ``None``."""
     for _ in range(10):
         registry = getattr(app, "registry", None)
         if registry is not None:
-            return getattr(registry, "stargate_settings", None)
+            return registry
         app = getattr(app, "app", None) or getattr(app, "application", None)
         if app is None:
             break

@@ -183,3 +183,45 @@ def test_private_redis_is_not_the_shared_one(stargate_redis):
     assert stargate_redis.port != 6379
     with stargate_redis.client() as redis:
         assert redis.ping()
+
+
+# -- waiting for a listener on another server ------------------------------------
+
+
+class Chat(WebSocketView):
+    def handler(self, websocket):
+        from stargate.hub import get_hub
+
+        hub = get_hub(self.request.registry)
+        hub.add("chat", websocket)
+        while (message := websocket.wait()) is not None:
+            hub.publish("chat", message)
+
+
+def chat_app(**settings):
+    with Configurator(settings=settings) as config:
+        config.include("stargate")
+        config.add_route("chat", "/chat")
+        config.add_view(Chat, route_name="chat")
+        return config.make_wsgi_app()
+
+
+def test_wait_for_listeners_lets_the_first_message_cross_servers(
+    stargate_server, stargate_redis
+):
+    settings = {"stargate.backend": stargate_redis.url}
+    one = stargate_server(chat_app(**settings))
+    two = stargate_server(chat_app(**settings))
+    with connect(one.ws_url("/chat")) as alice, connect(two.ws_url("/chat")) as bob:
+        assert two.wait_for_listeners("chat") == 1
+        alice.send("the very first message")
+        assert bob.receive(timeout=5) == "the very first message"
+
+
+def test_wait_for_listeners_says_what_it_saw_when_time_runs_out(stargate_server):
+    server = stargate_server(chat_app())
+    with connect(server.ws_url("/chat")):
+        with pytest.raises(
+            TimeoutError, match=r"1 of 2 listener\(s\) on channel 'chat'"
+        ):
+            server.wait_for_listeners("chat", count=2, timeout=0.2)

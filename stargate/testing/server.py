@@ -2,6 +2,7 @@
 
 import logging
 import socket
+import time
 from typing import Any
 
 __all__ = ["LiveServer"]
@@ -99,6 +100,36 @@ class LiveServer:
                 thread.wait()
             except greenlet.GreenletExit:
                 pass
+
+    def wait_for_listeners(
+        self, channel: str, count: int = 1, timeout: float = 10.0
+    ) -> int:
+        """Wait until ``count`` WebSockets of this server listen on
+        ``channel``, and return how many do.
+
+        The hub counts a listener only once its backend is subscribed to
+        the channel (Redis confirmed the subscription), so from then on a
+        message published by any server reaches them: the probe loop a
+        cross-server test needed before. Raises ``TimeoutError`` saying how
+        many listened after ``timeout`` seconds.
+        """
+        import eventlet
+
+        from stargate.factory import registry_of
+        from stargate.hub import get_hub
+
+        hub = get_hub(registry_of(self.app))
+        deadline = time.monotonic() + timeout
+        while True:
+            listening = len(hub.listeners(channel))
+            if listening >= count:
+                return listening
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{listening} of {count} listener(s) on channel {channel!r} "
+                    f"of {self.url} after {timeout} s"
+                )
+            eventlet.sleep(0.01)
 
     def __enter__(self):
         return self.start()
