@@ -36,7 +36,9 @@ field per process (a random process id) holding ``"<count>:<expires_ms>"``,
 where the expiry is computed from Redis's own clock (``TIME``) inside a Lua
 script, so clocks of the worker machines do not matter. A process rewrites
 its fields when the hub reports a new local count and every
-``presence_ttl / 3`` seconds from a heartbeat green thread. Readers sum the
+``presence_ttl / 3`` seconds, all from one green thread that batches them
+in a pipeline (joins and leaves never wait on Redis) and retries a write
+that failed. Readers sum the
 fields that have not expired and delete those that have, so a worker that
 died stops counting after at most ``presence_ttl`` seconds; the whole hash
 expires too when nobody refreshes it. One hash per channel keeps a read to a
@@ -55,6 +57,7 @@ channel lives on the node that owns its hash slot.
 import logging
 import os
 import socket
+import time
 import urllib.parse
 import uuid
 
@@ -311,7 +314,8 @@ class RedisBackend(Backend):
     :attr:`stats` counts ``published`` and ``received`` messages,
     ``reconnects``, ``gap_seconds`` (total time spent disconnected),
     ``undecodable`` messages skipped, ``delivery_errors`` (``deliver``
-    raised), ``heartbeats`` (presence refreshes) and ``gaps`` (a channel may
+    raised), ``heartbeats`` (presence refreshes), ``presence_failures``
+    (presence writes that failed, and were retried) and ``gaps`` (a channel may
     have missed messages: a lost connection, a moved slot, a failover; each
     is also reported to the hub, see :meth:`Backend.report_gap`) and
     ``missed`` (messages seen missing from a publisher's numbered sequence).
@@ -373,6 +377,7 @@ class RedisBackend(Backend):
             "undecodable": 0,
             "delivery_errors": 0,
             "heartbeats": 0,
+            "presence_failures": 0,
             "gaps": 0,
             "missed": 0,
         }
@@ -382,7 +387,9 @@ class RedisBackend(Backend):
         self._write_presence = None
         self._read_presence = None
         self._receiver = None  # the PubSubReceiver, once started
-        self._heartbeat_thread = None
+        self._presence_thread = None
+        self._presence_wake = eventlet.event.Event()
+        self._dirty = set()  # channels whose count Redis does not have yet
         self._started_in = None  # the pid start() ran in
         self._closed = False
         self._stopping = eventlet.event.Event()
@@ -473,7 +480,7 @@ class RedisBackend(Backend):
         )
         for channel in sorted(self._channels):
             self._receiver.subscribe(self._redis_channel(channel))
-        self._heartbeat_thread = eventlet.spawn(self._heartbeat_loop)
+        self._presence_thread = eventlet.spawn(self._presence_loop)
 
     def _pubsub_client(self, node):
         """A client with a pool of its own for the pub/sub connection to
@@ -519,9 +526,10 @@ class RedisBackend(Backend):
         receiver, self._receiver = self._receiver, None
         if receiver is not None:
             receiver.abandon()
-        heartbeat, self._heartbeat_thread = self._heartbeat_thread, None
-        if heartbeat is not None:
-            heartbeat.kill()
+        presence, self._presence_thread = self._presence_thread, None
+        if presence is not None:
+            presence.kill()
+        self._dirty = set()
         self._client = self._write_presence = self._read_presence = None
         self._channels, self._local_counts = set(), {}
         self._publisher_tag, self._sequence, self._seen = os.urandom(8), {}, {}
@@ -599,34 +607,78 @@ class RedisBackend(Backend):
     def set_local_count(self, channel, count):
         """The hub reports this process's listener count on ``channel``.
 
-        Written to Redis at once when possible, and again by every heartbeat;
-        a failure to write is logged, never raised (the heartbeat retries).
+        Recorded at once and written to Redis by the presence green thread
+        (batched, in one pipeline): joins, leaves and pruning never wait on
+        Redis. A write that fails is retried with backoff.
         """
         if count > 0:
             self._local_counts[channel] = count
         else:
             self._local_counts.pop(channel, None)
-        if self._write_presence is None or self._closed:
-            return
-        try:
-            self._presence_write(channel, count)
-        except (RedisError, OSError) as exc:
-            log.debug("could not record presence on %r: %s", channel, exc)
+        self._dirty.add(channel)
+        if not self._presence_wake.ready():
+            self._presence_wake.send(True)
 
-    def _presence_write(self, channel, count):
+    def _write_counts(self, channels):
+        """Write the current count of each of ``channels`` (0 removes this
+        process's entry): one pipeline outside a cluster; on a cluster, one
+        call per channel (each key lives on its own node)."""
         ttl_ms = int(self.presence_ttl * 1000)
-        self._write_presence(
-            keys=[self._presence_key(channel)],
-            args=[self.process_id, int(count), ttl_ms],
-        )
+        calls = [
+            (
+                [self._presence_key(channel)],
+                [self.process_id, int(self._local_counts.get(channel, 0)), ttl_ms],
+            )
+            for channel in channels
+        ]
+        if self.cluster:
+            for keys, args in calls:
+                self._write_presence(keys=keys, args=args)
+            return
+        with self._client.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                self._write_presence(keys=keys, args=args, client=pipe)
+            pipe.execute()
+
+    def _presence_loop(self):
+        """Write what changed as soon as it changes, and every count once
+        per ``presence_ttl / 3`` (the heartbeat), in batches."""
+        next_beat = time.monotonic() + self._heartbeat_interval
+        attempt = 0
+        while not self._stopping.ready():
+            if not self._dirty:
+                self._presence_wake = eventlet.event.Event()
+                self._presence_wake.wait(max(0.0, next_beat - time.monotonic()))
+            if self._stopping.ready():
+                break
+            batch, self._dirty = self._dirty, set()
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + self._heartbeat_interval
+                self.stats["heartbeats"] += 1
+                batch |= set(self._local_counts)
+            if not batch:
+                continue
+            try:
+                self._write_counts(sorted(batch))
+            except (RedisError, OSError) as exc:
+                self._dirty |= batch  # retried, with what is current then
+                self.stats["presence_failures"] += 1
+                log.debug("writing presence failed (%s); retrying", exc)
+                self._stopping.wait(backoff_delay(self.reconnect_backoff, attempt))
+                attempt += 1
+            else:
+                attempt = 0
+
+    @property
+    def _heartbeat_interval(self):
+        return self.presence_ttl / 3
 
     def listener_count(self, channel, local_count):
         """Listeners on ``channel`` in every live process.
 
         ``local_count`` (this process's exact count) plus what the other
-        processes last reported, leaving out entries that expired. Raises
-        :class:`~stargate.exceptions.BackendUnavailable` when Redis cannot be
-        reached.
+        processes last reported, leaving out entries that expired. While
+        Redis cannot be reached it is ``local_count`` alone, with a warning.
         """
         if self._read_presence is None:
             return local_count
@@ -634,32 +686,16 @@ class RedisBackend(Backend):
             others = self._read_presence(
                 keys=[self._presence_key(channel)], args=[self.process_id]
             )
-        except _NETWORK_ERRORS as exc:
-            raise self._unavailable(f"count listeners on {channel!r}", exc) from exc
-        except RedisError as exc:
-            raise BackendError(f"could not count listeners on {channel!r}: {exc}")
+        except (RedisError, OSError) as exc:
+            log.warning(
+                "Redis at %s is unavailable (%s: %s): counting this process's "
+                "listeners only",
+                redact_url(self.url),
+                type(exc).__name__,
+                exc,
+            )
+            return local_count
         return local_count + int(others)
-
-    def _heartbeat(self):
-        """Refresh this process's presence entries."""
-        self.stats["heartbeats"] += 1
-        for channel, count in list(self._local_counts.items()):
-            try:
-                self._presence_write(channel, count)
-            except (RedisError, OSError) as exc:
-                log.debug("presence heartbeat failed on %r: %s", channel, exc)
-                break
-
-    @property
-    def _heartbeat_interval(self):
-        return self.presence_ttl / 3
-
-    def _heartbeat_loop(self):
-        while not self._stopping.wait(self._heartbeat_interval):
-            try:
-                self._heartbeat()
-            except Exception:
-                log.exception("the presence heartbeat failed")
 
     # -- what the receiver reports ---------------------------------------------
 
@@ -724,19 +760,21 @@ class RedisBackend(Backend):
         self._closed = True
         if not self._stopping.ready():
             self._stopping.send(True)
-        heartbeat, self._heartbeat_thread = self._heartbeat_thread, None
-        if heartbeat is not None:
-            heartbeat.kill()
+        presence, self._presence_thread = self._presence_thread, None
+        if presence is not None:
+            presence.kill()
         receiver, self._receiver = self._receiver, None
         if receiver is not None:
             receiver.close()
-        if self._write_presence is not None:
-            for channel in list(self._local_counts):
-                try:
-                    self._presence_write(channel, 0)
-                except (RedisError, OSError):
-                    break
+        if self._write_presence is not None and self._local_counts:
+            channels = sorted(set(self._local_counts) | self._dirty)
+            self._local_counts.clear()
+            try:
+                self._write_counts(channels)  # removes this process's entries
+            except (RedisError, OSError) as exc:
+                log.debug("could not remove presence entries: %s", exc)
         self._local_counts.clear()
+        self._dirty.clear()
         self._client_close()
 
     def _client_close(self):

@@ -336,12 +336,13 @@ class TestPresence:
         assert first.listener_count("room", 0) == 0
         first.set_local_count("room", 2)
         second.set_local_count("room", 3)
-        assert first.listener_count("room", 2) == 5
-        assert second.listener_count("room", 3) == 5
+        # Written by each worker's presence thread, a moment later.
+        assert wait_until(lambda: first.listener_count("room", 2) == 5)
+        assert wait_until(lambda: second.listener_count("room", 3) == 5)
         # The caller's own count is fresher than what Redis holds for it.
         assert first.listener_count("room", 4) == 7
         second.set_local_count("room", 0)
-        assert first.listener_count("room", 2) == 2
+        assert wait_until(lambda: first.listener_count("room", 2) == 2)
 
     def test_a_worker_that_stops_heartbeating_expires(self, redis_server, make_backend):
         ttl = 0.6
@@ -356,7 +357,7 @@ class TestPresence:
         assert alive.listener_count("room", 1) == 5
         assert dying.listener_count("room", 4) == 5
         # ...until a worker's heartbeat stops (as with a crashed process).
-        dying._heartbeat_thread.kill()
+        dying._presence_thread.kill()
         assert wait_until(lambda: alive.listener_count("room", 1) == 1, timeout=3)
 
     def test_close_removes_the_workers_entries(self, redis_server, make_backend):
@@ -365,16 +366,18 @@ class TestPresence:
         second.start(Collector())
         first.set_local_count("room", 1)
         second.set_local_count("room", 2)
+        assert wait_until(lambda: first.listener_count("room", 1) == 3)
         second.close()
         assert first.listener_count("room", 1) == 1
 
-    def test_unreachable_redis_raises(self, fresh_redis_server, make_backend):
+    def test_unreachable_redis_counts_this_process_only(
+        self, fresh_redis_server, make_backend
+    ):
         backend = make_backend(fresh_redis_server.url)
         backend.start(Collector())
         fresh_redis_server.kill()
-        with pytest.raises(BackendUnavailable):
-            backend.listener_count("room", 1)
-        backend.set_local_count("room", 1)  # logged, not raised
+        assert backend.listener_count("room", 1) == 1  # with a warning
+        backend.set_local_count("room", 1)  # written later, never raised
 
 
 class TestCluster:
@@ -420,4 +423,4 @@ class TestCluster:
         for channel in ("a", "b", "c"):
             first.set_local_count(channel, 1)
             second.set_local_count(channel, 2)
-            assert first.listener_count(channel, 1) == 3
+            assert wait_until(lambda: first.listener_count(channel, 1) == 3)

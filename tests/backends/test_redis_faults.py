@@ -6,9 +6,12 @@ Every server is started by the test run on free loopback ports
 """
 
 import logging
+import os
+import signal
 import uuid
 
 import eventlet
+import pytest
 
 from stargate.backends.redis import DEFAULT_MAX_CONNECTIONS, RedisBackend
 from tests.backends.contract import Collector, ready, started, wait_until
@@ -143,3 +146,61 @@ class TestGapsAreReported:
             assert backend.stats["gaps"] == 2
         finally:
             backend.close()
+
+
+class TestPresenceOffTheHotPath:
+    """Defect 6: presence is written by one green thread, in pipelines;
+    joins and leaves never wait on Redis, failed writes are retried, and
+    counting falls back to the local count while Redis is away."""
+
+    @pytest.fixture
+    def workers(self, fresh_redis_server):
+        made = []
+
+        def make(**options):
+            options.setdefault("prefix", "presence:")
+            options.setdefault("socket_timeout", 1.0)
+            options.setdefault("reconnect_backoff", (0.05, 0.3))
+            backend = RedisBackend(fresh_redis_server.url, **options)
+            backend.start(Collector())
+            made.append(backend)
+            return backend
+
+        yield make
+        if fresh_redis_server.running:
+            os.kill(fresh_redis_server.pid, signal.SIGCONT)
+        for backend in made:
+            backend.close()
+
+    def test_a_count_change_does_not_wait_on_redis(self, fresh_redis_server, workers):
+        # A socket_timeout far longer than any wait here: a write inline
+        # would hold the caller until Redis is back.
+        first, second = workers(socket_timeout=60.0), workers()
+        os.kill(fresh_redis_server.pid, signal.SIGSTOP)
+        changes = [
+            eventlet.spawn(first.set_local_count, f"room{i}", 3) for i in range(5)
+        ]
+        assert wait_until(lambda: all(change.dead for change in changes))
+        os.kill(fresh_redis_server.pid, signal.SIGCONT)
+        assert wait_until(lambda: second.listener_count("room4", 0) == 3)
+
+    def test_a_removal_that_failed_is_retried(self, fresh_redis_server, workers):
+        first, second = workers(), workers()
+        first.set_local_count("room", 3)
+        assert wait_until(lambda: second.listener_count("room", 0) == 3)
+        os.kill(fresh_redis_server.pid, signal.SIGSTOP)
+        first.set_local_count("room", 0)
+        # The write times out against the paused server...
+        assert wait_until(lambda: first.stats["presence_failures"] >= 1)
+        os.kill(fresh_redis_server.pid, signal.SIGCONT)
+        # ...and is retried, long before the 30 s presence TTL.
+        assert wait_until(lambda: second.listener_count("room", 0) == 0)
+
+    def test_counting_falls_back_to_local_while_redis_is_away(
+        self, fresh_redis_server, workers, caplog
+    ):
+        first = workers()
+        fresh_redis_server.kill()
+        with caplog.at_level(logging.WARNING, logger="stargate.backends.redis"):
+            assert first.listener_count("room", 4) == 4
+        assert "counting this process's listeners only" in caplog.text
