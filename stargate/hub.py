@@ -232,8 +232,12 @@ class Hub:
         starting = self._starting
         if starting is not None and starting[0] == pid:
             # Another green thread is starting the backend: wait for it, and
-            # share its failure if it fails.
+            # share its failure if it fails (BackendUnavailable: one attempt
+            # for all). If it was interrupted instead (its own Timeout, a
+            # kill), that is not ours to raise: start it here.
             starting[1].wait()
+            if self._started != pid:
+                self.start()
             return
         if self._started:
             logger.debug("hub %r used in a forked process: starting afresh", self)
@@ -250,8 +254,11 @@ class Hub:
             self._started = pid
             for channel in list(self._channels):
                 self.backend.subscribe(channel)
-        except BaseException as exc:
+        except Exception as exc:
             done.send_exception(exc)
+            raise
+        except BaseException:
+            done.send(None)  # interrupted: the waiters try for themselves
             raise
         else:
             done.send(None)

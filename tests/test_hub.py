@@ -775,6 +775,55 @@ class TestInterruptedFirstSubscribe:
         hub.close()
 
 
+class TestInterruptedStart:
+    """Like an interrupted first subscribe: a backend start interrupted by
+    its caller's own Timeout is retried by those waiting behind it."""
+
+    def test_waiters_behind_an_interrupted_start_start_it_themselves(
+        self, fresh_redis_server, loopback
+    ):
+        server = fresh_redis_server
+        hub = Hub(
+            RedisBackend(
+                server.url,
+                prefix="start:",
+                socket_timeout=30.0,  # a start inline would wait for SIGCONT
+                reconnect_backoff=(0.05, 0.3),
+            )
+        )
+        first_ws, _ = loopback.connect()
+        ws, peer = loopback.connect()
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            first = eventlet.spawn(
+                TestInterruptedFirstSubscribe.interrupted_add,
+                hub,
+                "room",
+                first_ws,
+                "timeout",
+            )
+            assert wait_until(lambda: hub._starting is not None)
+            outcome = []
+
+            def wait_behind():
+                try:
+                    hub.add("room", ws)
+                    outcome.append("added")
+                except BaseException as exc:  # any exception is the defect
+                    outcome.append(exc)
+
+            waiter = eventlet.spawn(wait_behind)
+            eventlet.sleep(0)
+            assert first.wait() == "interrupted"
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        waiter.wait()
+        assert outcome == ["added"]
+        hub.publish("room", "started")
+        assert peer.messages(1) == ["started"]
+        hub.close()
+
+
 class TestGapsReachTheApplication:
     """Item 5: a backend's gap report is counted by the hub and calls the
     resource's ``on_gap`` for that channel, with real Redis."""
