@@ -442,13 +442,7 @@ class WebSocket:
         """
         if self._writable:
             # A broadcast's hot path: open, nothing queued, one system call.
-            try:
-                sent = self._raw.send(data)
-            except OSError as exc:
-                return self._send_failed(data, exc)
-            if sent == len(data):
-                return _SENT
-            return self._write_rest(memoryview(data)[sent:])
+            return self._send_now(data)
         if self._finished or self.protocol.state is not _OPEN:
             return _DEAD
         return self._write(data)
@@ -478,16 +472,20 @@ class WebSocket:
         if self._finished:
             return _DEAD
         if not self._queue:
-            try:
-                sent = self._raw.send(data)
-            except OSError as exc:
-                return self._send_failed(data, exc)
-            if sent == len(data):
-                return _SENT
-            data = memoryview(data)[sent:]
-        elif self._queued + len(data) > self.max_send_buffer:
+            return self._send_now(data)
+        if self._queued + len(data) > self.max_send_buffer:
             return self._overflow()
         return self._write_rest(data)
+
+    def _send_now(self, data):
+        """One ``send()``; what the kernel does not take is queued."""
+        try:
+            sent = self._raw.send(data)
+        except OSError as exc:
+            return self._send_failed(data, exc)
+        if sent == len(data):
+            return _SENT
+        return self._write_rest(memoryview(data)[sent:])
 
     def _write_rest(self, data):
         """Queue what the kernel did not take; the writer sends it."""
