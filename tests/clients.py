@@ -106,7 +106,7 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                time.sleep(0.2)  # let the reader collect the last lines
+                self._collect_output(deadline)
                 raise AssertionError(
                     f"server exited with {self.process.returncode} before "
                     f"serving:\n{self.output}"
@@ -141,12 +141,20 @@ class ServerProcess:
 
     def wait(self, timeout):
         """Wait for the process to exit; its exit code (fails on timeout)."""
+        deadline = time.monotonic() + timeout
         try:
-            return self.process.wait(timeout=timeout)
+            status = self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             raise AssertionError(
                 f"server still running {timeout} s later:\n{self.output}"
             ) from None
+        self._collect_output(deadline)
+        return status
+
+    def _collect_output(self, deadline):
+        """Let the reader take the last lines a process printed as it exited
+        (it stops at end of file, once nothing holds the pipe open)."""
+        self._reader.join(timeout=max(deadline - time.monotonic(), 1.0))
 
     def stop(self, timeout=15.0):
         """SIGTERM, then SIGKILL if it is still running after ``timeout``."""
