@@ -220,3 +220,25 @@ class TestJobs:
 
     def test_start_answers_post_only(self, demo):
         assert http(demo.url + "/jobs/1/start").status == 404
+
+
+class TestRedisUnreachable:
+    """A room or job that cannot join its channel (Redis down) closes the
+    connection with 1013 and a reason, and logs one line: no traceback."""
+
+    @pytest.mark.parametrize("path", ["/rooms/down", "/jobs/down"])
+    def test_joining_closes_with_1013_and_logs_one_line(
+        self, stargate_server, caplog, path
+    ):
+        from stargate.demo import make_app
+        from stargate.testing.client import connect as connect_client
+        from tests.clients import free_port
+
+        unreachable = f"redis://127.0.0.1:{free_port()}/0"
+        server = stargate_server(make_app({"stargate.backend": unreachable}))
+        with caplog.at_level("WARNING", logger="stargate"):
+            with connect_client(server.ws_url(path)) as client:
+                code, reason = client.wait_closed(timeout=20)
+        assert code == 1013 and "try again later" in reason
+        lines = [r for r in caplog.records if "could not join" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].exc_info is None

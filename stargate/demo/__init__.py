@@ -119,6 +119,10 @@ class RoomView(WebSocketView):
 
     def handler(self, websocket):
         room = self.request.context
+        if _joined(room, websocket, self._join):
+            self._chat(room, websocket)
+
+    def _join(self, room, websocket):
         since = _since(self.request.params)
         try:
             room.add_listener(websocket, since=since)
@@ -135,6 +139,8 @@ class RoomView(WebSocketView):
                 )
             )
             room.add_listener(websocket)
+
+    def _chat(self, room, websocket):
         try:
             while True:
                 message = websocket.wait()
@@ -154,6 +160,24 @@ class RoomView(WebSocketView):
                     return
         finally:
             room.remove_listener(websocket)
+
+
+def _joined(resource, websocket, join):
+    """Run ``join(resource, websocket)``; if the backend cannot be reached
+    (Redis down), log one line and close with 1013 "try again later", as a
+    message that cannot be sent does, instead of a traceback and 1011."""
+    try:
+        join(resource, websocket)
+    except BackendUnavailable as exc:
+        log.warning(
+            "%s %s: could not join, BackendUnavailable: %s",
+            type(resource).__name__.lower(),
+            resource.__name__,
+            exc,
+        )
+        websocket.close(1013, "cannot join now: try again later")
+        return False
+    return True
 
 
 def _since(params):
@@ -213,7 +237,8 @@ class JobView(WebSocketView):
 
     def handler(self, websocket):
         job = self.request.context
-        job.add_listener(websocket)
+        if not _joined(job, websocket, type(job).add_listener):
+            return
         websocket.send(job.as_json())
         try:
             while websocket.wait() is not None:
