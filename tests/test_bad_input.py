@@ -800,3 +800,30 @@ def test_hixie76_headers_with_only_rfc6455_enabled_get_426_without_waiting():
         reaction, data = react(live.port, hixie76(key3=b""), upgraded=False)
         check_http(reaction, Http(426, "13"), data)
         assert_still_serves(live)
+
+
+def test_pipelined_plain_requests_are_each_answered(server):
+    plain = b"GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    last = b"GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(plain * 3 + last)
+        data, closed = read_until_closed(sock)
+    assert closed
+    assert data.count(b"HTTP/1.1 426 ") == 4, data[:300]
+    assert_still_serves(server)
+
+
+def test_an_upgrade_pipelined_behind_a_plain_request_works(server):
+    plain = b"GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+    def upgraded(data):
+        return b" 101 " in data and data.endswith(b"\r\n\r\n")
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(plain + request())
+        data, _ = read_until_closed(sock, until=upgraded)
+        assert data.startswith(b"HTTP/1.1 426 ") and upgraded(data), data[:300]
+        sock.sendall(text("after a refusal"))
+        data, _ = read_until_closed(sock, until=lambda d: b"after a refusal" in d)
+        assert data == b"\x81\x0fafter a refusal"
+    assert_still_serves(server)
