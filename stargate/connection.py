@@ -442,7 +442,13 @@ class WebSocket:
         """
         if self._writable:
             # A broadcast's hot path: open, nothing queued, one system call.
-            return self._send_now(data)
+            try:
+                sent = self._raw.send(data)
+            except OSError as exc:
+                return self._send_failed(data, exc)
+            if sent == len(data):
+                return _SENT
+            return self._write_rest(memoryview(data)[sent:])
         if self._finished or self.protocol.state is not _OPEN:
             return _DEAD
         return self._write(data)
@@ -472,20 +478,16 @@ class WebSocket:
         if self._finished:
             return _DEAD
         if not self._queue:
-            return self._send_now(data)
-        if self._queued + len(data) > self.max_send_buffer:
+            try:
+                sent = self._raw.send(data)
+            except OSError as exc:
+                return self._send_failed(data, exc)
+            if sent == len(data):
+                return _SENT
+            data = memoryview(data)[sent:]
+        elif self._queued + len(data) > self.max_send_buffer:
             return self._overflow()
         return self._write_rest(data)
-
-    def _send_now(self, data):
-        """One ``send()``; what the kernel does not take is queued."""
-        try:
-            sent = self._raw.send(data)
-        except OSError as exc:
-            return self._send_failed(data, exc)
-        if sent == len(data):
-            return _SENT
-        return self._write_rest(memoryview(data)[sent:])
 
     def _write_rest(self, data):
         """Queue what the kernel did not take; the writer sends it."""
