@@ -200,7 +200,6 @@ class WebSocket:
         "_local_close_code",
         "_listener",
         "_message_context",
-        "_writable",
         "__dict__",
         "__weakref__",
     )
@@ -267,7 +266,6 @@ class WebSocket:
         #: Messages dropped because the send buffer was full.
         self.dropped = 0
         _open.add(self)
-        self._writable = protocol.state is _OPEN
         self._listener = None
         self._listen()
         if initial_data:
@@ -440,35 +438,11 @@ class WebSocket:
 
         Returns a :class:`SendResult`; never raises for a dead peer.
         """
-        if self._writable:
-            # A broadcast's hot path: open, nothing queued, one system call.
-            try:
-                sent = self._raw.send(data)
-            except OSError as exc:
-                return self._send_failed(data, exc)
-            if sent == len(data):
-                return _SENT
-            return self._write_rest(memoryview(data)[sent:])
         if self._finished or self.protocol.state is not _OPEN:
             return _DEAD
         return self._write(data)
 
     # -- writing --------------------------------------------------------------
-
-    def _refresh(self):
-        """Recompute whether :meth:`send_prepared` may write at once: after
-        anything that can close the protocol, queue bytes or drain them."""
-        self._writable = (
-            not self._finished and not self._queue and self.protocol.state is _OPEN
-        )
-
-    def _send_failed(self, data, exc):
-        if isinstance(exc, BlockingIOError):
-            return self._write_rest(data)  # the kernel's buffer is full
-        if exc.errno in _DEAD_ERRNOS or isinstance(exc, ConnectionError):
-            self.abort()  # the peer is gone
-            return _DEAD
-        raise exc
 
     def _write(self, data):
         """Write ``data`` now if the kernel takes it (the broadcast hot path:
@@ -480,8 +454,13 @@ class WebSocket:
         if not self._queue:
             try:
                 sent = self._raw.send(data)
+            except BlockingIOError:
+                sent = 0
             except OSError as exc:
-                return self._send_failed(data, exc)
+                if exc.errno in _DEAD_ERRNOS or isinstance(exc, ConnectionError):
+                    self.abort()  # the peer is gone
+                    return _DEAD
+                raise
             if sent == len(data):
                 return _SENT
             data = memoryview(data)[sent:]
@@ -495,7 +474,6 @@ class WebSocket:
             self._queue = collections.deque()
         self._queue.append(data)
         self._queued += len(data)
-        self._writable = False
         if self._writer is None:
             self._writer = eventlet.spawn(self._drain)
         return SendResult.QUEUED
@@ -508,7 +486,6 @@ class WebSocket:
             "closing %s: %d bytes waiting, over max_send_buffer", self, self._queued
         )
         self._local_close_code = SLOW_LISTENER_CLOSE_CODE
-        self._writable = False
         if self.protocol.state is _OPEN:
             self.protocol.send_close(SLOW_LISTENER_CLOSE_CODE, "send buffer full")
             self.protocol.data_to_send()  # nowhere to put it: the peer is stuck
@@ -531,7 +508,6 @@ class WebSocket:
             self._writer = None
             if not self._queue:
                 self._queue = None
-            self._refresh()
             if self._shutting and not self._finished:
                 self._half_close()
 
@@ -610,7 +586,6 @@ class WebSocket:
             self._shut()
         elif self._messages and len(self._messages) >= MAX_QUEUED_MESSAGES:
             self._unlisten()  # back-pressure: resumed by wait()
-        self._refresh()
         if got_message and self._on_message is not None:
             self._dispatch()
         if got_message or protocol.state is _CLOSED:
@@ -696,7 +671,6 @@ class WebSocket:
         protocol = self.protocol
         if protocol.state is _OPEN:
             protocol.send_close(code, reason)
-            self._writable = False
             self._write(protocol.data_to_send())
         if self._finished:
             return
@@ -711,7 +685,6 @@ class WebSocket:
         """Fail the connection: close frame, then shut down without waiting
         for the peer's close frame."""
         self.protocol.fail(code, reason)
-        self._writable = False
         self._write(self.protocol.data_to_send())
         if not self._finished:
             self._shut()
@@ -784,7 +757,6 @@ class WebSocket:
         if self._finished:
             return
         self._finished = True
-        self._writable = False
         _open.discard(self)
         self._unlisten()
         self._cancel_timer()
@@ -866,7 +838,6 @@ class WebSocket:
                 # The peer is presumed gone: the close frame is written for
                 # it to find, but nothing of it is waited for.
                 self._local_close_code = KEEPALIVE_CLOSE_CODE
-                self._writable = False
                 self.protocol.fail(KEEPALIVE_CLOSE_CODE, "keepalive ping timeout")
                 self._write(self.protocol.data_to_send())
                 self.abort()
