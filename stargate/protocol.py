@@ -330,6 +330,7 @@ class ServerProtocol:
     def _process(self) -> None:
         parser: _frames.FrameParser = self._parser  # type: ignore[assignment]
         limit = self.max_message_size
+        first_rsv1_limit = None if limit is None else _compressed_budget(limit)
         events = self._events
         while not self._closed:
             # The payload budget of the next data frame.
@@ -337,7 +338,7 @@ class ServerProtocol:
                 frame_limit = rsv1_limit = None
             elif self._msg_opcode is None:
                 frame_limit = limit
-                rsv1_limit = _compressed_budget(limit)
+                rsv1_limit = first_rsv1_limit
             elif self._msg_compressed:
                 # The whole message's wire budget, and no more than the
                 # decompressed room left could need: so the frame buffered
