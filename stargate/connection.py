@@ -200,6 +200,7 @@ class WebSocket:
         "_local_close_code",
         "_listener",
         "_message_context",
+        "_writable",
         "__dict__",
         "__weakref__",
     )
@@ -266,6 +267,7 @@ class WebSocket:
         #: Messages dropped because the send buffer was full.
         self.dropped = 0
         _open.add(self)
+        self._writable = protocol.state is _OPEN
         self._listener = None
         self._listen()
         if initial_data:
@@ -438,11 +440,29 @@ class WebSocket:
 
         Returns a :class:`SendResult`; never raises for a dead peer.
         """
+        if self._writable:
+            # A broadcast's hot path: open, nothing queued, one system call.
+            return self._send_now(data)
         if self._finished or self.protocol.state is not _OPEN:
             return _DEAD
         return self._write(data)
 
     # -- writing --------------------------------------------------------------
+
+    def _refresh(self):
+        """Recompute whether :meth:`send_prepared` may write at once: after
+        anything that can close the protocol, queue bytes or drain them."""
+        self._writable = (
+            not self._finished and not self._queue and self.protocol.state is _OPEN
+        )
+
+    def _send_failed(self, data, exc):
+        if isinstance(exc, BlockingIOError):
+            return self._write_rest(data)  # the kernel's buffer is full
+        if exc.errno in _DEAD_ERRNOS or isinstance(exc, ConnectionError):
+            self.abort()  # the peer is gone
+            return _DEAD
+        raise exc
 
     def _write(self, data):
         """Write ``data`` now if the kernel takes it (the broadcast hot path:
@@ -452,21 +472,20 @@ class WebSocket:
         if self._finished:
             return _DEAD
         if not self._queue:
-            try:
-                sent = self._raw.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                if exc.errno in _DEAD_ERRNOS or isinstance(exc, ConnectionError):
-                    self.abort()  # the peer is gone
-                    return _DEAD
-                raise
-            if sent == len(data):
-                return _SENT
-            data = memoryview(data)[sent:]
-        elif self._queued + len(data) > self.max_send_buffer:
+            return self._send_now(data)
+        if self._queued + len(data) > self.max_send_buffer:
             return self._overflow()
         return self._write_rest(data)
+
+    def _send_now(self, data):
+        """One ``send()``; what the kernel does not take is queued."""
+        try:
+            sent = self._raw.send(data)
+        except OSError as exc:
+            return self._send_failed(data, exc)
+        if sent == len(data):
+            return _SENT
+        return self._write_rest(memoryview(data)[sent:])
 
     def _write_rest(self, data):
         """Queue what the kernel did not take; the writer sends it."""
@@ -474,6 +493,7 @@ class WebSocket:
             self._queue = collections.deque()
         self._queue.append(data)
         self._queued += len(data)
+        self._writable = False
         if self._writer is None:
             self._writer = eventlet.spawn(self._drain)
         return SendResult.QUEUED
@@ -486,6 +506,7 @@ class WebSocket:
             "closing %s: %d bytes waiting, over max_send_buffer", self, self._queued
         )
         self._local_close_code = SLOW_LISTENER_CLOSE_CODE
+        self._writable = False
         if self.protocol.state is _OPEN:
             self.protocol.send_close(SLOW_LISTENER_CLOSE_CODE, "send buffer full")
             self.protocol.data_to_send()  # nowhere to put it: the peer is stuck
@@ -508,6 +529,7 @@ class WebSocket:
             self._writer = None
             if not self._queue:
                 self._queue = None
+            self._refresh()
             if self._shutting and not self._finished:
                 self._half_close()
 
@@ -586,6 +608,7 @@ class WebSocket:
             self._shut()
         elif self._messages and len(self._messages) >= MAX_QUEUED_MESSAGES:
             self._unlisten()  # back-pressure: resumed by wait()
+        self._refresh()
         if got_message and self._on_message is not None:
             self._dispatch()
         if got_message or protocol.state is _CLOSED:
@@ -671,6 +694,7 @@ class WebSocket:
         protocol = self.protocol
         if protocol.state is _OPEN:
             protocol.send_close(code, reason)
+            self._writable = False
             self._write(protocol.data_to_send())
         if self._finished:
             return
@@ -685,6 +709,7 @@ class WebSocket:
         """Fail the connection: close frame, then shut down without waiting
         for the peer's close frame."""
         self.protocol.fail(code, reason)
+        self._writable = False
         self._write(self.protocol.data_to_send())
         if not self._finished:
             self._shut()
@@ -757,6 +782,7 @@ class WebSocket:
         if self._finished:
             return
         self._finished = True
+        self._writable = False
         _open.discard(self)
         self._unlisten()
         self._cancel_timer()
@@ -838,6 +864,7 @@ class WebSocket:
                 # The peer is presumed gone: the close frame is written for
                 # it to find, but nothing of it is waited for.
                 self._local_close_code = KEEPALIVE_CLOSE_CODE
+                self._writable = False
                 self.protocol.fail(KEEPALIVE_CLOSE_CODE, "keepalive ping timeout")
                 self._write(self.protocol.data_to_send())
                 self.abort()
