@@ -21,10 +21,18 @@ import dataclasses
 import enum
 import struct
 from collections.abc import Callable
-from typing import Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 from stargate import deflate as _deflate
 from stargate.exceptions import InvalidPayload, PayloadTooBig, ProtocolError
+
+if TYPE_CHECKING:
+    from stargate.legacy import (
+        HIXIE_CLOSE,
+        HixieParser,
+        encode_hixie_binary,
+        encode_hixie_text,
+    )
 
 __all__ = [
     "Opcode",
@@ -457,147 +465,6 @@ def serialize_close(code: "int | None" = 1000, reason: str = "") -> bytes:
     return struct.pack("!H", code) + data
 
 
-# ---------------------------------------------------------------- hixie drafts
-
-#: The hixie-76 close frame (type 0xFF, length 0).
-HIXIE_CLOSE = b"\xff\x00"
-
-
-def encode_hixie_text(text: str) -> bytes:
-    """Return a hixie text frame: ``0x00``, the UTF-8 text, ``0xFF``."""
-    return b"\x00" + text.encode("utf-8") + b"\xff"
-
-
-def _hixie_length(n: int) -> bytes:
-    groups = [n & 0x7F]
-    n >>= 7
-    while n:
-        groups.append(0x80 | (n & 0x7F))
-        n >>= 7
-    return bytes(reversed(groups))
-
-
-def encode_hixie_binary(data: BytesLike) -> bytes:
-    """Return a hixie length-prefixed frame: ``0x80``, the length, the data.
-
-    The length is big-endian in 7-bit groups, the high bit set on every
-    group but the last. Browsers of the hixie era discard such frames.
-    """
-    return b"\x80" + _hixie_length(len(data)) + bytes(data)
-
-
-class HixieParser:
-    """Incremental parser for frames of drafts hixie-75 and hixie-76.
-
-    Frames whose type byte has the high bit clear run to a ``0xFF``
-    sentinel; type ``0x00`` is text, others are discarded. Frames whose type
-    byte has the high bit set carry a length in 7-bit groups and are
-    discarded, except ``0xFF 0x00``, which closes the connection (hixie-76;
-    a hixie-75 client never sends it, so it is taken as a close there too).
-
-    :meth:`next_frame` returns a :class:`Frame` with opcode ``TEXT`` (the
-    raw UTF-8 payload, not validated here) or ``CLOSE``, or ``None``. It
-    raises :class:`~stargate.exceptions.PayloadTooBig` when a text frame
-    grows past ``max_size`` before its sentinel arrives, or when a
-    length-prefixed frame announces more than ``max_size`` bytes.
-    Discarded bytes are dropped as they arrive, never buffered.
-    """
-
-    __slots__ = ("_buf", "_scan", "_skip", "_discarding")
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._scan = 1  # where to resume looking for the 0xFF sentinel
-        self._skip = 0  # bytes of a length-prefixed frame still to drop
-        self._discarding = False  # inside a non-text sentinel frame
-
-    def feed(self, data: BytesLike) -> None:
-        """Append received bytes."""
-        self._buf += data
-
-    @property
-    def buffered(self) -> int:
-        """Number of received bytes held, not yet returned or discarded."""
-        return len(self._buf)
-
-    def clear(self) -> None:
-        """Forget the bytes not parsed yet: the connection is closed."""
-        self._buf = bytearray()
-        self._scan = 1
-        self._skip = 0
-        self._discarding = False
-
-    def next_frame(self, max_size: "int | None" = None) -> "Frame | None":
-        """Return the next text or close :class:`Frame`, or ``None``."""
-        parsed = self.next_parsed(max_size)
-        if parsed is None:
-            return None
-        return Frame(Opcode(parsed[0]), parsed[1])
-
-    def next_parsed(self, max_size: "int | None") -> "tuple[int, bytes] | None":
-        """:meth:`next_frame` as ``(opcode, payload)``, or ``None``."""
-        buf = self._buf
-        while True:
-            if self._skip:
-                n = min(self._skip, len(buf))
-                del buf[:n]
-                self._skip -= n
-                if self._skip:
-                    return None
-            if self._discarding:
-                end = buf.find(b"\xff")
-                if end < 0:
-                    buf.clear()
-                    return None
-                del buf[: end + 1]
-                self._discarding = False
-            if not buf:
-                return None
-            frame_type = buf[0]
-            if frame_type & 0x80:
-                length = 0
-                i = 1
-                while True:
-                    if i >= len(buf):
-                        return None
-                    b = buf[i]
-                    length = (length << 7) | (b & 0x7F)
-                    i += 1
-                    if max_size is not None and length > max_size:
-                        raise PayloadTooBig(
-                            f"hixie frame of over {max_size} bytes announced"
-                        )
-                    if i > 10:
-                        raise ProtocolError("hixie frame length is too long")
-                    if not b & 0x80:
-                        break
-                del buf[:i]
-                if frame_type == 0xFF and length == 0:
-                    return Opcode.CLOSE, b""
-                self._skip = length
-                continue
-            if frame_type != 0x00:
-                del buf[:1]
-                self._discarding = True
-                continue
-            end = buf.find(b"\xff", self._scan)
-            if end < 0:
-                if max_size is not None and len(buf) - 1 > max_size:
-                    raise PayloadTooBig(
-                        f"hixie text frame over the limit of {max_size} bytes"
-                    )
-                self._scan = len(buf)
-                return None
-            if max_size is not None and end - 1 > max_size:
-                raise PayloadTooBig(
-                    f"hixie text frame over the limit of {max_size} bytes"
-                )
-            payload = bytes(buf[1:end])
-            del buf[: end + 1]
-            self._scan = 1
-            return Opcode.TEXT, payload
-
-
 # ---------------------------------------------------------------- wire formats
 
 #: The drafts :class:`WireFormat` knows, newest first.
@@ -656,11 +523,15 @@ def encode_message(
     """
     if isinstance(message, str):
         if wire_format.draft != "rfc6455":
+            from stargate.legacy import encode_hixie_text
+
             return encode_hixie_text(message)
         first = 0x81
         payload = message.encode("utf-8")
     elif isinstance(message, (bytes, bytearray, memoryview)):
         if wire_format.draft != "rfc6455":
+            from stargate.legacy import encode_hixie_binary
+
             return encode_hixie_binary(message)
         first = 0x82
         payload = bytes(message)
@@ -670,3 +541,19 @@ def encode_message(
         payload = _deflate.compress(payload, wire_format.deflate)
         first |= 0x40
     return _header(first, len(payload)) + payload
+
+
+#: Names documented here that live in :mod:`stargate.legacy`.
+_LEGACY_NAMES = frozenset(
+    ["HixieParser", "HIXIE_CLOSE", "encode_hixie_text", "encode_hixie_binary"]
+)
+
+
+def __getattr__(name: str) -> Any:
+    # The hixie drafts' framing is kept apart in stargate.legacy, which
+    # imports this module; its documented names are served from there.
+    if name in _LEGACY_NAMES:
+        from stargate import legacy
+
+        return getattr(legacy, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

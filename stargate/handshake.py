@@ -18,7 +18,9 @@ specification. It speaks three of them:
 version, ``Upgrade``, ``Connection``, ``Host``, the origin policy), picks the
 draft from the request and returns a :class:`Handshake`.
 :func:`websocket_handshake` is the 2010 entry point and returns only the
-response bytes.
+response bytes. The two drafts live in :mod:`stargate.legacy`; their
+documented names (``handshake_pre76``, ``handshake_v76`` and their base
+responses) are importable from here as they always were.
 
 Nothing here does I/O. The request is a :class:`Request` value (method,
 HTTP version, scheme, path and headers; :meth:`Request.from_environ` makes
@@ -60,10 +62,9 @@ import base64
 import binascii
 import hashlib
 import re
-import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 from urllib.parse import quote
 
 from stargate import deflate
@@ -75,6 +76,14 @@ from stargate.exceptions import (
     UnsupportedVersion,
 )
 from stargate.frames import WireFormat
+
+if TYPE_CHECKING:
+    from stargate.legacy import (
+        HIXIE75_BASE_RESPONSE,
+        HIXIE76_BASE_RESPONSE,
+        handshake_pre76,
+        handshake_v76,
+    )
 
 __all__ = [
     "HandShakeFailed",
@@ -111,26 +120,7 @@ _DRAFT_TITLE = {
 RFC6455_BASE_RESPONSE = (
     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
 )
-#: The same for hixie-76.
-HIXIE76_BASE_RESPONSE = (
-    b"HTTP/1.1 101 WebSocket Protocol Handshake\r\n"
-    b"Upgrade: WebSocket\r\n"
-    b"Connection: Upgrade\r\n"
-)
-#: The same for hixie-75, whose clients compare these 85 bytes exactly.
-HIXIE75_BASE_RESPONSE = (
-    b"HTTP/1.1 101 Web Socket Protocol Handshake\r\n"
-    b"Upgrade: WebSocket\r\n"
-    b"Connection: Upgrade\r\n"
-)
-_BASE_RESPONSE = {
-    "rfc6455": RFC6455_BASE_RESPONSE,
-    "hixie-76": HIXIE76_BASE_RESPONSE,
-    "hixie-75": HIXIE75_BASE_RESPONSE,
-}
-
 _RFC6455_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-_KEY3 = "the 8 key bytes after the headers"
 _NOT_WEBSOCKET = "this is a WebSocket endpoint; connect with a WebSocket client"
 
 # A Host header: a bracketed IPv6 address or a registered name, then a port.
@@ -221,7 +211,7 @@ class _EnvironHeaders(Mapping[str, str]):
         return sum(1 for _ in self)
 
 
-class _Headers:
+class RequestHeaders:
     """The request, its headers looked up case-insensitively.
 
     Every value read through :meth:`get` is checked for control characters,
@@ -229,7 +219,7 @@ class _Headers:
     """
 
     def __init__(self, source: "HeadersLike") -> None:
-        if isinstance(source, _Headers):
+        if isinstance(source, RequestHeaders):
             self.__dict__.update(source.__dict__)
             return
         if not isinstance(source, Request):
@@ -286,7 +276,9 @@ Key3 = Union[bytes, bytearray, memoryview, None]
 
 #: What the handshake functions accept as the request: a :class:`Request`,
 #: ``request.headers`` (whose environ is then read), or a mapping of headers.
-HeadersLike = Union[Request, "_Headers", Mapping[str, str], Iterable[tuple[str, str]]]
+HeadersLike = Union[
+    Request, "RequestHeaders", Mapping[str, str], Iterable[tuple[str, str]]
+]
 
 
 def _tokens(value: "str | None") -> list[str]:
@@ -296,9 +288,11 @@ def _tokens(value: "str | None") -> list[str]:
     return [token.strip().lower() for token in value.split(",") if token.strip()]
 
 
-def _as_bytes(base_response: BaseResponse, draft: str) -> bytes:
+def response_head(base_response: BaseResponse, default: bytes) -> bytes:
+    """``base_response`` as the bytes that start a response (``default``
+    when it is ``None``), checked to end with CRLF."""
     if base_response is None:
-        return _BASE_RESPONSE[draft]
+        return default
     if isinstance(base_response, str):
         base_response = base_response.encode("latin-1")
     base_response = bytes(base_response)
@@ -307,14 +301,15 @@ def _as_bytes(base_response: BaseResponse, draft: str) -> bytes:
     return base_response
 
 
-def _header_line(name: str, value: str) -> bytes:
+def header_line(name: str, value: str) -> bytes:
+    """One response header line, ``name: value`` and CRLF, in latin-1."""
     return f"{name}: {value}\r\n".encode("latin-1")
 
 
 # -- the Host header and the Location URL -----------------------------------
 
 
-def _host(headers: _Headers) -> str:
+def _host(headers: RequestHeaders) -> str:
     """The validated ``Host`` header, as sent."""
     host = headers.get("Host")
     if host is not None:
@@ -330,13 +325,13 @@ def _host(headers: _Headers) -> str:
     return host
 
 
-def _is_secure(headers: _Headers, secure: "bool | None") -> bool:
+def _is_secure(headers: RequestHeaders, secure: "bool | None") -> bool:
     if secure is not None:
         return bool(secure)
     return headers.scheme in ("https", "wss")
 
 
-def _location_path(headers: _Headers, path: "str | None") -> str:
+def _location_path(headers: RequestHeaders, path: "str | None") -> str:
     if path is not None:
         if not path.startswith("/") or re.search(r"[\x00-\x20\x7f]", path):
             raise HandShakeFailed(f"invalid resource path {path!r}", value=path)
@@ -373,7 +368,7 @@ def build_location_url(
     :param headers: a ``webob.headers.EnvironHeaders`` or any mapping of
         header names to values.
     """
-    headers = _Headers(headers)
+    headers = RequestHeaders(headers)
     scheme = "wss" if _is_secure(headers, secure) else "ws"
     return f"{scheme}://{_host(headers)}{_location_path(headers, path)}"
 
@@ -416,7 +411,7 @@ def _normalise_allowed(
     return allowed
 
 
-def _server_scheme(headers: _Headers, secure: "bool | None") -> "str | None":
+def _server_scheme(headers: RequestHeaders, secure: "bool | None") -> "str | None":
     """``"https"``, ``"http"``, or ``None`` when nothing says which."""
     if secure is not None:
         return "https" if secure else "http"
@@ -426,7 +421,7 @@ def _server_scheme(headers: _Headers, secure: "bool | None") -> "str | None":
 
 
 def _same_origin(
-    parsed: "tuple[str, str, int]", headers: _Headers, secure: "bool | None"
+    parsed: "tuple[str, str, int]", headers: RequestHeaders, secure: "bool | None"
 ) -> bool:
     """Whether the parsed origin is this server's (RFC 6454): same scheme,
     host and port, the server's scheme from ``secure`` or
@@ -453,7 +448,7 @@ def _same_origin(
 
 
 def _check_origin(
-    headers: _Headers,
+    headers: RequestHeaders,
     allowed_origins: "Iterable[str] | str | None",
     secure: "bool | None" = None,
 ) -> "str | None":
@@ -491,7 +486,9 @@ def _accept_key(key: str) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
-def _select_subprotocol(headers: _Headers, subprotocols: Subprotocols) -> "str | None":
+def _select_subprotocol(
+    headers: RequestHeaders, subprotocols: Subprotocols
+) -> "str | None":
     if isinstance(subprotocols, str):
         subprotocols = (subprotocols,)
     offered = [
@@ -505,7 +502,7 @@ def _select_subprotocol(headers: _Headers, subprotocols: Subprotocols) -> "str |
 
 
 def _rfc6455(
-    headers: _Headers,
+    headers: RequestHeaders,
     base_response: BaseResponse,
     *,
     subprotocols: Subprotocols = (),
@@ -532,18 +529,18 @@ def _rfc6455(
             value=key,
         )
 
-    response = [_as_bytes(base_response, "rfc6455")]
-    response.append(_header_line("Sec-WebSocket-Accept", _accept_key(key)))
+    response = [response_head(base_response, RFC6455_BASE_RESPONSE)]
+    response.append(header_line("Sec-WebSocket-Accept", _accept_key(key)))
     subprotocol = _select_subprotocol(headers, subprotocols)
     if subprotocol is not None:
-        response.append(_header_line("Sec-WebSocket-Protocol", subprotocol))
+        response.append(header_line("Sec-WebSocket-Protocol", subprotocol))
     params = None
     offer = headers.get("Sec-WebSocket-Extensions")
     if compression and offer:
         accepted = deflate.negotiate(offer)
         if accepted is not None:
             extensions, params = accepted
-            response.append(_header_line("Sec-WebSocket-Extensions", extensions))
+            response.append(header_line("Sec-WebSocket-Extensions", extensions))
     response.append(b"\r\n")
     return Handshake(
         draft="rfc6455",
@@ -581,221 +578,10 @@ def handshake_rfc6455(
         latin-1.
     """
     return _rfc6455(
-        _Headers(headers),
+        RequestHeaders(headers),
         base_response,
         subprotocols=subprotocols,
         compression=compression,
-    ).response
-
-
-# -- hixie-75 and hixie-76 ------------------------------------------------------
-
-
-def _hixie_origin(headers: _Headers) -> str:
-    origin = headers.get("Origin")
-    if origin is None or not origin.strip():
-        raise HandShakeFailed(
-            "the Origin header is missing; the hixie drafts require it",
-            header="Origin",
-        )
-    return origin.strip()
-
-
-def _hixie_subprotocol(
-    headers: _Headers, name: str, subprotocols: Subprotocols
-) -> "str | None":
-    """The subprotocol to echo: the client's, if ``subprotocols`` allows it.
-
-    The hixie drafts offer one subprotocol and the client fails the
-    connection unless the server echoes it. With no ``subprotocols`` the
-    client's value is echoed, as the 2010 library did.
-    """
-    if isinstance(subprotocols, str):
-        subprotocols = (subprotocols,)
-    protocol = headers.get(name)
-    if protocol is None:
-        return None
-    if not protocol or not all(" " <= char <= "~" for char in protocol):
-        raise HandShakeFailed(header=name, value=protocol)
-    if subprotocols and protocol not in subprotocols:
-        return None
-    return protocol
-
-
-def _hixie75(
-    headers: _Headers,
-    base_response: BaseResponse,
-    *,
-    subprotocols: Subprotocols = (),
-    secure: "bool | None" = None,
-    path: "str | None" = None,
-) -> Handshake:
-    return _hixie_handshake(
-        "hixie-75", "", headers, base_response, b"", subprotocols, secure, path
-    )
-
-
-def _hixie_handshake(
-    draft: str,
-    prefix: str,
-    headers: _Headers,
-    base_response: BaseResponse,
-    body: bytes,
-    subprotocols: Subprotocols,
-    secure: "bool | None",
-    path: "str | None",
-) -> Handshake:
-    """The response both drafts share; hixie-76 names its headers with the
-    ``Sec-`` ``prefix`` and follows them with its challenge answer (``body``)."""
-    origin = _hixie_origin(headers)
-    location = build_location_url(headers, secure=secure, path=path)
-    protocol_header = f"{prefix}WebSocket-Protocol"
-    subprotocol = _hixie_subprotocol(headers, protocol_header, subprotocols)
-    response = [
-        _as_bytes(base_response, draft),
-        _header_line(f"{prefix}WebSocket-Origin", origin),
-        _header_line(f"{prefix}WebSocket-Location", location),
-    ]
-    if subprotocol is not None:
-        response.append(_header_line(protocol_header, subprotocol))
-    response.append(b"\r\n")
-    response.append(body)
-    return Handshake(
-        draft=draft,
-        response=b"".join(response),
-        subprotocol=subprotocol,
-        wire_format=WireFormat(draft=draft),
-    )
-
-
-def handshake_pre76(
-    headers: HeadersLike,
-    base_response: BaseResponse,
-    *,
-    subprotocols: Subprotocols = (),
-    secure: "bool | None" = None,
-    path: "str | None" = None,
-) -> bytes:
-    """The handshake of draft-hixie-thewebsocketprotocol-75.
-
-    Returns ``base_response`` followed by ``WebSocket-Origin`` (the client's
-    ``Origin``, which this draft requires), ``WebSocket-Location`` (see
-    :func:`build_location_url`, given ``secure`` and ``path``), the client's
-    ``WebSocket-Protocol`` when it sent one (and ``subprotocols``, if given,
-    holds it), and the blank line. Messages follow at once.
-
-    The caller must have checked the method, the HTTP version, ``Upgrade``,
-    ``Connection`` and the origin policy (:func:`negotiate` does).
-
-    :param headers: the request headers from :func:`websocket_handshake`.
-    :param base_response: the status line, ``Upgrade`` and ``Connection``
-        lines as ``bytes`` ending with CRLF (:data:`HIXIE75_BASE_RESPONSE`,
-        what :func:`websocket_handshake` passes; clients of this draft compare
-        them byte for byte); a ``str`` is encoded as latin-1.
-    """
-    return _hixie75(
-        _Headers(headers),
-        base_response,
-        subprotocols=subprotocols,
-        secure=secure,
-        path=path,
-    ).response
-
-
-def _hixie76_key_part(headers: _Headers, name: str) -> int:
-    """``key-number / spaces`` of ``Sec-WebSocket-Key1`` or ``-Key2``."""
-    key = headers.get(name)
-    if key is None:
-        raise HandShakeFailed(f"the {name} header is missing", header=name)
-    digits = "".join(char for char in key if char in "0123456789").lstrip("0")
-    spaces = key.count(" ")
-    if not any(char in "0123456789" for char in key):
-        raise HandShakeFailed(f"{name} holds no digits", header=name, value=key)
-    if spaces == 0:
-        raise HandShakeFailed(f"{name} holds no spaces", header=name, value=key)
-    # Compare lengths first: a key of thousands of digits must not reach int().
-    if len(digits) > 10 or int(digits or "0") > 0xFFFFFFFF:
-        raise HandShakeFailed(
-            f"the number in {name} is larger than 4294967295", header=name, value=key
-        )
-    number = int(digits or "0")
-    part, remainder = divmod(number, spaces)
-    if remainder:
-        raise HandShakeFailed(
-            f"the number in {name} is not a multiple of its {spaces} spaces",
-            header=name,
-            value=key,
-        )
-    return part
-
-
-def _challenge_response(headers: _Headers, key3: Key3) -> bytes:
-    part1 = _hixie76_key_part(headers, "Sec-WebSocket-Key1")
-    part2 = _hixie76_key_part(headers, "Sec-WebSocket-Key2")
-    if key3 is None:
-        raise HandShakeFailed(f"{_KEY3} are missing")
-    if not isinstance(key3, (bytes, bytearray, memoryview)):
-        raise TypeError(f"key3 must be bytes, not {type(key3).__name__}")
-    key3 = bytes(key3)
-    if len(key3) != 8:
-        raise HandShakeFailed(f"{_KEY3} must be 8 bytes, got {len(key3)}", value=key3)
-    return hashlib.md5(struct.pack(">II", part1, part2) + key3).digest()
-
-
-def _hixie76(
-    headers: _Headers,
-    base_response: BaseResponse,
-    *,
-    key3: Key3 = None,
-    subprotocols: Subprotocols = (),
-    secure: "bool | None" = None,
-    path: "str | None" = None,
-) -> Handshake:
-    answer = _challenge_response(headers, key3)
-    return _hixie_handshake(
-        "hixie-76", "Sec-", headers, base_response, answer, subprotocols, secure, path
-    )
-
-
-def handshake_v76(
-    headers: HeadersLike,
-    base_response: BaseResponse,
-    *,
-    key3: Key3 = None,
-    subprotocols: Subprotocols = (),
-    secure: "bool | None" = None,
-    path: "str | None" = None,
-) -> bytes:
-    """The handshake of draft-hixie-thewebsocketprotocol-76.
-
-    ``key3`` is the 8 bytes the client sends after its request headers (no
-    ``Content-Length`` announces them: the caller reads them from the
-    connection). The answer to the challenge is the MD5 of
-    ``Sec-WebSocket-Key1`` and ``-Key2`` (each the number formed by its
-    digits divided by its count of spaces, as a 32-bit big-endian integer)
-    followed by ``key3``. A malformed key, or ``key3`` missing or not 8 bytes,
-    raises :class:`HandShakeFailed` naming it.
-
-    Returns ``base_response``, ``Sec-WebSocket-Origin``,
-    ``Sec-WebSocket-Location``, ``Sec-WebSocket-Protocol`` (echoed as in
-    :func:`handshake_pre76`), the blank line and the 16-byte answer.
-
-    The caller must have checked the method, the HTTP version, ``Upgrade``,
-    ``Connection`` and the origin policy (:func:`negotiate` does).
-
-    :param headers: the request headers from :func:`websocket_handshake`.
-    :param base_response: the status line, ``Upgrade`` and ``Connection``
-        lines as ``bytes`` ending with CRLF (:data:`HIXIE76_BASE_RESPONSE`,
-        what :func:`websocket_handshake` passes); a ``str`` is encoded as
-        latin-1.
-    """
-    return _hixie76(
-        _Headers(headers),
-        base_response,
-        key3=key3,
-        subprotocols=subprotocols,
-        secure=secure,
-        path=path,
     ).response
 
 
@@ -809,7 +595,7 @@ def requested_draft(headers: HeadersLike) -> str:
     A server calls this to know whether to read the 8 bytes of ``key3``
     (``"hixie-76"``) before calling :func:`negotiate`. It checks nothing else.
     """
-    headers = _Headers(headers)
+    headers = RequestHeaders(headers)
     if headers.get("Sec-WebSocket-Version") is not None:
         return "rfc6455"
     if (
@@ -848,7 +634,7 @@ def _unsupported(
     )
 
 
-def _check_request(headers: _Headers) -> None:
+def _check_request(headers: RequestHeaders) -> None:
     """The checks common to every draft, in the order a client hits them."""
     upgrade = headers.get("Upgrade")
     if upgrade is None or "websocket" not in _tokens(upgrade):
@@ -926,7 +712,7 @@ def negotiate(
         from the environ.
     """
     versions = _normalise_versions(versions)
-    headers = _Headers(headers)
+    headers = RequestHeaders(headers)
     _check_request(headers)
 
     version = headers.get("Sec-WebSocket-Version")
@@ -948,23 +734,20 @@ def negotiate(
 
     _check_origin(headers, allowed_origins, secure)
 
-    base_response = _BASE_RESPONSE[draft]
     if draft == "rfc6455":
         return _rfc6455(
-            headers, base_response, subprotocols=subprotocols, compression=compression
-        )
-    if draft == "hixie-76":
-        return _hixie76(
             headers,
-            base_response,
-            key3=key3,
+            RFC6455_BASE_RESPONSE,
             subprotocols=subprotocols,
-            secure=secure,
-            path=path,
+            compression=compression,
         )
-    return _hixie75(
-        headers, base_response, subprotocols=subprotocols, secure=secure, path=path
-    )
+    from stargate import legacy  # the drafts' module builds on this one
+
+    if draft == "hixie-76":
+        return legacy.hixie76(
+            headers, key3=key3, subprotocols=subprotocols, secure=secure, path=path
+        )
+    return legacy.hixie75(headers, subprotocols=subprotocols, secure=secure, path=path)
 
 
 def websocket_handshake(
@@ -1000,3 +783,24 @@ def websocket_handshake(
         secure=secure,
         path=path,
     ).response
+
+
+#: Names documented here since 2010 that live in :mod:`stargate.legacy`.
+_LEGACY_NAMES = frozenset(
+    [
+        "handshake_pre76",
+        "handshake_v76",
+        "HIXIE76_BASE_RESPONSE",
+        "HIXIE75_BASE_RESPONSE",
+    ]
+)
+
+
+def __getattr__(name: str) -> Any:
+    # The hixie drafts are kept apart in stargate.legacy, which imports this
+    # module; their documented names are served from there on first use.
+    if name in _LEGACY_NAMES:
+        from stargate import legacy
+
+        return getattr(legacy, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

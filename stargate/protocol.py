@@ -28,6 +28,7 @@ from typing import Union
 
 from stargate import deflate as _deflate
 from stargate import frames as _frames
+from stargate import legacy as _legacy
 from stargate.exceptions import (
     ConnectionClosed,
     InvalidPayload,
@@ -164,9 +165,9 @@ class ServerProtocol:
         self.max_message_size = max_message_size
         self._hixie = wire_format.draft != "rfc6455"
         params = wire_format.deflate
-        self._parser: _frames.FrameParser | _frames.HixieParser
+        self._parser: _frames.FrameParser | _legacy.HixieParser
         if self._hixie:
-            self._parser = _frames.HixieParser()
+            self._parser = _legacy.HixieParser()
         else:
             self._parser = _frames.FrameParser(
                 require_mask=True, allow_rsv1=params is not None
@@ -522,7 +523,7 @@ class ServerProtocol:
         self._events.append(CloseReceived(code, reason))
 
     def _process_hixie(self) -> None:
-        parser: _frames.HixieParser = self._parser  # type: ignore[assignment]
+        parser: _legacy.HixieParser = self._parser  # type: ignore[assignment]
         while not self._closed:
             parsed = parser.next_parsed(self.max_message_size)
             if parsed is None:
@@ -633,7 +634,7 @@ class ServerProtocol:
             body = _frames.serialize_close(code, reason)
             self._output.append(bytes((0x88, len(body))) + body)
         elif draft == "hixie-76":
-            self._output.append(_frames.HIXIE_CLOSE)
+            self._output.append(_legacy.HIXIE_CLOSE)
 
 
 def _message(
