@@ -83,10 +83,10 @@ def _origins(value: Any) -> tuple[str, ...] | None:
         origins = tuple(aslist(value)) or None
     if origins:
         # the handshake's own parser: what it accepts here, it accepts later
-        from stargate.handshake import _normalise_allowed
+        from stargate.handshake import normalise_allowed_origins
 
         try:
-            _normalise_allowed(origins)
+            normalise_allowed_origins(origins)
         except IncorrectlyConfigured as exc:
             raise ValueError(str(exc)) from None
     return origins

@@ -392,9 +392,15 @@ def _parse_origin(value: str) -> "tuple[str, str, int] | None":
     return scheme, host, port
 
 
-def _normalise_allowed(
+def normalise_allowed_origins(
     allowed_origins: "Iterable[str] | str",
 ) -> "set[tuple[str, str, int]] | str":
+    """``allowed_origins`` as ``(scheme, host, port)`` triples, or ``"*"``.
+
+    Raises :class:`~stargate.exceptions.IncorrectlyConfigured` naming an
+    entry that is not ``scheme://host[:port]``: settings check their list
+    with it at start-up, so what they accept the handshake accepts.
+    """
     if isinstance(allowed_origins, str):
         allowed_origins = (allowed_origins,)
     allowed = set()
@@ -471,7 +477,7 @@ def _check_origin(
             header=name,
             value=origin,
         )
-    allowed = _normalise_allowed(allowed_origins)
+    allowed = normalise_allowed_origins(allowed_origins)
     if allowed == "*" or _parse_origin(origin) in allowed:
         return origin
     raise InvalidOrigin(f"origin {origin!r} is not allowed", header=name, value=origin)
