@@ -39,19 +39,30 @@ at offset 1, and every position of the old epoch is refused with
 Receiving
 ---------
 
-Each process runs one receiving green thread. It holds a cursor per channel
-with local listeners (the epoch and the last offset delivered) and reads
-every such stream with one blocking ``XREAD`` on its own connection (named
-``<prefix>reader:<process id>`` in ``CLIENT LIST``). A new subscription
-sets its cursor to the channel's current offset and wakes the reader with
-``CLIENT UNBLOCK``. After losing Redis it reconnects with a bounded,
-jittered exponential backoff and reads on from its cursors: what other
-workers published meanwhile is delivered, in order, once. If the window no
-longer holds it, the gap is logged with its size and counted in
-:attr:`RedisStreamsBackend.stats` (``gaps``, ``missed``); if the epoch
-changed, the loss is logged and counted (``epoch_changes``) and delivery
-goes on with the new epoch's messages. Epochs are checked on every
-reconnect and every ``block`` seconds.
+Each process keeps a cursor per channel with local listeners (the epoch and
+the last offset delivered). The publishing script also publishes
+``"<epoch> <offset>"`` on the channel's notification channel,
+``<prefix>notify:<channel>``, which each process subscribes for its
+channels through the same receiver as the pub/sub backend
+(:mod:`stargate.backends.receiver`, one connection named
+``<prefix>reader:<process id>`` in ``CLIENT LIST``). A notification marks
+the channel, and one green thread reads the marked channels only, with one
+``XREAD`` from their cursors (a channel stays marked until a read brings
+nothing new). So reading costs grow with the channels that are active, not
+with those subscribed: a worker with thousands of quiet channels reads a
+busy one as fast as with ten, and subscribing a channel costs one ``HMGET``
+and one ``SUBSCRIBE``.
+
+A notification is a wake-up, never the data: what was published while the
+notification connection was down is read from the stream when it is back
+(every channel it carries is read once), in order, once. If the window no
+longer holds it, the gap is logged with its size, counted in
+:attr:`RedisStreamsBackend.stats` (``gaps``, ``missed``) and reported to the
+hub; if the epoch changed (the keys were lost and made anew), the loss is
+logged, counted (``epoch_changes``) and reported, and delivery goes on with
+the new epoch's messages. Every ``block`` seconds the heads of all channels
+are read once more (one pipeline), a safety net for a notification lost
+without a disconnection.
 
 Presence is not kept: :meth:`~RedisStreamsBackend.listener_count` reports
 this process's listeners only.
@@ -67,12 +78,16 @@ import eventlet
 import eventlet.event
 import eventlet.patcher
 import greenlet
+from redis import Redis
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 
 from stargate.backends import STREAMS_SCHEMES
 from stargate.backends.base import Backend, HistoryPolicy, Position
+from stargate.backends.receiver import PubSubReceiver
 from stargate.backends.redis import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_PREFIX,
@@ -102,16 +117,23 @@ log = logging.getLogger(__name__)
 DEFAULT_HISTORY_SIZE = 1000
 #: Seconds a channel's history outlives its last message, by default.
 DEFAULT_HISTORY_TTL = 3600.0
-#: Seconds one XREAD blocks; also how often epochs are checked.
-DEFAULT_BLOCK = 1.0
+#: Seconds between two reads of every subscribed channel's head, the safety
+#: net for a notification lost without a disconnection (each message is
+#: otherwise read when its notification arrives).
+DEFAULT_BLOCK = 10.0
 #: Entries read per stream per XREAD.
 DEFAULT_READ_COUNT = 500
 
 _SCHEMES = {"redis+streams": "redis", "rediss+streams": "rediss"}
 
 _NETWORK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+#: Streams named in one XREAD.
+_READ_BATCH = 500
+#: Marks a channel that is not subscribed.
+_GONE = object()
 
-# KEYS: stream, meta. ARGV: a new epoch, the tagged message, maxlen, ttl ms.
+# KEYS: stream, meta. ARGV: a new epoch, the tagged message, maxlen, ttl ms,
+# the channel's notification channel (told "<epoch> <offset>").
 _PUBLISH = """
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if not epoch then
@@ -124,6 +146,7 @@ redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], offset .. '-0',
            'e', epoch, 'd', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('PUBLISH', ARGV[5], epoch .. ' ' .. offset)
 return {epoch, offset}
 """
 
@@ -164,9 +187,10 @@ class RedisStreamsBackend(Backend):
         between two (doubling, jittered).
     ``socket_timeout=5.0``
         Seconds any one Redis operation may take (XREAD adds ``block``).
-    ``block=1.0``
-        Seconds one XREAD waits for new entries; epochs are checked this
-        often.
+    ``block=10.0``
+        Seconds between two reads of every subscribed channel's head (one
+        pipeline), the safety net for a notification lost without a
+        disconnection; also the notification connection's health check.
     ``read_count=500``
         Entries read per stream per XREAD.
     ``max_connections=16``
@@ -256,17 +280,16 @@ class RedisStreamsBackend(Backend):
         self._deliver = None
         self._client = None
         self._publish_script = None
-        self._reader = None  # the receiver's own connection
-        self._reader_id = None
-        self._receiver = None
+        self._notifier = None  # the PubSubReceiver of notifications
+        self._receiver = None  # the green thread that reads the streams
         self._stopping = eventlet.event.Event()
-        self._idle = eventlet.event.Event()  # woken when the first channel comes
-        self._blocked = False  # the reader is inside a blocking XREAD
+        self._wakeup = eventlet.event.Event()
         #: channel -> [epoch or None, last offset delivered]; None while the
         #: current offset could not be read (it is read on reconnect).
         self._cursors = {}
-        self._check_epochs_at = 0.0
-        self._lost_at = None
+        self._heads = {}  # channel -> (epoch, offset) last notified
+        self._pending = set()  # channels with entries to read
+        self._check = set()  # channels whose head must be read again
 
     def __repr__(self):
         return f"<RedisStreamsBackend {redact_url(self.url)} prefix={self.prefix!r}>"
@@ -278,6 +301,9 @@ class RedisStreamsBackend(Backend):
 
     def _meta_key(self, channel):
         return f"{self.prefix}meta:{channel}"
+
+    def _notify_name(self, channel):
+        return f"{self.prefix}notify:{channel}"
 
     def _unavailable(self, doing, exc):
         return BackendUnavailable(
@@ -303,11 +329,13 @@ class RedisStreamsBackend(Backend):
         if self._closed:
             raise BackendError("this Redis streams backend is closed; make a new one")
         if self._started_in is not None and self._started_in != os.getpid():
-            # A forked child: the parent's sockets and thread are not ours.
-            receiver = self._receiver
+            # A forked child: the parent's sockets and threads are not ours.
+            receiver, notifier = self._receiver, self._notifier
             self._reset_process_state()
             if receiver is not None:
                 receiver.kill()
+            if notifier is not None:
+                notifier.abandon()
         if self._receiver is not None:
             raise BackendError("this Redis streams backend is already started")
         if not eventlet.patcher.is_monkey_patched("socket"):
@@ -329,16 +357,32 @@ class RedisStreamsBackend(Backend):
         except (RedisError, OSError) as exc:
             self._close_client()
             raise self._unavailable("connect", exc) from exc
+        self._notify_prefix = self._notify_name("").encode()
+        self._notifier = PubSubReceiver(
+            self._client,
+            self._notifier_client,
+            cluster=False,
+            on_message=self._notified,
+            on_gap=self._notifications_missed,
+            on_reconnected=self._reconnected,
+            backoff=self.reconnect_backoff,
+            read_timeout=self.block,
+            describe=lambda key: redact_url(self.url),
+        )
         self._receiver = eventlet.spawn(self._run)
+        for channel in list(self._cursors):
+            self._notifier.subscribe(self._notify_name(channel).encode())
+            self._mark(channel, check=True)
 
     # -- subscriptions -------------------------------------------------------
 
     def subscribe(self, channel):
         """Deliver ``channel``'s messages published from now on.
 
-        Reads the channel's current offset (so nothing published after this
-        returns is missed) and wakes the reader. When Redis is unreachable
-        the offset is read when the reader reconnects; this never raises.
+        Reads the channel's current offset, subscribes its notification
+        channel and reads once after Redis confirms it, so nothing published
+        after this returns is missed. When Redis is unreachable the offset
+        is read when the receiver reconnects; this never raises.
         """
         if channel in self._cursors:
             return
@@ -347,12 +391,24 @@ class RedisStreamsBackend(Backend):
         except (RedisError, OSError) as exc:
             log.debug("could not read the offset of %r yet: %s", channel, exc)
             cursor = None
+            self._check.add(channel)
         self._cursors[channel] = cursor
-        self._wake()
+        if self._notifier is None:
+            return
+        confirmed = self._notifier.subscribe(self._notify_name(channel).encode())
+        if not confirmed.ready():
+            confirmed.wait(self.socket_timeout)
+        self._mark(channel)
 
     def unsubscribe(self, channel):
         """Stop delivering ``channel`` (entries already read are dropped)."""
-        self._cursors.pop(channel, None)
+        if self._cursors.pop(channel, _GONE) is _GONE:
+            return
+        self._pending.discard(channel)
+        self._check.discard(channel)
+        self._heads.pop(channel, None)
+        if self._notifier is not None:
+            self._notifier.unsubscribe(self._notify_name(channel).encode())
 
     def _head(self, channel):
         """``[epoch or None, offset]`` of ``channel`` now."""
@@ -361,22 +417,11 @@ class RedisStreamsBackend(Backend):
             return [None, 0]
         return [_text(epoch), int(offset or 0)]
 
-    def _wake(self):
-        """Make the reader start a new XREAD (with the new channel list)."""
-        if not self._idle.ready():
-            self._idle.send(True)
-        if self._client is None or self._reader_id is None:
-            return
-        for _ in range(20):
-            if not self._blocked:
-                return  # it will build its channel list afresh
-            try:
-                if self._client.client_unblock(self._reader_id):
-                    return
-            except (RedisError, OSError):
-                return
-            # The XREAD may not have reached Redis yet: try again shortly.
-            eventlet.sleep(0.005)
+    def _mark(self, channel, check=False):
+        """``channel`` has entries to read (or its head to check)."""
+        (self._check if check else self._pending).add(channel)
+        if not self._wakeup.ready():
+            self._wakeup.send(True)
 
     # -- publishing and history ----------------------------------------------
 
@@ -402,6 +447,7 @@ class RedisStreamsBackend(Backend):
                     data,
                     max(1, int(policy.size)),
                     max(1, int(policy.ttl * 1000)),
+                    self._notify_name(channel),
                 ],
             )
         except _NETWORK_ERRORS as exc:
@@ -412,12 +458,7 @@ class RedisStreamsBackend(Backend):
                 f"{channel!r}: {exc}"
             ) from exc
         self.stats["published"] += 1
-        position = Position(_text(epoch), int(offset))
-        cursor = self._cursors.get(channel)
-        if cursor is not None and cursor[0] not in (None, position.epoch):
-            self._check_epochs_at = 0.0  # the reader must notice the new epoch
-            self._wake()
-        return position
+        return Position(_text(epoch), int(offset))
 
     def history(self, channel, since):
         """``(position, message)`` pairs published on ``channel`` after
@@ -477,105 +518,145 @@ class RedisStreamsBackend(Backend):
 
     # -- the receiver --------------------------------------------------------
 
-    def _connect_reader(self):
-        pool = self._client.connection_pool
-        kwargs = dict(pool.connection_kwargs)
-        kwargs["socket_timeout"] = self.socket_timeout + self.block
-        kwargs["client_name"] = f"{self.prefix}reader:{self.process_id}"
-        reader = pool.connection_class(**kwargs)
-        reader.connect()
-        reader.send_command("CLIENT", "ID")
-        self._reader_id = int(reader.read_response())
-        self._reader = reader
+    def _notifier_client(self, node):
+        """The notification connection's client (a pool of its own), named
+        ``<prefix>reader:<process id>`` in ``CLIENT LIST``."""
+        return Redis.from_url(
+            self._client_url,
+            socket_timeout=self.socket_timeout,
+            socket_connect_timeout=self.socket_timeout,
+            retry=Retry(NoBackoff(), 0),
+            protocol=2,
+            health_check_interval=self.block,
+            client_name=f"{self.prefix}reader:{self.process_id}",
+        )
 
-    def _disconnect_reader(self):
-        reader, self._reader = self._reader, None
-        self._reader_id = None
-        self._blocked = False
-        if reader is not None:
-            try:
-                reader.disconnect()
-            except Exception:
-                pass
+    def _notified(self, name, data):
+        """A notification: ``<epoch> <offset>`` was added to a channel."""
+        channel = name[len(self._notify_prefix) :].decode("utf-8", "replace")
+        if channel not in self._cursors:
+            return
+        epoch, _, offset = data.partition(b" ")
+        self._heads[channel] = (_text(epoch), int(offset or 0))
+        self._mark(channel)
+
+    def _notifications_missed(self, name, reason):
+        """The notification connection was lost: read every channel it
+        carries (the stream holds what was published; this is no gap)."""
+        channel = name[len(self._notify_prefix) :].decode("utf-8", "replace")
+        if channel in self._cursors:
+            self._mark(channel, check=True)
 
     def _run(self):
         attempt = 0
+        sweep_at = time.monotonic() + self.block
         while not self._stopping.ready():
-            if self._reader is None:
-                try:
-                    self._connect_reader()
-                    self._check_epochs()
-                except (RedisError, OSError) as exc:
-                    self._disconnect_reader()
-                    if self._lost_at is None:
-                        self._lost_at = time.monotonic()
-                    delay = backoff_delay(self.reconnect_backoff, attempt)
-                    attempt += 1
-                    log.debug(
-                        "reconnecting to Redis at %s failed (%s); next try in %.2f s",
-                        redact_url(self.url),
-                        exc,
-                        delay,
-                    )
-                    self._stopping.wait(delay)
-                    continue
-                attempt = 0
-                self._reconnected()
+            if not self._pending and not self._check:
+                self._wakeup = eventlet.event.Event()
+                if not self._pending and not self._check:
+                    self._wakeup.wait(max(0.0, sweep_at - time.monotonic()))
+            if self._stopping.ready():
+                break
+            if time.monotonic() >= sweep_at:
+                sweep_at = time.monotonic() + self.block
+                self._check |= set(self._cursors)
             try:
-                self._read_once()
+                if self._check:
+                    self._check_epochs()
+                if self._pending:
+                    self._read_pending()
             except (RedisError, OSError) as exc:
                 if self._stopping.ready():
                     break
-                self._disconnect_reader()
-                if self._lost_at is None:
-                    self._lost_at = time.monotonic()
-                log.warning(
-                    "lost connection to Redis at %s (%s: %s); reconnecting",
+                delay = backoff_delay(self.reconnect_backoff, attempt)
+                attempt += 1
+                log.debug(
+                    "reading from Redis at %s failed (%s); next try in %.2f s",
                     redact_url(self.url),
-                    type(exc).__name__,
                     exc,
+                    delay,
                 )
+                self._stopping.wait(delay)
+                continue
+            except greenlet.GreenletExit:
+                raise
             except Exception:
                 log.exception("unexpected error in the Redis streams receiver")
-                self._disconnect_reader()
                 self._stopping.wait(backoff_delay(self.reconnect_backoff, 0))
+                continue
+            attempt = 0
 
-    def _reconnected(self):
-        if self._lost_at is None:
-            return
-        gap = time.monotonic() - self._lost_at
-        self._lost_at = None
+    def _reconnected(self, seconds, channels):
         self.stats["reconnects"] += 1
-        self.stats["gap_seconds"] += gap
+        self.stats["gap_seconds"] += seconds
         log.warning(
             "reconnected to Redis after %.1f s; reading on from the last offset "
             "delivered on %d channels",
-            gap,
-            len(self._cursors),
+            seconds,
+            channels,
         )
 
     def _check_epochs(self):
-        """Compare every cursor's epoch with Redis's; resync those that moved.
-
-        Also reads the offset of channels subscribed while Redis was away.
-        """
-        self._check_epochs_at = time.monotonic() + self.block
-        channels = list(self._cursors)
+        """Read the head of each channel to check: resync those whose epoch
+        moved, position those subscribed while Redis was away, and read
+        them all once."""
+        channels = [c for c in self._check if c in self._cursors]
+        self._check = set()
         if not channels:
             return
-        with self._client.pipeline(transaction=False) as pipe:
-            for channel in channels:
-                pipe.hmget(self._meta_key(channel), "epoch", "offset")
-            heads = pipe.execute()
+        try:
+            with self._client.pipeline(transaction=False) as pipe:
+                for channel in channels:
+                    pipe.hmget(self._meta_key(channel), "epoch", "offset")
+                heads = pipe.execute()
+        except BaseException:
+            self._check.update(channels)
+            raise
         for channel, (epoch, offset) in zip(channels, heads):
-            cursor = self._cursors.get(channel, False)
-            if cursor is False:
+            cursor = self._cursors.get(channel, _GONE)
+            if cursor is _GONE:
                 continue  # unsubscribed meanwhile
             epoch = _text(epoch)
+            self._heads.pop(channel, None)
             if cursor is None:
                 self._cursors[channel] = [epoch, int(offset or 0)]
-            elif cursor[0] is not None and epoch != cursor[0]:
+            elif cursor[0] is not None and epoch is not None and epoch != cursor[0]:
                 self._epoch_changed(channel, cursor, epoch)
+            self._pending.add(channel)
+
+    def _read_pending(self):
+        """One XREAD (per 500 channels) of the channels with entries to
+        read: only those, so quiet channels cost nothing. A channel stays
+        pending until a read returns nothing new for it."""
+        batch = [c for c in self._pending if self._cursors.get(c) is not None]
+        self._pending = set()
+        for channel in batch:
+            head = self._heads.pop(channel, None)
+            cursor = self._cursors[channel]
+            if head is not None and cursor[0] is not None and head[0] != cursor[0]:
+                # Another epoch: the channel's meta hash says which is current
+                # (a notification may be late), checked at the next turn.
+                self._check.add(channel)
+        for i in range(0, len(batch), _READ_BATCH):
+            chunk = batch[i : i + _READ_BATCH]
+            streams = {
+                self._stream_key(c): f"{self._cursors[c][1]}-0"
+                for c in chunk
+                if self._cursors.get(c) is not None
+            }
+            try:
+                response = self._client.xread(streams, count=self.read_count)
+            except BaseException:
+                self._pending.update(chunk)
+                raise
+            by_key = {self._stream_key(c): c for c in chunk}
+            for key, entries in response or ():
+                channel = by_key.get(_text(key))
+                if channel is not None and entries:
+                    self._handle(channel, entries)
+                    self._pending.add(channel)  # read on until nothing is new
+            if response:
+                eventlet.sleep(0)
 
     def _epoch_changed(self, channel, cursor, epoch):
         self.stats["epoch_changes"] += 1
@@ -590,42 +671,6 @@ class RedisStreamsBackend(Backend):
         )
         self._cursors[channel] = [epoch, 0]
         self.report_gap(channel, "history lost (new epoch)")
-
-    def _read_once(self):
-        if self._check_epochs_at <= time.monotonic():
-            self._check_epochs()
-        channels = [c for c, cursor in self._cursors.items() if cursor is not None]
-        if not channels:
-            self._idle = eventlet.event.Event()
-            self._idle.wait(self.block)
-            return
-        ids = [f"{self._cursors[c][1]}-0" for c in channels]
-        keys = [self._stream_key(c) for c in channels]
-        self._reader.send_command(
-            "XREAD",
-            "COUNT",
-            self.read_count,
-            "BLOCK",
-            int(self.block * 1000),
-            "STREAMS",
-            *keys,
-            *ids,
-        )
-        self._blocked = True
-        try:
-            response = self._reader.read_response()
-        finally:
-            self._blocked = False
-        if not response:
-            return  # timed out, or woken by CLIENT UNBLOCK
-        by_key = dict(zip(keys, channels))
-        handled = 0
-        for key, entries in response:
-            channel = by_key.get(_text(key))
-            if channel is not None:
-                handled += self._handle(channel, entries)
-        if handled:
-            eventlet.sleep(0)
 
     def _handle(self, channel, entries):
         """Deliver ``channel``'s entries, checking each against its cursor."""
@@ -683,18 +728,19 @@ class RedisStreamsBackend(Backend):
             return
         self._closed = True
         self._stopping.send(True)
-        if not self._idle.ready():
-            self._idle.send(True)
+        if not self._wakeup.ready():
+            self._wakeup.send(True)
+        notifier, self._notifier = self._notifier, None
+        if notifier is not None:
+            notifier.close()
         receiver, self._receiver = self._receiver, None
         if receiver is not None:
-            self._wake()
             with eventlet.Timeout(timeout or self.socket_timeout, False):
                 try:
                     receiver.wait()
                 except greenlet.GreenletExit:
                     pass
             receiver.kill()
-        self._disconnect_reader()
         self._cursors.clear()
         self._close_client()
 

@@ -231,13 +231,10 @@ class TestRecovery:
         got = started(worker, "c")
         start(other)
         policy = HistoryPolicy(size=5, ttl=60)
-        worker._disconnect_reader()  # as if cut off: the cursor stays
-        worker._stopping.send(True)  # and stop the receiver for a moment
-        worker._receiver.wait()
+        worker._receiver.kill()  # as if cut off: the cursor stays
         for i in range(500):
             other.publish("c", str(i), history=policy)
         with caplog.at_level(logging.WARNING, "stargate.backends.redis_streams"):
-            worker._stopping = type(worker._stopping)()
             worker._receiver = __import__("eventlet").spawn(worker._run)
             assert wait_until(lambda: got.messages("c")[-1:] == ["499"])
         received = [int(m) for m in got.messages("c")]
@@ -331,3 +328,39 @@ class TestRecovery:
         assert backend.history("c", (position.epoch, position.offset - 1)) == [
             (position, "x")
         ]
+
+
+# -- many channels ----------------------------------------------------------------
+
+
+class TestManyQuietChannels:
+    """Defect 7: reading costs grow with the channels that are active, not
+    with those subscribed: a worker with 1,000 quiet channels sends Redis
+    about as much per message of one busy channel as with none."""
+
+    def test_quiet_channels_cost_nothing_per_message(
+        self, fresh_redis_server, make_backend
+    ):
+        # block: the safety sweep of every head, once per 10 s by default.
+        worker, other = (
+            make_backend(fresh_redis_server, block=10.0),
+            make_backend(fresh_redis_server),
+        )
+        got = started(worker, "busy")
+        start(other)
+        for i in range(1000):
+            worker.subscribe(f"quiet {i}")
+        ready(worker, got, "busy")
+        with fresh_redis_server.client() as r:
+            before = int(r.info("stats")["total_net_input_bytes"])
+            stats = r.info("commandstats")
+            unblocks = stats.get("cmdstat_client|unblock", {}).get("calls", 0)
+        for i in range(100):
+            other.publish("busy", str(i))
+            assert wait_until(lambda: got.messages("busy")[-1:] == [str(i)])
+        with fresh_redis_server.client() as r:
+            sent = int(r.info("stats")["total_net_input_bytes"]) - before
+        assert got.messages("busy") == [str(i) for i in range(100)]
+        # Each XREAD used to name all 1,001 streams (about 50 KB a message).
+        assert sent < 100 * 2048, sent
+        assert unblocks == 0  # subscribing does not restart a blocked read
