@@ -39,6 +39,7 @@ import time
 
 import eventlet
 import eventlet.event
+import eventlet.semaphore
 import greenlet
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import AskError, RedisError, ResponseError
@@ -62,6 +63,10 @@ class _Shard:
         self.thread = None
         self.lost_at = None  # when the connection was lost, while it is
         self.gapped = set()  # channels to report once subscribed again
+        # PubSub makes its connection on the first command, and two green
+        # threads subscribing at once would each make one (and one would be
+        # lost, with its subscription): commands to a shard go one at a time.
+        self.lock = eventlet.semaphore.Semaphore()
 
     def subscribed_names(self):
         return set(self.pubsub.channels) | set(self.pubsub.shard_channels)
@@ -171,10 +176,11 @@ class PubSubReceiver:
             return
         self.own_unsubscribes[name] += 1
         try:
-            if self.cluster:
-                shard.pubsub.sunsubscribe(name)
-            else:
-                shard.pubsub.unsubscribe(name)
+            with shard.lock:
+                if self.cluster:
+                    shard.pubsub.sunsubscribe(name)
+                else:
+                    shard.pubsub.unsubscribe(name)
         except (RedisError, OSError) as exc:
             self.own_unsubscribes[name] -= 1
             self._forget_name(shard, name)
@@ -211,10 +217,11 @@ class PubSubReceiver:
             self._lost(shard, exc)
 
     def _send_subscribe(self, shard, name):
-        if self.cluster:
-            shard.pubsub.ssubscribe(name)
-        else:
-            shard.pubsub.subscribe(name)
+        with shard.lock:
+            if self.cluster:
+                shard.pubsub.ssubscribe(name)
+            else:
+                shard.pubsub.subscribe(name)
 
     def _forget_name(self, shard, name):
         """Drop ``name`` from redis-py's record of the shard's
@@ -384,8 +391,9 @@ class PubSubReceiver:
         connection = shard.pubsub.connection
         missing = shard.channels - shard.subscribed_names()
         if connection is not None:
-            connection.disconnect()
-            connection.connect()  # PubSub.on_connect resubscribes
+            with shard.lock:
+                connection.disconnect()
+                connection.connect()  # PubSub.on_connect resubscribes
         for name in missing:
             self._send_subscribe(shard, name)
         lost_for = time.monotonic() - shard.lost_at

@@ -204,3 +204,32 @@ class TestPresenceOffTheHotPath:
         with caplog.at_level(logging.WARNING, logger="stargate.backends.redis"):
             assert first.listener_count("room", 4) == 4
         assert "counting this process's listeners only" in caplog.text
+
+
+class TestSubscribingTogether:
+    """Channels subscribed by several green threads at once, on a worker's
+    first use, share one pub/sub connection and all deliver (redis-py's
+    PubSub makes its connection lazily, once per caller if two race)."""
+
+    def test_ten_channels_subscribed_at_once_all_deliver(self, redis_server):
+        backend = RedisBackend(
+            redis_server.url,
+            prefix=f"together-{uuid.uuid4().hex[:8]}:",
+            socket_timeout=2.0,
+        )
+        collector = Collector()
+        try:
+            backend.start(collector)
+            channels = [f"c{i}" for i in range(10)]
+            for thread in [eventlet.spawn(backend.subscribe, c) for c in channels]:
+                thread.wait()
+            ready(backend, collector, *channels)
+            with redis_server.client() as client:
+                mine = [
+                    info
+                    for info in client.client_list(_type="pubsub")
+                    if info.get("name", "").endswith(backend.process_id)
+                ]
+            assert len(mine) == 1
+        finally:
+            backend.close()
