@@ -827,3 +827,45 @@ def test_an_upgrade_pipelined_behind_a_plain_request_works(server):
         data, _ = read_until_closed(sock, until=lambda d: b"after a refusal" in d)
         assert data == b"\x81\x0fafter a refusal"
     assert_still_serves(server)
+
+
+class Measure(WebSocketView):
+    """Answers each message with its length, keeping nothing of it."""
+
+    def handler(self, websocket):
+        while True:
+            message = websocket.wait()
+            if message is None:
+                return
+            size = len(message)
+            del message
+            websocket.send(str(size))
+
+
+def test_an_idle_connection_does_not_hold_its_last_large_message():
+    # The frame parser kept the receive buffer of the last frame until the
+    # next read: an idle connection held up to max_message_size.
+    import tracemalloc
+
+    size = 2**20
+    with Configurator(settings={"stargate.ping_interval": "off"}) as config:
+        config.include("stargate")
+        config.add_route("measure", "/measure")
+        config.add_view(Measure, route_name="measure")
+        app = config.make_wsgi_app()
+    big = frame(0x2, b"\x00" * size)  # the client's bytes, built first
+    with LiveServer(app) as live:
+        with socket.create_connection(("127.0.0.1", live.port), timeout=5) as sock:
+            sock.sendall(request(path="/measure"))
+            read_response_head(sock)
+            tracemalloc.start()
+            try:
+                before = tracemalloc.get_traced_memory()[0]
+                sock.sendall(big)
+                answer = b"\x81\x07" + str(size).encode()
+                data, _ = read_until_closed(sock, until=lambda d: answer in d)
+                assert answer in data, data[:100]
+                held = tracemalloc.get_traced_memory()[0] - before
+            finally:
+                tracemalloc.stop()
+        assert held < size // 4, held
