@@ -358,10 +358,19 @@ def _run_worker(
         sock.close()
     except OSError:
         pass
+    close_websockets(shutdown_timeout)
+
+
+def close_websockets(timeout: float) -> None:
+    """Close every WebSocket of this process with 1001 (going away), in
+    parallel; drop those still open ``timeout`` seconds later. Used when a
+    worker stops (here, and by :mod:`stargate.gunicorn`'s hooks)."""
+    from stargate.connection import open_websockets
+
     closers = eventlet.GreenPool(1000)
     for websocket in open_websockets():
         closers.spawn_n(_close_going_away, websocket)
-    with eventlet.Timeout(shutdown_timeout, False):
+    with eventlet.Timeout(timeout, False):
         closers.waitall()
     for websocket in open_websockets():
         websocket.abort()

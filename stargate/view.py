@@ -25,6 +25,7 @@ from pyramid.httpexceptions import (
     HTTPBadRequest,
     HTTPClientError,
     HTTPForbidden,
+    HTTPNotImplemented,
     HTTPServiceUnavailable,
 )
 from pyramid.response import Response
@@ -44,6 +45,7 @@ from stargate.factory import (
     TRUE_PROTOCOL_KEY,
     WEBSOCKET_OPENED_KEY,
 )
+from stargate.gunicorn import client_socket as gunicorn_socket
 from stargate.protocol import ServerProtocol
 
 __all__ = ["WebSocketView", "IncorrectlyConfigured"]
@@ -152,7 +154,13 @@ class WebSocketView:
         except HandShakeFailed as exc:
             return self.refuse(exc)
 
-        sock = self._hijack_socket()
+        try:
+            sock = self._hijack_socket()
+        except IncorrectlyConfigured as exc:
+            # A server that cannot hand the connection over (waitress,
+            # gunicorn's sync worker): the client hears why, in one line.
+            log.error("cannot take a WebSocket over: %s", exc)
+            return HTTPNotImplemented(detail=str(exc))
         if settings.max_connections and _open_connections >= settings.max_connections:
             log.warning(
                 "refusing a WebSocket: %d open, stargate.max_connections is %d",
@@ -272,14 +280,20 @@ class WebSocketView:
         return self.settings.allowed_origins
 
     def _hijack_socket(self):
-        wsgi_input = self.request.environ.get("eventlet.input")
-        if wsgi_input is None or not hasattr(wsgi_input, "get_socket"):
+        environ = self.request.environ
+        wsgi_input = environ.get("eventlet.input")
+        if wsgi_input is not None and hasattr(wsgi_input, "get_socket"):
+            sock = wsgi_input.get_socket()
+        else:
+            sock = gunicorn_socket(environ)  # raises under its other workers
+        if sock is None:
+            server = environ.get("SERVER_SOFTWARE") or "this WSGI server"
             raise IncorrectlyConfigured(
-                "WebSocketView needs eventlet's WSGI server to take over the "
-                "connection; serve the application with stargate.factory "
-                "(use = egg:stargate#main in the .ini) or `stargate demo`"
+                f"{server} cannot carry a WebSocket: WebSocketView needs "
+                "eventlet's WSGI server to take over the connection; serve the "
+                "application with stargate's server (use = egg:stargate#main "
+                "in the .ini, or `stargate demo`) or gunicorn -k eventlet"
             )
-        sock = wsgi_input.get_socket()
         # The server's request timeout guarded the handshake; from here on
         # the WebSocket's own ping settings decide when a peer is gone.
         sock.settimeout(None)

@@ -15,7 +15,6 @@ from pyramid.exceptions import ConfigurationError
 from pyramid.request import Request
 
 from stargate import WebSocketView, is_websocket
-from stargate.exceptions import IncorrectlyConfigured
 from stargate.testing.client import ReceiveTimeout, UpgradeRefused, connect
 from stargate.testing.server import LiveServer
 from stargate.view import open_connections
@@ -444,7 +443,7 @@ class TestPyramidIntegration:
         assert is_websocket(None, upgrade) is True
         assert is_websocket(None, Request.blank("/")) is False
 
-    def test_view_outside_eventlet_raises_incorrectly_configured(self):
+    def test_view_outside_eventlet_refuses_with_501_naming_the_server(self):
         request = Request.blank(
             "/echo",
             headers={
@@ -453,11 +452,13 @@ class TestPyramidIntegration:
                 "Sec-WebSocket-Key": base64.b64encode(b"k" * 16).decode(),
                 "Sec-WebSocket-Version": "13",
             },
-            environ={"SERVER_PROTOCOL": "HTTP/1.1"},
+            environ={"SERVER_PROTOCOL": "HTTP/1.1", "SERVER_SOFTWARE": "waitress"},
         )
         request.registry = make_app().registry
-        with pytest.raises(IncorrectlyConfigured, match="eventlet"):
-            Echo(request)()
+        response = Echo(request)()
+        assert response.status_code == 501
+        assert "waitress cannot carry a WebSocket" in response.detail
+        assert "egg:stargate#main" in response.detail
 
     def test_default_handler_says_what_to_override(self, server):
         class Bare(WebSocketView):

@@ -1,0 +1,146 @@
+"""stargate under gunicorn: its eventlet worker carries WebSockets.
+
+gunicorn hands the application the client's socket as
+``environ["gunicorn.socket"]``. In the eventlet worker (``-k eventlet``,
+gunicorn 25 and earlier: 26 removed it) that is an eventlet green socket,
+which :class:`~stargate.WebSocketView` takes over as it takes one over from
+stargate's own server. The other workers cannot carry a WebSocket: sync
+serves one request at a time, gthread runs a handler on a thread of a small
+pool, and gevent's sockets are not eventlet's. There an upgrade is refused
+with 501 and a sentence naming the worker (:func:`client_socket`).
+
+This module is also a gunicorn configuration: its hooks close a worker's
+WebSockets with 1001 (going away) when gunicorn stops it::
+
+    gunicorn -k eventlet -w 2 -c python:stargate.gunicorn 'myapp:main({})'
+
+or, in your own ``gunicorn.conf.py``::
+
+    from stargate.gunicorn import post_worker_init, worker_int  # noqa: F401
+
+It imports nothing from gunicorn: the hooks only receive its worker.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+from typing import Any
+
+import eventlet
+from eventlet.greenio import GreenSocket
+
+from stargate.exceptions import IncorrectlyConfigured
+from stargate.factory import WEBSOCKET_OPENED_KEY, close_websockets, websocket_opened
+
+__all__ = ["client_socket", "post_worker_init", "worker_int"]
+
+# gunicorn reads every module-level name that is one of its settings from a
+# configuration module (``-c python:stargate.gunicorn``): ``worker_class`` is
+# one, and the hooks below are others. A ``-k`` on the command line wins.
+worker_class = "eventlet"
+
+#: What the other workers' refusals tell a user to run instead.
+USE_INSTEAD = (
+    "run gunicorn with its eventlet worker (gunicorn -k eventlet, gunicorn 25 "
+    "or earlier) or stargate's own server (use = egg:stargate#main, "
+    "or `stargate demo`)"
+)
+
+#: What keeps each worker from carrying a WebSocket.
+_WHY_NOT = {
+    "sync": "it serves one request at a time, and a WebSocket would hold it",
+    "gthread": "each WebSocket would hold one of its few threads",
+    "gevent": "stargate runs on eventlet, not gevent (a gevent runtime is planned)",
+}
+
+
+def client_socket(environ: dict[str, Any]) -> socket.socket | None:
+    """The client socket gunicorn's eventlet worker hands over, for
+    :class:`~stargate.WebSocketView` to take over; None when gunicorn is not
+    the server.
+
+    Raises :class:`~stargate.exceptions.IncorrectlyConfigured`, naming the
+    worker and what to run instead, under any other gunicorn worker.
+    """
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        return None
+    if isinstance(sock, GreenSocket):
+        # stargate's server logs each WebSocket session and counts it for
+        # stargate.metrics through this key; gunicorn logs none of them.
+        environ.setdefault(WEBSOCKET_OPENED_KEY, websocket_opened)
+        return sock
+    worker = _worker_type(environ)
+    raise IncorrectlyConfigured(
+        f"gunicorn's {worker} worker cannot carry a WebSocket "
+        f"({_WHY_NOT.get(worker, 'it is not eventlet')}); {USE_INSTEAD}"
+    )
+
+
+def _worker_type(environ: dict[str, Any]) -> str:
+    """gunicorn's worker type, as far as a request tells: ``"eventlet"``,
+    ``"gevent"``, ``"gthread"`` or ``"sync"``. gunicorn does not name its
+    worker in the environ; its socket and ``wsgi.multithread`` tell them
+    apart."""
+    sock = environ.get("gunicorn.socket")
+    if isinstance(sock, GreenSocket):
+        return "eventlet"
+    if type(sock).__module__.startswith("gevent"):
+        return "gevent"
+    return "gthread" if environ.get("wsgi.multithread") else "sync"
+
+
+# -- gunicorn server hooks ----------------------------------------------------
+
+
+def post_worker_init(worker: Any) -> None:
+    """gunicorn hook: on SIGTERM (a graceful stop), this worker closes its
+    WebSockets with 1001 at once, within ``graceful_timeout``.
+
+    gunicorn calls no hook on SIGTERM: it lets requests run until they end
+    or ``graceful_timeout`` passes, and a WebSocket would then be cut with
+    no close frame. gunicorn's own handler still runs first.
+    """
+    if not _eventlet_worker(worker):
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def going_away(signum: int, frame: Any) -> None:
+        if callable(previous):
+            previous(signum, frame)
+        # A signal handler must not block: the closing handshakes run on a
+        # green thread of their own.
+        eventlet.spawn_n(_close_all, worker, "SIGTERM")
+
+    signal.signal(signal.SIGTERM, going_away)
+    # gunicorn lets SIGTERM restart interrupted system calls; signal.signal()
+    # has just undone that.
+    signal.siginterrupt(signal.SIGTERM, False)
+
+
+def worker_int(worker: Any) -> None:
+    """gunicorn hook, run on SIGINT and SIGQUIT (a quick stop) before the
+    worker exits: close its WebSockets with 1001, within
+    ``graceful_timeout``."""
+    if _eventlet_worker(worker):
+        _close_all(worker, "SIGINT/SIGQUIT")
+
+
+def _close_all(worker: Any, why: str) -> None:
+    from stargate.connection import open_websockets
+
+    count = len(open_websockets())
+    if count:
+        worker.log.info(
+            "stargate: worker stopping (%s); closing %d WebSocket(s) with 1001",
+            why,
+            count,
+        )
+    close_websockets(worker.cfg.graceful_timeout)
+
+
+def _eventlet_worker(worker: Any) -> bool:
+    """Is ``worker`` gunicorn's eventlet worker? Only there does this
+    process run eventlet's hub, which the closing handshakes need."""
+    return type(worker).__module__.endswith(".geventlet")

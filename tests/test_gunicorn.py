@@ -1,0 +1,237 @@
+"""Issue 18: stargate where Pyramid users deploy, gunicorn and waitress.
+
+Each test starts a real server process on a free loopback port, runs the
+demo application with the commands docs/howto/gunicorn.rst shows, talks to
+it with real WebSocket clients and stops it by PID.
+
+* ``gunicorn -k eventlet``: the upgrade goes through ``gunicorn.socket``
+  (before: 500, ``IncorrectlyConfigured``), and gunicorn writes nothing on
+  the connection after the handler; a room spans 2 gunicorn workers through
+  a private Redis; with ``-c python:stargate.gunicorn`` SIGTERM closes every
+  WebSocket with 1001 (gunicorn alone would wait ``graceful_timeout``,
+  then cut them: 1006).
+* gunicorn's sync and gthread workers and waitress cannot carry a
+  WebSocket: the upgrade is refused with 501 and a sentence naming the
+  server and what to run instead, logged once (before: a bare 500 and a
+  traceback).
+
+Every wait is bounded by a deadline.
+"""
+
+import pathlib
+import re
+import signal
+import sys
+import uuid
+from contextlib import ExitStack
+
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.clients import (
+    CLIENT_TIMEOUT,
+    ServerProcess,
+    connect,
+    free_port,
+    http,
+    wait_until,
+)
+from tests.rawws import RawClient
+from tests.test_multiworker import Room, Server, spread_clients, worker_pids
+
+gunicorn = pytest.importorskip("gunicorn")
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+#: Seconds anything a test waits for may take.
+DEADLINE = 20.0
+
+#: gunicorn's line once it listens (its workers boot after it).
+LISTENING = r"Listening at: (http://\S+)"
+
+
+def gunicorn_server(*arguments, workers=1):
+    """``gunicorn ARGUMENTS`` (options, then the application) on a free
+    port, its workers booted."""
+    command = [
+        sys.executable, "-W", "ignore", "-m", "gunicorn",
+        "--bind", f"127.0.0.1:{free_port()}",
+        "--workers", str(workers),
+        *_no_control_socket(),
+        *arguments,
+    ]  # fmt: skip
+    server = Server(command, url_pattern=LISTENING)
+    try:
+        server.wait_ready()
+        wait_until(
+            lambda: len(worker_pids(server) - {server.pid}) == workers,
+            DEADLINE,
+            message=f"{workers} gunicorn worker(s)",
+        )
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def _no_control_socket():
+    """gunicorn 25 opens a control socket at one path per user; tests run
+    side by side must not share it."""
+    from gunicorn.config import Config
+
+    if "control_socket_disable" in Config().settings:
+        return ["--no-control-socket"]
+    return []
+
+
+def refusal(url):
+    """The HTTP response a WebSocket client gets instead of an upgrade."""
+    with pytest.raises(InvalidStatus) as refused:
+        with connect(url):
+            pass
+    return refused.value.response
+
+
+def logged(server, text, count=1):
+    """Wait until ``text`` appears ``count`` times in the server's output."""
+    return wait_until(
+        lambda: sum(text in line for line in list(server.lines)) >= count,
+        DEADLINE,
+        message=f"{text!r} in the server's output",
+    )
+
+
+# -- gunicorn's eventlet worker ------------------------------------------------
+
+
+def test_echo_through_the_eventlet_worker():
+    with gunicorn_server("-k", "eventlet", "stargate.demo:make_app()") as server:
+        with connect(server.ws_url + "/echo") as client:
+            for message in ("hello", b"\x00\xff", "é" * 10_000):
+                client.send(message)
+                assert client.recv(timeout=CLIENT_TIMEOUT) == message
+        # The worker still serves plain HTTP next to WebSockets.
+        assert http(server.url + "/jobs/1").status == 200
+
+
+def test_gunicorn_writes_nothing_after_the_handler():
+    """The handler owns the connection to its end: after the closing
+    handshake the client reads end of file, not a second HTTP response."""
+    with gunicorn_server("-k", "eventlet", "stargate.demo:make_app()") as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        with RawClient(port, "/echo") as client:
+            assert client.status.startswith(b"HTTP/1.1 101")
+            client.send(0x1, "ping me")
+            assert client.frame() == (0x1, b"ping me")
+            client.send(0x8, b"\x03\xe8")
+            assert client.close_code() == 1000
+            with pytest.raises(EOFError):
+                client.frame()
+            assert client.buffer == b""
+        assert not any("Traceback" in line for line in server.lines), server.output
+
+
+def test_a_room_spans_two_gunicorn_workers_through_redis(redis_server):
+    app = f"stargate.demo:make_app({{'stargate.backend': '{redis_server.url}'}})"
+    room = Room(f"/rooms/gunicorn-{uuid.uuid4().hex[:8]}")
+    with (
+        gunicorn_server("-k", "eventlet", app, workers=2) as server,
+        ExitStack() as stack,
+    ):
+        by_pid = spread_clients(stack, server, room, per_worker=1, max_clients=60)
+        assert len(by_pid) == 2
+        sender = by_pid[min(by_pid)][0]
+        sender.send("across workers")
+        for clients in by_pid.values():
+            for client in clients:
+                assert client.recv(timeout=DEADLINE) == "across workers"
+
+
+#: docs/howto/gunicorn.rst's gunicorn.conf.py, the hooks imported.
+CONF_PY = """\
+from stargate.gunicorn import post_worker_init, worker_int  # noqa: F401
+
+worker_class = "eventlet"
+worker_connections = 10_000
+graceful_timeout = 10
+"""
+
+
+@pytest.mark.parametrize(
+    "signum, config",
+    [(signal.SIGTERM, "module"), (signal.SIGINT, "gunicorn.conf.py")],
+    ids=["SIGTERM-module", "SIGINT-conf"],
+)
+def test_stopping_closes_websockets_with_1001(signum, config, tmp_path):
+    if config == "module":
+        options = ["-c", "python:stargate.gunicorn"]
+    else:
+        (tmp_path / "gunicorn.conf.py").write_text(CONF_PY)
+        options = ["-c", str(tmp_path / "gunicorn.conf.py")]
+    # Without the hooks, gunicorn would wait this long, then cut them.
+    options += ["--graceful-timeout", "15"]
+    with gunicorn_server(*options, "stargate.demo:make_app()") as server:
+        with ExitStack() as stack:
+            clients = [
+                stack.enter_context(connect(server.ws_url + "/echo")) for _ in range(2)
+            ]
+            for client in clients:
+                client.send("here")
+                assert client.recv(timeout=CLIENT_TIMEOUT) == "here"
+            server.signal(signum)
+            for client in clients:
+                with pytest.raises(ConnectionClosed) as closed:
+                    client.recv(timeout=DEADLINE)
+                assert closed.value.rcvd is not None, "closed without a close frame"
+                assert closed.value.rcvd.code == 1001
+        assert server.wait(DEADLINE) == 0
+        assert "Using worker: eventlet" in server.output  # from the configuration
+        assert "closing 2 WebSocket(s) with 1001" in server.output
+
+
+def test_paste_ini_and_the_access_log():
+    """``--paste`` loads the demo's .ini, its logging sections included:
+    stargate's access log names each WebSocket session (gunicorn logs none)."""
+    ini = str(ROOT / "stargate" / "demo" / "development.ini")
+    with gunicorn_server("-c", "python:stargate.gunicorn", "--paste", ini) as server:
+        with connect(server.ws_url + "/echo") as client:
+            client.send("pasted")
+            assert client.recv(timeout=CLIENT_TIMEOUT) == "pasted"
+        logged(server, '"WebSocket /echo" rfc6455 closed 1000')
+
+
+# -- servers that cannot carry WebSockets ---------------------------------------
+
+
+@pytest.mark.parametrize("worker", ["sync", "gthread"])
+def test_other_gunicorn_workers_refuse_with_a_reason(worker):
+    with gunicorn_server("-k", worker, "stargate.demo:make_app()") as server:
+        response = refusal(server.ws_url + "/echo")
+        assert response.status_code == 501
+        reason = response.body.decode()
+        assert f"gunicorn's {worker} worker cannot carry a WebSocket" in reason
+        assert "gunicorn -k eventlet" in reason
+        logged(server, "cannot take a WebSocket over")
+        # The worker is free again: a plain request is served at once.
+        assert http(server.url + "/jobs/1").status == 200
+    assert sum("cannot take a WebSocket over" in line for line in server.lines) == 1
+    assert not any("Traceback" in line for line in server.lines), server.output
+
+
+def test_waitress_refuses_with_a_reason():
+    pytest.importorskip("waitress")
+    port = free_port()
+    command = [
+        sys.executable, "-W", "ignore", "-m", "waitress",
+        "--listen", f"127.0.0.1:{port}",
+        "--call", "stargate.demo:make_app",
+    ]  # fmt: skip
+    with ServerProcess(command, url_pattern=r"Serving on (http://\S+)") as server:
+        server.wait_ready()
+        response = refusal(server.ws_url + "/echo")
+        assert response.status_code == 501
+        reason = response.body.decode()
+        assert re.search(r"waitress cannot carry a WebSocket", reason), reason
+        assert "egg:stargate#main" in reason
+        logged(server, "cannot take a WebSocket over")
+    assert not any("Traceback" in line for line in server.lines), server.output
