@@ -1,7 +1,8 @@
 """``python -m benchmarks [NAME ...] [--quick] [--out DIR]``: run the suite.
 
 NAME is ``all`` (the default) or any of ``broadcast``, ``memory``,
-``fanout``, ``concurrency``, ``history``, ``prune``, ``receive``, ``floor``.
+``fanout``, ``concurrency``, ``history``, ``prune``, ``receive``, ``floor``,
+``idle``.
 Each benchmark prints its tables; plots (PNG) and raw figures (JSON) go to ``--out``
 (``benchmarks/results/``, which git ignores). Every benchmark bounds its own
 run time and stops the processes it started.
@@ -52,6 +53,7 @@ BENCHMARKS = {
     "prune": _script("prune_dead.py", "--out", "{out}/prune_dead.png"),
     "receive": _script("bench_receive_path.py"),
     "floor": _module("send_floor"),
+    "idle": _module("idle_listeners"),
 }
 
 

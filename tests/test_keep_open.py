@@ -8,6 +8,8 @@ its channels when it closes. The blocking model stays the default.
 
 import contextlib
 import gc
+import socket
+import struct
 import time
 
 import greenlet
@@ -21,6 +23,7 @@ from stargate.hub import get_hub
 from stargate.testing.server import LiveServer
 from stargate.view import open_connections
 from tests.clients import CLIENT_TIMEOUT, wait_until
+from tests.rawws import RawClient
 
 
 class Room(WebSocketAwareResource):
@@ -164,3 +167,28 @@ def test_an_on_message_that_raises_closes_with_1011(live):
             client.recv(timeout=CLIENT_TIMEOUT)
         assert info.value.rcvd is not None and info.value.rcvd.code == 1011
     assert wait_until(lambda: listeners() == 0, CLIENT_TIMEOUT)
+
+
+def test_slow_and_dead_kept_listeners_are_pruned():
+    app = make_app(**{"stargate.max_send_buffer": str(2**16)})
+    with LiveServer(app) as server:
+        with contextlib.ExitStack() as stack:
+            healthy = stack.enter_context(
+                connect(server.ws_url("/quiet"), ping_interval=None)
+            )
+            assert healthy.recv(timeout=CLIENT_TIMEOUT) == "ready"
+            # A client that never reads, with a small receive buffer.
+            stack.enter_context(RawClient(server.port, "/quiet", rcvbuf=4096))
+            vanished = stack.enter_context(RawClient(server.port, "/quiet"))
+            assert wait_until(lambda: listeners() == 3, CLIENT_TIMEOUT)
+            before = ROOM.hub.stats
+            vanished.sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+            vanished.sock.close()  # a reset
+            payload = "x" * 65536
+            for i in range(200):  # 12.5 MiB: past every kernel buffer too
+                ROOM.send(f"{i}:{payload}")
+                assert healthy.recv(timeout=CLIENT_TIMEOUT) == f"{i}:{payload}"
+            assert wait_until(lambda: listeners() == 1, CLIENT_TIMEOUT)
+            assert ROOM.hub.stats.closed_slow == before.closed_slow + 1
