@@ -143,4 +143,6 @@ def _close_all(worker: Any, why: str) -> None:
 def _eventlet_worker(worker: Any) -> bool:
     """Is ``worker`` gunicorn's eventlet worker? Only there does this
     process run eventlet's hub, which the closing handshakes need."""
-    return type(worker).__module__.endswith(".geventlet")
+    return any(
+        cls.__module__ == "gunicorn.workers.geventlet" for cls in type(worker).__mro__
+    )

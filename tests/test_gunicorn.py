@@ -34,9 +34,11 @@ from tests.clients import (
     connect,
     free_port,
     http,
+    raw_request,
     wait_until,
 )
 from tests.rawws import RawClient
+from tests.test_hixie_live import hixie76_request
 from tests.test_multiworker import Room, Server, spread_clients, worker_pids
 
 gunicorn = pytest.importorskip("gunicorn")
@@ -112,6 +114,12 @@ def test_echo_through_the_eventlet_worker():
                 assert client.recv(timeout=CLIENT_TIMEOUT) == message
         # The worker still serves plain HTTP next to WebSockets.
         assert http(server.url + "/jobs/1").status == 200
+        # Documented: gunicorn's parser keeps hixie-76's key bytes.
+        port = int(server.url.rsplit(":", 1)[1])
+        request = hixie76_request(port).replace(b"GET /demo", b"GET /echo")
+        response = raw_request(server.url, request)
+        assert response.status == 400
+        assert "8 key bytes" in response.text
 
 
 def test_gunicorn_writes_nothing_after_the_handler():
@@ -187,6 +195,49 @@ def test_stopping_closes_websockets_with_1001(signum, config, tmp_path):
         assert server.wait(DEADLINE) == 0
         assert "Using worker: eventlet" in server.output  # from the configuration
         assert "closing 2 WebSocket(s) with 1001" in server.output
+
+
+KEEP_OPEN_APP = """\
+from pyramid.config import Configurator
+
+from stargate import WebSocketView
+
+
+class Echo(WebSocketView):
+    keep_open = True
+
+    def handler(self, websocket):
+        websocket.on_message = lambda websocket, message: websocket.send(message)
+
+
+def make_app():
+    with Configurator() as config:
+        config.include("stargate")
+        config.add_route("echo", "/echo")
+        config.add_view(Echo, route_name="echo")
+        return config.make_wsgi_app()
+"""
+
+
+def test_keep_open_views_under_gunicorn(tmp_path):
+    """A ``keep_open`` connection outlives its handler under gunicorn too,
+    and is closed with 1001 on SIGTERM."""
+    (tmp_path / "keep_open_app.py").write_text(KEEP_OPEN_APP)
+    with gunicorn_server(
+        "-c", "python:stargate.gunicorn",
+        "--pythonpath", str(tmp_path),
+        "keep_open_app:make_app()",
+    ) as server:  # fmt: skip
+        with connect(server.ws_url + "/echo") as client:
+            for message in ("one", "two"):
+                client.send(message)
+                assert client.recv(timeout=CLIENT_TIMEOUT) == message
+            server.signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed) as closed:
+                client.recv(timeout=DEADLINE)
+            assert closed.value.rcvd is not None, "closed without a close frame"
+            assert closed.value.rcvd.code == 1001
+        assert server.wait(DEADLINE) == 0
 
 
 def test_paste_ini_and_the_access_log():
