@@ -132,6 +132,21 @@ class ServerProcess:
     def pid(self):
         return self.process.pid
 
+    def cpu_seconds(self):
+        """CPU time (user + system) of the server: its process and all its
+        children (the workers)."""
+        import psutil
+
+        total = 0.0
+        parent = psutil.Process(self.pid)
+        for process in [parent, *parent.children(recursive=True)]:
+            try:
+                times = process.cpu_times()
+            except psutil.Error:
+                continue
+            total += times.user + times.system
+        return total
+
     def rss(self):
         """Resident memory of the server: its process and all its children."""
         import psutil
@@ -514,6 +529,7 @@ def measure_across_workers(
                 if not warm_up(servers[peer], pools[peer]):
                     print(f"  {peer}: not every listener reached after warm-up")
             row = {"workers": workers, "n": n}
+            cpu = {peer: servers[peer].cpu_seconds() for peer in peers}
             row.update(
                 measure_interleaved(
                     servers,
@@ -525,6 +541,12 @@ def measure_across_workers(
                     size=size,
                 )
             )
+            # Server CPU per message published, per worker (every worker
+            # receives and delivers every message).
+            messages = rounds * (burst + paced)
+            for peer in peers:
+                used = servers[peer].cpu_seconds() - cpu[peer]
+                row[peer]["cpu_per_message"] = used / messages / workers
             results.append(row)
         finally:
             for pool in pools.values():

@@ -18,7 +18,9 @@ run, interleaved:
 N listeners (raw-socket clients, :mod:`benchmarks._client`) spread over the
 workers by the kernel. A burst of M messages gives deliveries per second; a
 paced phase (same interval for both peers) gives latency from publish to
-the last listener, p50 and p99.
+the last listener, p50 and p99. Each server's CPU time (its process and its
+workers, from ``psutil``) over the measurement, per message and per worker,
+says what every added worker costs each message.
 
     python -m benchmarks fanout            # N = 2,000; W = 1, 2, 4
     python -m benchmarks fanout --quick    # N = 20
@@ -78,6 +80,7 @@ def report(results):
     for p in PEERS:
         columns += [f"{p} /s", "p50 ms", "p99 ms"]
     columns += ["rate sg/ws", "p99 sg/ws", "delivered"]
+    columns += [f"{p} CPU us/msg/worker" for p in PEERS]
     rows = []
     for r in results:
         row = [r["workers"], f"{r['n']:,}"]
@@ -88,6 +91,7 @@ def report(results):
             ratio(r["stargate"]["p99"], r["websockets"]["p99"]),
             f"{min(r[p]['delivered'] for p in PEERS):.0%}",
         ]
+        row += [f"{r[p].get('cpu_per_message', 0) * 1e6:,.0f}" for p in PEERS]
         rows.append(row)
     print_table(f"{TITLE} ({SIZE} B text messages)", columns, rows)
 
