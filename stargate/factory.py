@@ -153,8 +153,34 @@ def server_factory(
 
     def run(app: WSGIApplication) -> None:
         serve(app, host, number, **settings)
+        if _under_reloader():
+            _exit_reloaded_worker()
 
     return run
+
+
+def _under_reloader() -> bool:
+    """Whether this is a worker of ``pserve --reload`` (hupper)."""
+    hupper = sys.modules.get("hupper")
+    return hupper is not None and hupper.is_active()
+
+
+def _exit_reloaded_worker() -> None:
+    """End a ``pserve --reload`` worker as soon as it has stopped serving.
+
+    hupper started its file-watching thread before this process was
+    monkey-patched; at interpreter exit eventlet's threading no longer knows
+    it ("Exception ignored in thread started by ... KeyError"), and the exit
+    outlasts the second hupper allows ("Server did not exit, forcefully
+    killing"). Everything is closed by now: flush and leave at once.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)
 
 
 def serve(

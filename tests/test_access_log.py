@@ -95,3 +95,33 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path):
         silent.close()
     finally:
         server.stop()
+
+
+@pytest.mark.timeout(240)
+def test_pserve_reload_reloads_without_a_traceback(tmp_path):
+    """hupper's watcher thread predates monkey-patching: the old worker used
+    to print "Exception ignored in thread started by ..." as it exited."""
+    ini = write_ini(tmp_path, logging=True)
+    command = pserve(ini)
+    command.insert(command.index(str(ini)), "--reload")
+    server = ServerProcess(command, url_pattern=r"Serving on (http://\S+)")
+    edits = []
+
+    def reloaded():
+        if sum("Serving on" in ln for ln in server.lines) >= 2:
+            return True
+        # the reloader may not watch the file yet: change it until it does
+        edits.append(1)
+        ini.write_text(ini.read_text() + f"\n# edit {len(edits)}\n")
+        return False
+
+    try:
+        server.wait_ready(DEADLINE)
+        # hupper polls each second, then a new worker imports everything
+        wait_until(reloaded, 3 * DEADLINE, interval=1.0, message="a reload")
+        server.signal(signal.SIGINT)
+        server.wait(DEADLINE)
+    finally:
+        server.stop()
+    assert "Traceback" not in server.output, server.output
+    assert "Exception ignored" not in server.output, server.output
