@@ -117,7 +117,8 @@ class PubSubReceiver:
     # -- subscriptions (called by the backend) ----------------------------
 
     def subscribe(self, name):
-        """Subscribe ``name``; returns an Event sent when Redis confirms.
+        """Subscribe ``name``; returns an Event sent (True) when Redis
+        confirms, or already sent (False) when Redis cannot be reached now.
 
         Never raises for Redis being unreachable: the shard's thread
         subscribes it when it reconnects.
@@ -131,8 +132,10 @@ class PubSubReceiver:
             # No route yet (the cluster's slot map cannot be read).
             log.debug("cannot route %r yet: %s", name, exc)
             self._park(name)
+            confirmed.send(False)
             return confirmed
-        self._route(name, shard)
+        if not self._route(name, shard):
+            confirmed.send(False)  # nothing to wait for until it reconnects
         return confirmed
 
     def _park(self, name):
@@ -206,15 +209,18 @@ class PubSubReceiver:
         return shard
 
     def _route(self, name, shard):
-        """Route ``name`` to ``shard`` and send the subscription there."""
+        """Route ``name`` to ``shard`` and send the subscription there;
+        returns whether it was sent (else it is sent on reconnection)."""
         self.routes[name] = shard.key
         shard.channels.add(name)
         if shard.lost_at is not None:
-            return  # subscribed when the shard reconnects
+            return False
         try:
             self._send_subscribe(shard, name)
         except (RedisError, OSError) as exc:
             self._lost(shard, exc)
+            return False
+        return True
 
     def _send_subscribe(self, shard, name):
         with shard.lock:

@@ -13,6 +13,7 @@ import uuid
 import eventlet
 import pytest
 
+from stargate.backends import load_backend
 from stargate.backends.redis import DEFAULT_MAX_CONNECTIONS, RedisBackend
 from tests.backends.contract import Collector, ready, started, wait_until
 
@@ -233,3 +234,33 @@ class TestSubscribingTogether:
             assert len(mine) == 1
         finally:
             backend.close()
+
+
+class TestSubscribingWhileRedisIsDown:
+    """A first ``add_listener`` while Redis is down does not wait for a
+    confirmation that cannot come: the channel is subscribed on reconnect."""
+
+    @pytest.mark.parametrize("kind", ["redis", "redis+streams"])
+    def test_subscribe_returns_at_once_and_delivers_later(
+        self, fresh_redis_server, kind
+    ):
+        url = fresh_redis_server.url.replace("redis://", f"{kind}://")
+        options = dict(
+            prefix=f"down-{uuid.uuid4().hex[:8]}:",
+            socket_timeout=60.0,  # a wait for the confirmation would show
+            reconnect_backoff=(0.05, 0.3),
+        )
+        backend = load_backend(url, **options)
+        other = load_backend(url, **options)
+        collector = Collector()
+        try:
+            backend.start(collector)
+            fresh_redis_server.kill()
+            thread = eventlet.spawn(backend.subscribe, "late")
+            assert wait_until(lambda: thread.dead)
+            fresh_redis_server.restart()
+            other.start(lambda *args: None)
+            ready(other, collector, "late")
+        finally:
+            backend.close()
+            other.close()
