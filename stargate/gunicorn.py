@@ -40,6 +40,10 @@ __all__ = ["client_socket", "post_worker_init", "worker_int"]
 # one, and the hooks below are others. A ``-k`` on the command line wins.
 worker_class = "eventlet"
 
+#: Seconds between a stopping worker's sweeps for WebSockets opened after
+#: SIGTERM (their upgrade requests were still arriving).
+LATE_SWEEP_INTERVAL = 0.2
+
 #: What the other workers' refusals tell a user to run instead.
 USE_INSTEAD = (
     "run gunicorn with its eventlet worker (gunicorn -k eventlet, gunicorn 25 "
@@ -111,7 +115,7 @@ def post_worker_init(worker: Any) -> None:
             previous(signum, frame)
         # A signal handler must not block: the closing handshakes run on a
         # green thread of their own.
-        eventlet.spawn_n(_close_all, worker, "SIGTERM")
+        eventlet.spawn_n(_stop, worker)
 
     signal.signal(signal.SIGTERM, going_away)
     # gunicorn lets SIGTERM restart interrupted system calls; signal.signal()
@@ -125,6 +129,19 @@ def worker_int(worker: Any) -> None:
     ``graceful_timeout``."""
     if _eventlet_worker(worker):
         _close_all(worker, "SIGINT/SIGQUIT")
+
+
+def _stop(worker: Any) -> None:
+    """Close every WebSocket now, then, until the worker exits, those whose
+    upgrade was under way at the first sweep: gunicorn still completes the
+    requests it has begun reading."""
+    from stargate.connection import open_websockets
+
+    _close_all(worker, "SIGTERM")
+    while True:
+        eventlet.sleep(LATE_SWEEP_INTERVAL)
+        if open_websockets():
+            _close_all(worker, "SIGTERM, opened since")
 
 
 def _close_all(worker: Any, why: str) -> None:

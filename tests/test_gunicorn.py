@@ -21,10 +21,12 @@ Every wait is bounded by a deadline.
 import pathlib
 import re
 import signal
+import socket
 import sys
 import uuid
 from contextlib import ExitStack
 
+import psutil
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -37,7 +39,7 @@ from tests.clients import (
     raw_request,
     wait_until,
 )
-from tests.rawws import RawClient
+from tests.rawws import RawClient, upgrade_request
 from tests.test_hixie_live import hixie76_request
 from tests.test_multiworker import Room, Server, spread_clients, worker_pids
 
@@ -100,6 +102,20 @@ def logged(server, text, count=1):
         lambda: sum(text in line for line in list(server.lines)) >= count,
         DEADLINE,
         message=f"{text!r} in the server's output",
+    )
+
+
+def accepted(pid, client):
+    """Wait until process ``pid`` has accepted ``client``'s connection (its
+    server end is among the process's sockets)."""
+    address = client.getsockname()
+    wait_until(
+        lambda: any(
+            conn.raddr and tuple(conn.raddr) == address
+            for conn in psutil.Process(pid).net_connections(kind="tcp4")
+        ),
+        DEADLINE,
+        message=f"worker {pid} to accept {address}",
     )
 
 
@@ -195,6 +211,44 @@ def test_stopping_closes_websockets_with_1001(signum, config, tmp_path):
         assert server.wait(DEADLINE) == 0
         assert "Using worker: eventlet" in server.output  # from the configuration
         assert "closing 2 WebSocket(s) with 1001" in server.output
+
+
+def test_an_upgrade_under_way_at_sigterm_is_closed_with_1001_too():
+    """A WebSocket whose upgrade request was still arriving when SIGTERM
+    came opens after the first sweep; it is closed with 1001 too, not held
+    until ``graceful_timeout`` and cut."""
+    with gunicorn_server(
+        "-c", "python:stargate.gunicorn",
+        "--graceful-timeout", "15",
+        "stargate.demo:make_app()",
+    ) as server:  # fmt: skip
+        port = int(server.url.rsplit(":", 1)[1])
+        request = upgrade_request(port, "/echo")
+        head, last_line = request[:-2], request[-2:]
+        (worker,) = worker_pids(server)
+        with (
+            connect(server.ws_url + "/echo") as early,
+            socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as late,
+        ):
+            late.sendall(head)  # all but the blank line that ends it
+            accepted(worker, late)
+            early.send("here")
+            assert early.recv(timeout=CLIENT_TIMEOUT) == "here"
+            server.signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed) as closed:
+                early.recv(timeout=DEADLINE)
+            assert closed.value.rcvd.code == 1001
+            late.sendall(last_line)
+            late.settimeout(DEADLINE)
+            data = b""
+            while b"\x88" not in data.partition(b"\r\n\r\n")[2]:
+                chunk = late.recv(4096)
+                assert chunk, f"closed without a close frame after {data!r}"
+                data += chunk
+            head, _, frames = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101")
+            assert frames[:1] == b"\x88" and frames[2:4] == b"\x03\xe9"  # 1001
+        assert server.wait(DEADLINE) == 0
 
 
 KEEP_OPEN_APP = """\
