@@ -107,18 +107,24 @@ def test_pserve_reload_reloads_without_a_traceback(tmp_path):
     server = ServerProcess(command, url_pattern=r"Serving on (http://\S+)")
     edits = []
 
-    def reloaded():
-        if sum("Serving on" in ln for ln in server.lines) >= 2:
+    def noticed():
+        """Whether the reloader saw the change; if not, change the file
+        again (it may not have been watching yet). Once it has, no more
+        edits: each would restart the worker that is starting."""
+        if any("changed; reloading" in ln for ln in server.lines):
             return True
-        # the reloader may not watch the file yet: change it until it does
         edits.append(1)
         ini.write_text(ini.read_text() + f"\n# edit {len(edits)}\n")
         return False
 
     try:
         server.wait_ready(DEADLINE)
-        # hupper polls each second, then a new worker imports everything
-        wait_until(reloaded, 3 * DEADLINE, interval=1.0, message="a reload")
+        wait_until(noticed, DEADLINE, interval=2.0, message="the change noticed")
+        wait_until(
+            lambda: sum("Serving on" in ln for ln in server.lines) >= 2,
+            3 * DEADLINE,
+            message="the reloaded server serving",
+        )
         server.signal(signal.SIGINT)
         server.wait(DEADLINE)
     finally:
