@@ -40,6 +40,7 @@ import logging
 import socket
 import time
 import weakref
+from typing import Any, Callable, ContextManager
 
 import eventlet
 import greenlet
@@ -80,7 +81,7 @@ _READ = _eventlet_hub.READ
 _open = weakref.WeakSet()
 
 
-def open_websockets():
+def open_websockets() -> "list[WebSocket]":
     """The WebSockets of this process that have not finished yet."""
     return [websocket for websocket in list(_open) if not websocket._finished]
 
@@ -106,10 +107,14 @@ class SendResult(str, enum.Enum):
     DEAD = "dead"  #: the connection is closed or the peer is gone
 
     @property
-    def keep(self):
+    def keep(self) -> bool:
         """Whether the listener should stay subscribed."""
         return self in (SendResult.SENT, SendResult.QUEUED, SendResult.DROPPED)
 
+
+#: What ``WebSocket.on_message`` is called with: the connection and a
+#: message (``str`` for text, ``bytes`` for binary).
+OnMessage = Callable[["WebSocket", "str | bytes"], object]
 
 _OPEN = _protocol.State.OPEN
 _CLOSED = _protocol.State.CLOSED
@@ -207,20 +212,20 @@ class WebSocket:
 
     def __init__(
         self,
-        sock,
-        protocol,
+        sock: socket.socket,
+        protocol: _protocol.ServerProtocol,
         *,
-        environ=None,
-        subprotocol=None,
-        ping_interval=20.0,
-        ping_timeout=20.0,
-        idle_timeout=None,
-        close_timeout=10.0,
-        max_send_buffer=2**20,
-        slow_listener="close",
-        initial_data=b"",
-        message_context=None,
-    ):
+        environ: "dict[str, Any] | None" = None,
+        subprotocol: "str | None" = None,
+        ping_interval: "float | None" = 20.0,
+        ping_timeout: float = 20.0,
+        idle_timeout: "float | None" = None,
+        close_timeout: float = 10.0,
+        max_send_buffer: int = 2**20,
+        slow_listener: str = "close",
+        initial_data: bytes = b"",
+        message_context: "Callable[[], ContextManager[object]] | None" = None,
+    ) -> None:
         if slow_listener not in ("close", "drop"):
             raise ValueError(
                 f"slow_listener must be 'close' or 'drop', not {slow_listener!r}"
@@ -278,7 +283,7 @@ class WebSocket:
     # -- what handlers use --------------------------------------------------
 
     @property
-    def socket(self):
+    def socket(self) -> GreenSocket:
         """The connection's socket, as an eventlet green socket (made when
         first asked for: an idle connection keeps only the plain socket)."""
         green = self._green
@@ -287,29 +292,29 @@ class WebSocket:
         return green
 
     @property
-    def draft(self):
+    def draft(self) -> str:
         """``"rfc6455"``, ``"hixie-76"`` or ``"hixie-75"``."""
         return self.protocol.wire_format.draft
 
     @property
-    def path(self):
+    def path(self) -> str:
         """The path of the upgrade request."""
         return self.environ.get("SCRIPT_NAME", "") + self.environ.get("PATH_INFO", "")
 
     @property
-    def origin(self):
+    def origin(self) -> "str | None":
         """The ``Origin`` the browser sent, or None."""
         return self.environ.get("HTTP_ORIGIN") or self.environ.get(
             "HTTP_SEC_WEBSOCKET_ORIGIN"
         )
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         """True once the connection can carry no more messages."""
         return self._finished or self.protocol.state is not _OPEN
 
     @property
-    def close_code(self):
+    def close_code(self) -> "int | None":
         """The close code received from the peer (1006 for an abrupt end),
         or None while open. 1013 when stargate closed the connection because
         the peer fell ``max_send_buffer`` bytes behind, 1011 when it did not
@@ -323,19 +328,19 @@ class WebSocket:
         return None
 
     @property
-    def close_reason(self):
+    def close_reason(self) -> "str | None":
         """The close reason received from the peer, or None while open."""
         if self.protocol.close_reason is not None:
             return self.protocol.close_reason
         return "" if self._finished else None
 
     @property
-    def buffered_amount(self):
+    def buffered_amount(self) -> int:
         """Bytes waiting in the send queue."""
         return self._queued
 
     @property
-    def on_message(self):
+    def on_message(self) -> "OnMessage | None":
         """A callable ``on_message(websocket, message)``, or None.
 
         When set, every message the peer sends is handed to it, in order,
@@ -347,12 +352,12 @@ class WebSocket:
         return self._on_message
 
     @on_message.setter
-    def on_message(self, callback):
+    def on_message(self, callback: "OnMessage | None") -> None:
         self._on_message = callback
         if callback is not None and self._messages:
             self._dispatch()
 
-    def send(self, message):
+    def send(self, message: "str | bytes") -> None:
         """Send ``message``: a ``str`` as a text frame, ``bytes`` as binary.
 
         Raises :class:`~stargate.exceptions.ConnectionClosed` once closed.
@@ -365,7 +370,7 @@ class WebSocket:
         if not result.keep:
             raise ConnectionClosed(self.close_code or 1006, self.close_reason or "")
 
-    def wait(self):
+    def wait(self) -> "str | bytes | None":
         """Return the next message (``str`` or ``bytes``), or None once the
         connection is closed. Pings are answered whether or not anybody
         waits."""
@@ -382,7 +387,7 @@ class WebSocket:
                 return None
             self._park()
 
-    def ping(self, data=b""):
+    def ping(self, data: "bytes | str" = b"") -> None:
         """Send a ping frame (RFC 6455 only; a no-op on hixie connections)."""
         if self.closed:
             raise ConnectionClosed(self.close_code or 1006, self.close_reason or "")
@@ -391,7 +396,7 @@ class WebSocket:
         self.protocol.send_ping(data)
         self._write(self.protocol.data_to_send())
 
-    def close(self, code=1000, reason=""):
+    def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake and wait, up to ``close_timeout``, for
         it to finish. Safe to call more than once.
 
@@ -408,20 +413,20 @@ class WebSocket:
             return  # the close timeout finishes it
         self._closed().wait()
 
-    def add_close_callback(self, callback):
+    def add_close_callback(self, callback: "Callable[[WebSocket], object]") -> None:
         """Call ``callback(websocket)`` once, when the connection ends."""
         if self._finished:
             callback(self)
         else:
             self._close_callbacks.append(callback)
 
-    def remove_close_callback(self, callback):
+    def remove_close_callback(self, callback: "Callable[[WebSocket], object]") -> None:
         try:
             self._close_callbacks.remove(callback)
         except ValueError:
             pass
 
-    def abort(self):
+    def abort(self) -> None:
         """Drop the TCP connection at once, without a closing handshake."""
         if self._finished:
             return
@@ -435,7 +440,7 @@ class WebSocket:
 
     # -- what the hub uses --------------------------------------------------
 
-    def send_prepared(self, data):
+    def send_prepared(self, data: bytes) -> SendResult:
         """Write bytes already encoded for this connection's ``wire_format``.
 
         Returns a :class:`SendResult`; never raises for a dead peer.
