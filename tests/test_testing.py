@@ -225,3 +225,25 @@ def test_wait_for_listeners_says_what_it_saw_when_time_runs_out(stargate_server)
             TimeoutError, match=r"1 of 2 listener\(s\) on channel 'chat'"
         ):
             server.wait_for_listeners("chat", count=2, timeout=0.2)
+
+
+def test_live_server_answers_a_failing_view_as_production_does(caplog):
+    # A test must see what a client of the real server sees: the generic
+    # 500 page, with the traceback in the log and not in the body.
+    def failing(request):
+        raise KeyError("secret internals")
+
+    with Configurator() as config:
+        config.add_route("fail", "/fail")
+        config.add_view(failing, route_name="fail")
+        app = config.make_wsgi_app()
+    with caplog.at_level("ERROR", logger="stargate.server"):
+        with LiveServer(app) as live:
+            with socket.create_connection(("127.0.0.1", live.port), timeout=30) as s:
+                s.sendall(b"GET /fail HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                response = b""
+                while chunk := s.recv(65536):
+                    response += chunk
+    assert response.startswith(b"HTTP/1.1 500 ")
+    assert b"secret internals" not in response and b"Traceback" not in response
+    assert "secret internals" in caplog.text

@@ -55,7 +55,7 @@ class LiveServer:
         import eventlet
         import eventlet.wsgi
 
-        from stargate.factory import _http_protocol_class
+        from stargate.factory import GenericErrorPage, _http_protocol_class
 
         if not eventlet.patcher.is_monkey_patched("socket"):
             from stargate.exceptions import IncorrectlyConfigured
@@ -69,12 +69,15 @@ class LiveServer:
         self._thread = eventlet.spawn(
             eventlet.wsgi.server,
             self._sock,
-            self.app,
+            # As serve() does: a failing view gets the generic 500 page and
+            # its traceback is logged, so a test sees what production does.
+            GenericErrorPage(self.app),
             protocol=_http_protocol_class(),
             log=log,
             log_output=False,
             max_size=100_000,
             socket_timeout=self.request_timeout,
+            debug=False,
         )
         return self
 
