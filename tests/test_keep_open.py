@@ -11,6 +11,7 @@ import gc
 import socket
 import struct
 import time
+import uuid
 
 import greenlet
 import pytest
@@ -192,3 +193,44 @@ def test_slow_and_dead_kept_listeners_are_pruned():
                 assert healthy.recv(timeout=CLIENT_TIMEOUT) == f"{i}:{payload}"
             assert wait_until(lambda: listeners() == 1, CLIENT_TIMEOUT)
             assert ROOM.hub.stats.closed_slow == before.closed_slow + 1
+
+
+def test_kept_listeners_receive_through_redis(redis_server):
+    # Channels of their own on the shared server: another test's listeners
+    # never hear these.
+    class Board(WebSocketAwareResource):
+        __name__ = f"board-{uuid.uuid4().hex}"
+        __parent__ = None
+
+    board = Board()
+
+    class Watch(WebSocketView):
+        keep_open = True
+
+        def handler(self, websocket):
+            self.request.context.add_listener(websocket)
+            websocket.on_message = lambda ws, message: board.send(f"relay:{message}")
+            websocket.send("ready")
+
+    settings = {"stargate.backend": redis_server.url}
+    with Configurator(settings=settings, root_factory=lambda r: board) as config:
+        config.include("stargate")
+        config.add_route("watch", "/watch")
+        config.add_view(Watch, route_name="watch")
+        app = config.make_wsgi_app()
+        hub = get_hub(config.registry)
+    with LiveServer(app) as server, contextlib.ExitStack() as stack:
+        clients = [
+            stack.enter_context(connect(server.ws_url("/watch"), ping_interval=None))
+            for _ in range(5)
+        ]
+        for client in clients:
+            assert client.recv(timeout=CLIENT_TIMEOUT) == "ready"
+        assert wait_until(
+            lambda: hub.listener_count(board.channel) == 5, CLIENT_TIMEOUT
+        )
+        # A client's message goes out through Redis and back to all five.
+        clients[0].send("hello")
+        for client in clients:
+            assert client.recv(timeout=CLIENT_TIMEOUT) == "relay:hello"
+    hub.close()
