@@ -69,13 +69,13 @@ class Quiet(WebSocketView):
         websocket.send("ready")
 
 
-def make_app(**settings):
+def make_app(lobby=LOBBY, **settings):
     with Configurator(settings=settings, root_factory=lambda request: ROOM) as config:
         config.include("stargate")
         ROOM.hub = get_hub(config.registry)
         config.add_route("listen", "/listen")
         config.add_view(Listen, route_name="listen")
-        config.add_route("lobby", "/lobby", factory=lambda request: LOBBY)
+        config.add_route("lobby", "/lobby", factory=lambda request: lobby)
         config.add_view(Listen, route_name="lobby")
         config.add_route("quiet", "/quiet")
         config.add_view(Quiet, route_name="quiet")
@@ -196,41 +196,24 @@ def test_slow_and_dead_kept_listeners_are_pruned():
 
 
 def test_kept_listeners_receive_through_redis(redis_server):
-    # Channels of their own on the shared server: another test's listeners
-    # never hear these.
-    class Board(WebSocketAwareResource):
-        __name__ = f"board-{uuid.uuid4().hex}"
-        __parent__ = None
-
-    board = Board()
-
-    class Watch(WebSocketView):
-        keep_open = True
-
-        def handler(self, websocket):
-            self.request.context.add_listener(websocket)
-            websocket.on_message = lambda ws, message: board.send(f"relay:{message}")
-            websocket.send("ready")
-
-    settings = {"stargate.backend": redis_server.url}
-    with Configurator(settings=settings, root_factory=lambda r: board) as config:
-        config.include("stargate")
-        config.add_route("watch", "/watch")
-        config.add_view(Watch, route_name="watch")
-        app = config.make_wsgi_app()
-        hub = get_hub(config.registry)
+    # A lobby of its own on the shared Redis: no other test hears it. Its
+    # hub is the registry's, found in on_message through the registry.
+    lobby = Lobby()
+    lobby.__name__ = f"lobby-{uuid.uuid4().hex}"
+    app = make_app(lobby, **{"stargate.backend": redis_server.url})
+    hub = ROOM.hub  # make_app's registry hub, Redis-backed
     with LiveServer(app) as server, contextlib.ExitStack() as stack:
         clients = [
-            stack.enter_context(connect(server.ws_url("/watch"), ping_interval=None))
+            stack.enter_context(connect(server.ws_url("/lobby"), ping_interval=None))
             for _ in range(5)
         ]
         for client in clients:
             assert client.recv(timeout=CLIENT_TIMEOUT) == "ready"
         assert wait_until(
-            lambda: hub.listener_count(board.channel) == 5, CLIENT_TIMEOUT
+            lambda: hub.listener_count(lobby.channel) == 5, CLIENT_TIMEOUT
         )
-        # A client's message goes out through Redis and back to all five.
-        clients[0].send("hello")
+        # One client's message goes out through Redis and back to all five.
+        clients[0].send("broadcast:hello")
         for client in clients:
-            assert client.recv(timeout=CLIENT_TIMEOUT) == "relay:hello"
+            assert client.recv(timeout=CLIENT_TIMEOUT) == "broadcast:hello"
     hub.close()
