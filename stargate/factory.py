@@ -45,6 +45,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import eventlet
 
+from stargate.environ_keys import (
+    PROXIED_KEY,
+    RELEASE_BUFFERS_KEY,
+    TRUE_PROTOCOL_KEY,
+    WEBSOCKET_OPENED_KEY,
+)
+
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
 
@@ -52,7 +59,13 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-__all__ = ["server_factory", "serve", "GenericErrorPage", "ERROR_PAGE"]
+__all__ = [
+    "server_factory",
+    "serve",
+    "GenericErrorPage",
+    "ERROR_PAGE",
+    "http_protocol_class",
+]
 
 log = logging.getLogger("stargate.server")
 
@@ -65,22 +78,12 @@ SIGNAL_POLL_INTERVAL = 0.2
 #: Seconds a client has to send its request (headers and body).
 DEFAULT_REQUEST_TIMEOUT = 10.0
 
-#: Set in the environ by stargate's server: ``SERVER_PROTOCOL`` can be trusted.
-TRUE_PROTOCOL_KEY = "stargate.server_protocol_known"
-
-#: In the environ: a callable that frees the connection's HTTP buffers.
-RELEASE_BUFFERS_KEY = "stargate.release_http_buffers"
-
 #: The body of the server's own 500 page: the status and one sentence.
 #: Nothing about the failure reaches the client; the traceback is logged.
 ERROR_PAGE = (
     b"500 Internal Server Error\n\n"
     b"The server could not complete this request; the error has been logged.\n"
 )
-
-#: In the environ: called by the view with each WebSocket it opens, so the
-#: server logs the session and counts it (:func:`websocket_opened`).
-WEBSOCKET_OPENED_KEY = "stargate.websocket_opened"
 
 #: An HTTP request's access log line. No date: the logging formatter stamps
 #: each line once (eventlet's default format would add a second stamp).
@@ -341,7 +344,7 @@ def _run_worker(
 
     from stargate.connection import open_websockets
 
-    HttpProtocol = _http_protocol_class(trusted_proxies)
+    HttpProtocol = http_protocol_class(trusted_proxies)
 
     stopping = eventlet.Event()
 
@@ -431,11 +434,6 @@ def trusted_proxies(value: object) -> frozenset[str]:
                     "addresses (127.0.0.1 ::1), or * for any peer"
                 ) from None
     return frozenset(items)
-
-
-#: Set in the environ when the request came through a trusted proxy: its
-#: ``REMOTE_ADDR`` is the client the proxy named, not the proxy.
-PROXIED_KEY = "stargate.proxied"
 
 
 def _believe_proxy(environ, trusted):
@@ -572,7 +570,17 @@ class GenericErrorPage:
             return [ERROR_PAGE]
 
 
-def _http_protocol_class(trusted_proxies=frozenset()):
+def http_protocol_class(trusted_proxies: frozenset[str] = frozenset()) -> type:
+    """The ``protocol`` class stargate gives :class:`eventlet.wsgi.Server`.
+
+    Public so that servers built elsewhere (:class:`stargate.testing.server.
+    LiveServer`, :func:`stargate.testing.client.connect_app`, an
+    application's own eventlet server) set the environ keys of
+    :mod:`stargate.environ_keys` the view relies on: the request's true
+    HTTP version, the hand-over of the connection's buffered bytes, and the
+    session log. ``trusted_proxies`` (see :func:`trusted_proxies`) are the
+    peers whose ``X-Forwarded-*`` headers are believed.
+    """
     import eventlet.wsgi
 
     class HttpProtocol(eventlet.wsgi.HttpProtocol):

@@ -34,16 +34,16 @@ from pyramid.threadlocal import manager as threadlocal_manager
 from stargate import handshake as _handshake
 from stargate.config import get_settings
 from stargate.connection import WebSocket
+from stargate.environ_keys import (
+    RELEASE_BUFFERS_KEY,
+    TRUE_PROTOCOL_KEY,
+    WEBSOCKET_OPENED_KEY,
+)
 from stargate.exceptions import (
     ConnectionClosed,
     HandShakeFailed,
     IncorrectlyConfigured,
     NotWebSocketRequest,
-)
-from stargate.factory import (
-    RELEASE_BUFFERS_KEY,
-    TRUE_PROTOCOL_KEY,
-    WEBSOCKET_OPENED_KEY,
 )
 from stargate.gunicorn import client_socket as gunicorn_socket
 from stargate.protocol import ServerProtocol

@@ -119,14 +119,14 @@ def connect_app(app, path="/", **options):
     import eventlet
     import eventlet.wsgi
 
-    from stargate.factory import _http_protocol_class
+    from stargate.factory import http_protocol_class
 
     server_end, client_end = socket.socketpair()
     server = eventlet.wsgi.Server(
         server_end,
         ("127.0.0.1", 0),
         app,
-        protocol=_http_protocol_class(),
+        protocol=http_protocol_class(),
         log_output=False,
         keepalive=False,
     )

@@ -55,7 +55,7 @@ class LiveServer:
         import eventlet
         import eventlet.wsgi
 
-        from stargate.factory import GenericErrorPage, _http_protocol_class
+        from stargate.factory import GenericErrorPage, http_protocol_class
 
         if not eventlet.patcher.is_monkey_patched("socket"):
             from stargate.exceptions import IncorrectlyConfigured
@@ -72,7 +72,7 @@ class LiveServer:
             # As serve() does: a failing view gets the generic 500 page and
             # its traceback is logged, so a test sees what production does.
             GenericErrorPage(self.app),
-            protocol=_http_protocol_class(),
+            protocol=http_protocol_class(),
             log=log,
             log_output=False,
             max_size=100_000,

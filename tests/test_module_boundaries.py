@@ -1,0 +1,92 @@
+"""No stargate module reaches into another's private names.
+
+A private name (one leading underscore) may change with its module; a
+module that imports or calls another's private name breaks silently when it
+does. What two modules share is public and documented: the environ keys in
+:mod:`stargate.environ_keys`, :func:`stargate.factory.http_protocol_class`.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import re
+
+import stargate
+
+PACKAGE = pathlib.Path(stargate.__file__).parent
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def cross_module_private_uses(path: pathlib.Path) -> list[str]:
+    """``from stargate.x import _name`` and ``module._name`` on an imported
+    stargate module, in the file at ``path``."""
+    tree = ast.parse(path.read_text(), str(path))
+    modules: set[str] = set()  # local names bound to stargate modules
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+            "stargate"
+        ):
+            for alias in node.names:
+                if _private(alias.name):
+                    found.append(f"{path.name}:{node.lineno} imports {alias.name}")
+                elif node.module == "stargate":
+                    modules.add(alias.asname or alias.name)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("stargate.") and alias.asname:
+                    modules.add(alias.asname)
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in modules
+            and _private(node.attr)
+        ):
+            found.append(f"{path.name}:{node.lineno} uses {node.value.id}.{node.attr}")
+    return found
+
+
+#: Known and left for the backends' owner: redis_streams.py shares the Redis
+#: backend's option parsers. Remove entries as they are fixed; none may be added.
+KNOWN = {
+    "redis_streams.py imports _backoff_pair",
+    "redis_streams.py imports _positive_float",
+    "redis_streams.py imports _positive_int",
+}
+
+
+def test_no_module_imports_anothers_private_names():
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        found += cross_module_private_uses(path)
+    unknown = [use for use in found if re.sub(r":\d+", "", use) not in KNOWN]
+    assert unknown == []
+
+
+def test_the_check_finds_a_private_import(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "from stargate.factory import _hidden\n"
+        "from stargate import view as v\n"
+        "v._secret()\n"
+    )
+    assert cross_module_private_uses(sample) == [
+        "sample.py:1 imports _hidden",
+        "sample.py:3 uses v._secret",
+    ]
+
+
+def test_the_server_and_the_view_share_the_environ_keys():
+    from stargate import environ_keys, factory, view
+
+    for name in environ_keys.__all__:
+        value = getattr(environ_keys, name)
+        assert value.startswith("stargate.")
+        if hasattr(view, name):
+            assert getattr(view, name) is value
+        assert getattr(factory, name) is value
