@@ -93,15 +93,17 @@ def _origins(value: Any) -> tuple[str, ...] | None:
 
 
 def _versions(value):
-    items = aslist(value) if isinstance(value, str) else value
-    versions = tuple(str(v) for v in items)
-    unknown = set(versions) - {"13", "76", "75"}
-    if not versions or unknown:
+    """``stargate.protocols``: draft names, or the older 13/76/75 aliases."""
+    from stargate.handshake import normalise_versions
+
+    try:
+        return normalise_versions(value)
+    except IncorrectlyConfigured:
         raise IncorrectlyConfigured(
-            f"stargate.protocols lists versions to accept among 13 (RFC 6455), "
-            f"76 (hixie-76) and 75 (hixie-75); got {value!r}"
-        )
-    return versions
+            "stargate.protocols lists the drafts to accept among rfc6455, "
+            "hixie-76 and hixie-75 (or their older names 13, 76 and 75); "
+            f"got {value!r}"
+        ) from None
 
 
 def _is_off(value):
@@ -162,12 +164,12 @@ class Settings:
     #: Origins allowed to connect (``scheme://host[:port]``), ``*`` for any;
     #: unset means same-origin browsers and clients that send no Origin.
     allowed_origins: tuple | None = None
-    #: Protocol versions accepted: 13 (RFC 6455), 76 and 75 (hixie drafts).
-    #: All three by default, so the 2010 clients stargate served still work
-    #: (no current browser speaks the drafts, so a page cannot use them for
-    #: the proxy cache-poisoning attack that retired them); set ``13`` where
-    #: no such client exists.
-    protocols: tuple = ("13", "76", "75")
+    #: Drafts accepted: rfc6455, hixie-76 and hixie-75 (their older names
+    #: 13, 76 and 75 are aliases). All three by default, so the 2010 clients
+    #: stargate served still work (no current browser speaks the drafts, so
+    #: a page cannot use them for the proxy cache-poisoning attack that
+    #: retired them); set ``rfc6455`` where no such client exists.
+    protocols: tuple = ("rfc6455", "hixie-76", "hixie-75")
     #: Offer permessage-deflate (RFC 7692) to clients that ask for it.
     compression: bool = True
     #: Largest message accepted, in bytes (after decompression); 1009 past it.

@@ -75,7 +75,7 @@ from stargate.exceptions import (
     NotWebSocketRequest,
     UnsupportedVersion,
 )
-from stargate.frames import WireFormat
+from stargate.frames import DRAFTS, WireFormat
 
 if TYPE_CHECKING:
     from stargate.legacy import (
@@ -100,16 +100,26 @@ __all__ = [
     "requested_draft",
     "websocket_handshake",
     "ALL_VERSIONS",
+    "VERSION_ALIASES",
+    "normalise_versions",
     "RFC6455_BASE_RESPONSE",
     "HIXIE76_BASE_RESPONSE",
     "HIXIE75_BASE_RESPONSE",
 ]
 
-#: Every value the ``versions`` option accepts: RFC 6455, hixie-76, hixie-75.
-ALL_VERSIONS = ("13", "76", "75")
+#: The drafts the ``versions`` option names, newest first, and its default:
+#: every draft by its one name (as :attr:`Handshake.draft`, the access log
+#: and the metrics say it). Also :data:`stargate.frames.DRAFTS`.
+ALL_VERSIONS: tuple[str, ...] = DRAFTS
 
-_DRAFT_OF_VERSION = {"13": "rfc6455", "76": "hixie-76", "75": "hixie-75"}
-_VERSION_OF_DRAFT = {draft: version for version, draft in _DRAFT_OF_VERSION.items()}
+#: Older spellings the ``versions`` option (and ``stargate.protocols``) still
+#: accepts, so existing configurations keep working: ``13`` is
+#: ``rfc6455`` (its ``Sec-WebSocket-Version``), ``76`` and ``75`` the drafts.
+VERSION_ALIASES: Mapping[str, str] = {
+    "13": "rfc6455",
+    "76": "hixie-76",
+    "75": "hixie-75",
+}
 _DRAFT_TITLE = {
     "rfc6455": "RFC 6455 (Sec-WebSocket-Version: 13)",
     "hixie-76": "draft-hixie-thewebsocketprotocol-76",
@@ -269,7 +279,8 @@ class RequestHeaders:
 BaseResponse = Union[bytes, str, None]
 #: Subprotocols this server speaks, preferred first (one may be a ``str``).
 Subprotocols = Union[Iterable[str], str]
-#: Protocol versions to accept: ``"13"``, ``"76"``, ``"75"`` (ints too).
+#: Drafts to accept: ``"rfc6455"``, ``"hixie-76"``, ``"hixie-75"``, or the
+#: aliases of :data:`VERSION_ALIASES` (ints too); a string may list several.
 Versions = Union[Iterable[Union[str, int]], str, int]
 #: hixie-76's eight key bytes.
 Key3 = Union[bytes, bytearray, memoryview, None]
@@ -612,22 +623,41 @@ def requested_draft(headers: HeadersLike) -> str:
     return "hixie-75"
 
 
-def _normalise_versions(versions: Versions) -> tuple[str, ...]:
-    if isinstance(versions, (str, int)):
+def normalise_versions(versions: Versions) -> tuple[str, ...]:
+    """The drafts ``versions`` names, by their names in :data:`ALL_VERSIONS`
+    (aliases resolved, duplicates dropped, in the order given).
+
+    A string may list several, separated by spaces or commas
+    (``"rfc6455 hixie-76"``, ``"13"``). Anything else, or nothing, raises
+    :class:`IncorrectlyConfigured`: a typo must not switch a draft off.
+    """
+    if isinstance(versions, int):
         versions = (versions,)
-    versions = tuple(str(version) for version in versions)
-    unknown = [version for version in versions if version not in _DRAFT_OF_VERSION]
-    if unknown or not versions:
+    elif isinstance(versions, str):
+        versions = versions.replace(",", " ").split()
+    given = tuple(str(version).strip().lower() for version in versions)
+    drafts: list[str] = []
+    for version in given:
+        draft = VERSION_ALIASES.get(version, version)
+        if draft not in ALL_VERSIONS:
+            raise IncorrectlyConfigured(
+                f"unknown WebSocket version {version!r}: name drafts among "
+                f"{' '.join(ALL_VERSIONS)} (or 13, 76, 75)"
+            )
+        if draft not in drafts:
+            drafts.append(draft)
+    if not drafts:
         raise IncorrectlyConfigured(
-            f"versions must be a non-empty subset of {ALL_VERSIONS!r}, got {versions!r}"
+            f"no WebSocket version to accept: name drafts among "
+            f"{' '.join(ALL_VERSIONS)} (or 13, 76, 75)"
         )
-    return versions
+    return tuple(drafts)
 
 
 def _unsupported(
     draft: "str | None", versions: tuple[str, ...], value: "str | None" = None
 ) -> UnsupportedVersion:
-    spoken = ", ".join(_DRAFT_TITLE[_DRAFT_OF_VERSION[v]] for v in versions)
+    spoken = ", ".join(_DRAFT_TITLE[v] for v in versions)
     if draft is None:
         what = f"WebSocket version {value!r}"
     else:
@@ -636,7 +666,7 @@ def _unsupported(
         f"this server does not speak {what}; it speaks {spoken}",
         header="Sec-WebSocket-Version",
         value=value,
-        headers=[("Sec-WebSocket-Version", "13")] if "13" in versions else [],
+        headers=[("Sec-WebSocket-Version", "13")] if "rfc6455" in versions else [],
     )
 
 
@@ -709,15 +739,16 @@ def negotiate(
         :func:`requested_draft`).
     :param subprotocols: the subprotocols this server speaks, preferred
         first; the first one the client offers is selected.
-    :param versions: the drafts to accept, among ``"13"`` (RFC 6455),
-        ``"76"`` and ``"75"``.
+    :param versions: the drafts to accept, among ``"rfc6455"``,
+        ``"hixie-76"`` and ``"hixie-75"`` (:func:`normalise_versions`; the
+        older ``"13"``, ``"76"`` and ``"75"`` still work).
     :param compression: accept permessage-deflate (RFC 7692) when offered.
     :param secure: whether the connection is TLS, for the hixie Location
         URL; by default from ``environ['wsgi.url_scheme']``.
     :param path: the resource path for the hixie Location URL; by default
         from the environ.
     """
-    versions = _normalise_versions(versions)
+    versions = normalise_versions(versions)
     headers = RequestHeaders(headers)
     _check_request(headers)
 
@@ -730,12 +761,12 @@ def negotiate(
                 header="Sec-WebSocket-Version",
                 value=version,
             )
-        if version != "13" or "13" not in versions:
+        if version != "13" or "rfc6455" not in versions:
             raise _unsupported(None, versions, version)
         draft = "rfc6455"
     else:
         draft = requested_draft(headers)
-        if _VERSION_OF_DRAFT[draft] not in versions:
+        if draft not in versions:
             raise _unsupported(draft, versions)
 
     _check_origin(headers, allowed_origins, secure)

@@ -137,7 +137,7 @@ class WebSocketView:
         if (
             "Sec-WebSocket-Key1" in headers
             and "Sec-WebSocket-Version" not in headers
-            and "76" in settings.protocols
+            and "hixie-76" in settings.protocols
         ):
             # Only a hixie-76 request the server accepts is worth waiting for:
             # otherwise negotiate() refuses it (426) without the key bytes.

@@ -39,6 +39,11 @@ BAD = {
         "stargate.backend = redis://user:secret@127.0.0.1:63xx/0",
         ["stargate.backend", "'63xx'", "port 1-65535"],
     ),
+    "protocols": (
+        "app",
+        "stargate.protocols = 13 hixie-77",
+        ["stargate.protocols", "'13 hixie-77'", "rfc6455, hixie-76 and hixie-75"],
+    ),
     "access_log": (
         "server",
         "access_log = flase",
@@ -188,6 +193,8 @@ def test_booleans_take_the_usual_words(value, expected):
         ("stargate.allowed_origins", "https://ok.example example.com", "scheme://"),
         ("stargate.backend", "rediss://h:port/0", "port 1-65535"),
         ("stargate.backend", "redis+streams://h:6379/zero", "db 0, 1"),
+        ("stargate.protocols", "rfc6455 hybi-10", "rfc6455, hixie-76 and hixie-75"),
+        ("stargate.protocols", "", "rfc6455, hixie-76 and hixie-75"),
     ],
 )
 def test_a_bad_value_names_setting_value_and_what_is_allowed(key, value, allowed):
@@ -195,6 +202,27 @@ def test_a_bad_value_names_setting_value_and_what_is_allowed(key, value, allowed
         parse_settings({key: value})
     message = str(refused.value)
     assert key in message and repr(value) in message and allowed in message
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("rfc6455", ("rfc6455",)),
+        ("rfc6455 hixie-76", ("rfc6455", "hixie-76")),
+        ("RFC6455, hixie-75", ("rfc6455", "hixie-75")),
+        # the older numeric names stay aliases, so existing .ini files work
+        ("13", ("rfc6455",)),
+        ("13 76 75", ("rfc6455", "hixie-76", "hixie-75")),
+        ("13 rfc6455 hixie-76 76", ("rfc6455", "hixie-76")),
+        (["13", 75], ("rfc6455", "hixie-75")),
+    ],
+)
+def test_protocols_take_the_draft_names_and_their_old_numbers(value, expected):
+    assert parse_settings({"stargate.protocols": value}).protocols == expected
+
+
+def test_protocols_default_to_every_draft_by_name():
+    assert parse_settings({}).protocols == ("rfc6455", "hixie-76", "hixie-75")
 
 
 def test_origins_with_a_scheme_are_accepted():

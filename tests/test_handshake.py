@@ -17,6 +17,7 @@ from stargate import exceptions, handshake
 from stargate.exceptions import IncorrectlyConfigured
 from stargate.frames import WireFormat
 from stargate.handshake import (
+    ALL_VERSIONS,
     Handshake,
     HandShakeFailed,
     InvalidOrigin,
@@ -27,6 +28,7 @@ from stargate.handshake import (
     handshake_rfc6455,
     handshake_v76,
     negotiate,
+    normalise_versions,
     requested_draft,
     websocket_handshake,
 )
@@ -836,7 +838,24 @@ def test_enabled_drafts_still_work_when_others_are_disabled():
     assert negotiate(hixie75_request(), versions=[75]).draft == "hixie-75"
 
 
-@pytest.mark.parametrize("versions", [(), ("12",), ("13", "hybi-10")])
+@pytest.mark.parametrize(
+    "versions", [("rfc6455",), "rfc6455", "rfc6455 hixie-76", ("13", "hixie-76")]
+)
+def test_versions_take_the_draft_names(versions):
+    assert negotiate(rfc_request(), versions=versions).draft == "rfc6455"
+    with pytest.raises(UnsupportedVersion):
+        negotiate(hixie75_request(), versions=versions)
+
+
+def test_versions_default_to_every_draft_by_the_names_handshakes_report():
+    assert ALL_VERSIONS == ("rfc6455", "hixie-76", "hixie-75")
+    assert normalise_versions(ALL_VERSIONS) == ALL_VERSIONS
+    assert normalise_versions("13 76 75") == ALL_VERSIONS
+
+
+@pytest.mark.parametrize(
+    "versions", [(), ("12",), ("13", "hybi-10"), "", "rfc6455 hixie-77"]
+)
 def test_unknown_versions_option_is_a_configuration_error(versions):
     with pytest.raises(IncorrectlyConfigured):
         negotiate(rfc_request(), versions=versions)
