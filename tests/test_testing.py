@@ -247,3 +247,11 @@ def test_live_server_answers_a_failing_view_as_production_does(caplog):
     assert response.startswith(b"HTTP/1.1 500 ")
     assert b"secret internals" not in response and b"Traceback" not in response
     assert "secret internals" in caplog.text
+
+
+@pytest.mark.parametrize("module", ["websockets.exceptions", "websockets.sync.client"])
+def test_without_websockets_the_client_names_the_extra_to_install(monkeypatch, module):
+    # None in sys.modules makes the import fail, as on an install without it
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ImportError, match=r"pip install 'stargate\[testing\]'"):
+        connect("ws://127.0.0.1:9/")

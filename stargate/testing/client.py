@@ -4,6 +4,7 @@ It is an independent implementation of RFC 6455, so a test that passes
 through it shows that stargate talks to a real client, not only to itself.
 """
 
+import importlib
 import inspect
 import socket
 import time
@@ -20,6 +21,18 @@ __all__ = [
 ]
 
 
+def _websockets(module: str) -> Any:
+    """Import a module of the ``websockets`` library, or say how to get it
+    (it is in the ``testing`` extra, not a dependency of stargate)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ImportError(
+            "stargate.testing needs the websockets library: "
+            "pip install 'stargate[testing]'"
+        ) from exc
+
+
 def open_websocket(url: str, **options: Any) -> Any:
     """``websockets.sync.client.connect(url, **options)`` for a connection the
     caller closes itself, outside a ``with`` block.
@@ -28,13 +41,7 @@ def open_websocket(url: str, **options: Any) -> Any:
     unless ``legacy=True`` says this is meant; earlier versions have no such
     keyword and need none.
     """
-    try:
-        from websockets.sync.client import connect as ws_connect
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise ImportError(
-            "stargate.testing needs the websockets library: "
-            "pip install 'stargate[test]'"
-        ) from exc
+    ws_connect = _websockets("websockets.sync.client").connect
     if "legacy" in inspect.signature(ws_connect).parameters:
         options.setdefault("legacy", True)
     return ws_connect(url, **options)
@@ -79,13 +86,7 @@ def connect(
     ``compression`` offers permessage-deflate like browsers do. ``sock`` is
     an already connected socket to speak over instead of dialling ``url``.
     """
-    try:
-        from websockets.exceptions import InvalidStatus
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise ImportError(
-            "stargate.testing needs the websockets library: "
-            "pip install 'stargate[test]'"
-        ) from exc
+    InvalidStatus = _websockets("websockets.exceptions").InvalidStatus
     try:
         connection = open_websocket(
             url,
