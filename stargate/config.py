@@ -39,6 +39,7 @@ __all__ = [
     "DEFAULTS",
     "parse_settings",
     "get_settings",
+    "get_hub",
     "includeme",
     "NoTransactionForWebSockets",
 ]
@@ -320,6 +321,26 @@ def get_settings(registry: Any = None) -> Settings:
 
         registry = get_current_registry()
     return getattr(registry, "stargate_settings", None) or DEFAULTS
+
+
+def get_hub(registry: Any = None) -> Any:
+    """The :class:`~stargate.hub.Hub` of ``registry`` (the current one by
+    default): the one ``config.include('stargate')`` stored on it as
+    ``registry.stargate_hub``, or else :func:`stargate.hub.default_hub`.
+
+    It lives here, beside :func:`get_settings`, because finding the running
+    application is configuration's business; the hub only fans out.
+    """
+    if registry is None:
+        from pyramid.threadlocal import get_current_registry
+
+        registry = get_current_registry()
+    hub = getattr(registry, "stargate_hub", None)
+    if hub is not None:
+        return hub
+    from stargate.hub import default_hub
+
+    return default_hub()
 
 
 class NoTransactionForWebSockets:

@@ -34,7 +34,8 @@ and live entries on different connections), and those messages reach it
 later. The first live message past that offset ends the recovery. So there
 is no gap and no duplicate at the seam, in order.
 
-:func:`get_hub` finds the hub of the running application.
+:func:`stargate.config.get_hub` (also importable from here) finds the hub
+of the running application.
 
 Logging goes to the ``stargate.hub`` logger.
 """
@@ -45,10 +46,10 @@ import os
 import weakref
 
 import eventlet.event
-from pyramid.threadlocal import get_current_registry
 
 from stargate.backends import load_backend
 from stargate.backends.base import Position
+from stargate.config import get_hub
 from stargate.connection import SendResult
 from stargate.exceptions import BackendError, BackendUnavailable, HistoryUnavailable
 from stargate.frames import encode_message
@@ -814,18 +815,3 @@ def default_hub():
         hub.start()
         _default_hub = hub
     return _default_hub
-
-
-def get_hub(registry=None):
-    """The hub of the running application.
-
-    ``registry`` defaults to :func:`pyramid.threadlocal.get_current_registry`.
-    Returns the hub ``config.include('stargate')`` stored on it as
-    ``registry.stargate_hub``, or else :func:`default_hub`.
-    """
-    if registry is None:
-        registry = get_current_registry()
-    hub = getattr(registry, "stargate_hub", None)
-    if hub is not None:
-        return hub
-    return default_hub()

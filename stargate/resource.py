@@ -48,8 +48,7 @@ import os
 from pyramid.traversal import resource_path
 
 from stargate.backends.base import HistoryPolicy
-from stargate.config import get_settings
-from stargate.hub import get_hub
+from stargate.config import get_hub, get_settings
 
 __all__ = ["WebSocketAwareResource"]
 
@@ -77,7 +76,7 @@ class WebSocketAwareResource:
     def hub(self):
         """The :class:`~stargate.hub.Hub` this resource's listeners live in.
 
-        :func:`stargate.hub.get_hub` for the current registry unless a hub
+        :func:`stargate.config.get_hub` for the current registry unless a hub
         was assigned to this attribute.
         """
         hub = self.__dict__.get("_stargate_hub")
