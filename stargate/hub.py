@@ -623,7 +623,7 @@ class Hub:
                         skipped += 1
                         continue
                     result = send_prepared(data)
-                    if result is _SENT_RESULT:
+                    if result is _SENT:
                         delivered += 1
                         continue
                     outcome = _outcome(ws, result)
@@ -762,19 +762,15 @@ class _Recovery:
 
 
 def _outcome(ws, result):
-    """Map what ``send_prepared`` returned to one of the hub's outcomes.
+    """What became of a listener, from what its ``send_prepared`` returned.
 
-    ``stargate.connection.SendResult`` says it in so many words (``sent``,
-    ``queued``, ``dropped``, ``closed_slow``, ``dead``); a plain boolean is
-    read with the connection's ``closed`` and ``close_code``.
+    A :class:`~stargate.connection.SendResult` is the outcome itself
+    (``QUEUED`` counts as sent). A listener class whose ``send_prepared``
+    returns a plain boolean instead is read with its ``closed`` and
+    ``close_code``.
     """
-    if result is _SENT_RESULT:
-        return _SENT
-    value = getattr(result, "value", result)
-    if isinstance(value, str):
-        outcome = _RESULTS.get(value)
-        if outcome is not None:
-            return outcome
+    if isinstance(result, SendResult):
+        return _SENT if result is SendResult.QUEUED else result
     if result is True:
         return _SENT
     if getattr(ws, "closed", True) is False:
@@ -784,19 +780,13 @@ def _outcome(ws, result):
     return _DEAD
 
 
-_SENT_RESULT = SendResult.SENT
-_SENT = "sent"
-_DROPPED = "dropped"
-_SLOW = "closed_slow"
-_DEAD = "dead"
-_SKIPPED = "skipped"
-_RESULTS = {
-    "sent": _SENT,
-    "queued": _SENT,
-    "dropped": _DROPPED,
-    "closed_slow": _SLOW,
-    "dead": _DEAD,
-}
+# The hub's outcomes are SendResult's own members, and one of its own: a
+# message that cannot be put on a listener's wire is skipped.
+_SENT = SendResult.SENT
+_DROPPED = SendResult.DROPPED
+_SLOW = SendResult.CLOSED_SLOW
+_DEAD = SendResult.DEAD
+_SKIPPED = object()
 
 
 _default_hub = None
