@@ -48,7 +48,7 @@ import weakref
 import eventlet.event
 
 from stargate.backends import load_backend
-from stargate.backends.base import Position
+from stargate.backends.base import Position, counts_presence, keeps_history
 from stargate.config import get_hub
 from stargate.connection import SendResult
 from stargate.exceptions import BackendError, BackendUnavailable, HistoryUnavailable
@@ -365,6 +365,11 @@ class Hub:
         """Attach ``ws`` and replay the history after ``since`` to it."""
         if ws in self._channels.get(channel, ()):
             return  # already a live listener: it has not missed anything
+        if not keeps_history(self.backend):
+            self.history_stats["unavailable"] += 1
+            raise HistoryUnavailable(
+                f"{channel!r}: the backend {self.backend!r} keeps no history"
+            )
         recovering = self._catching_up.setdefault(channel, {})
         recovery = recovering[ws] = _Recovery(since.epoch, since.offset)
         done = False
@@ -490,6 +495,8 @@ class Hub:
         count.
         """
         local = len(self._channels.get(channel, ()))
+        if not counts_presence(self.backend):
+            return local
         return self.backend.listener_count(channel, local)
 
     def _watch(self, ws):
@@ -516,11 +523,10 @@ class Hub:
         return True
 
     def _count_changed(self, channel, count):
-        set_local_count = getattr(self.backend, "set_local_count", None)
-        if set_local_count is None or self._closed:
+        if self._closed or not counts_presence(self.backend):
             return
         try:
-            set_local_count(channel, count)
+            self.backend.set_local_count(channel, count)
         except BackendError as exc:
             logger.warning("could not record the count of %r: %s", channel, exc)
 
@@ -556,7 +562,7 @@ class Hub:
         self._messages += 1
         if history is None:
             return self.backend.publish(channel, message)
-        if not getattr(self.backend, "supports_history", False):
+        if not keeps_history(self.backend):
             from stargate.exceptions import IncorrectlyConfigured
 
             raise IncorrectlyConfigured(

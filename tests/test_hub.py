@@ -26,6 +26,12 @@ from pyramid.config import Configurator
 from pyramid.registry import Registry
 
 import stargate.hub
+from stargate.backends.base import (
+    History,
+    Presence,
+    counts_presence,
+    keeps_history,
+)
 from stargate.backends.memory import MemoryBackend
 from stargate.backends.redis import RedisBackend
 from stargate.connection import SendResult, WebSocket
@@ -34,6 +40,7 @@ from stargate.frames import FrameParser, Opcode, WireFormat, encode_message
 from stargate.hub import Hub, HubStats, default_hub, get_hub
 from stargate.protocol import ServerProtocol
 from stargate.resource import WebSocketAwareResource
+from tests.backends.test_memory import CustomBackend
 
 #: Seconds any single wait in these tests may take.
 DEADLINE = 10.0
@@ -643,6 +650,85 @@ class TestHub:
             config.end()
         assert get_hub() is default_hub()
         assert default_hub().backend.synchronous
+
+    def test_the_hub_is_found_by_config_not_by_the_hub_module(self):
+        import stargate.config
+
+        assert stargate.hub.get_hub is stargate.config.get_hub
+        assert "get_current_registry" not in vars(stargate.hub)
+
+
+class TestCapabilities:
+    """Presence and history are declared interfaces, checked with
+    isinstance: a method a backend happens to have is not a promise."""
+
+    def test_the_built_in_backends_declare_theirs(self):
+        from stargate.backends.redis_streams import RedisStreamsBackend
+
+        assert keeps_history(MemoryBackend())
+        assert not counts_presence(MemoryBackend())
+        assert issubclass(RedisBackend, Presence)
+        assert not issubclass(RedisBackend, History)
+        assert issubclass(RedisStreamsBackend, History)
+        assert not issubclass(RedisStreamsBackend, Presence)
+
+    def test_a_backend_without_presence_is_neither_told_nor_asked(self, loopback):
+        backend = MemoryBackend()
+        told = []
+        # Methods found on the instance, not declared by its class.
+        backend.set_local_count = lambda channel, count: told.append(count)
+        backend.listener_count = lambda channel, local: 1000
+        hub = Hub(backend)
+        ws, _ = loopback.connect()
+        hub.add("room", ws)
+        assert hub.listener_count("room") == 1
+        hub.remove("room", ws)
+        assert told == []
+        hub.close()
+
+    def test_a_backend_that_declares_presence_is_told_and_asked(self, loopback):
+        class Counting(Presence, MemoryBackend):
+            def __init__(self):
+                super().__init__()
+                self.told = []
+
+            def set_local_count(self, channel, count):
+                self.told.append((channel, count))
+
+            def listener_count(self, channel, local_count):
+                return local_count + 10
+
+        backend = Counting()
+        hub = Hub(backend)
+        ws, _ = loopback.connect()
+        hub.add("room", ws)
+        assert hub.listener_count("room") == 11
+        hub.remove("room", ws)
+        assert backend.told == [("room", 1), ("room", 0)]
+        hub.close()
+
+    def test_backends_written_before_the_interfaces_keep_working(self):
+        class OldPresence(CustomBackend):
+            def listener_count(self, channel, local_count):
+                return local_count + 1
+
+        class OldHistory(CustomBackend):
+            supports_history = True
+
+            def history(self, channel, since):
+                return []
+
+        assert counts_presence(OldPresence()) and not keeps_history(OldPresence())
+        assert keeps_history(OldHistory()) and not counts_presence(OldHistory())
+        assert not counts_presence(CustomBackend())
+        assert not keeps_history(CustomBackend())
+
+    def test_history_can_be_turned_off_by_a_subclass(self):
+        class NoHistory(MemoryBackend):
+            supports_history = False
+
+        assert isinstance(NoHistory(), History)
+        assert not keeps_history(NoHistory())
 
 
 # -- the hub on a real Redis ----------------------------------------------------

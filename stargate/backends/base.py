@@ -13,20 +13,44 @@ backend must hand back the same type it was given.
 History (optional)
 ------------------
 
-A backend that keeps a window of recent messages per channel sets
-:attr:`Backend.supports_history`. Then :meth:`Backend.publish` takes a
-:class:`HistoryPolicy` and returns the message's :class:`Position`,
-``deliver`` gets that position as a third argument, and
-:meth:`Backend.history` reads what a channel published after a position.
-A backend without history keeps the two-argument ``deliver`` and ignores
-none of this: the hub never asks it for positions.
+A backend that keeps a window of recent messages per channel declares the
+:class:`History` capability (``class MyBackend(History, Backend)``). Then
+:meth:`Backend.publish` takes a :class:`HistoryPolicy` and returns the
+message's :class:`Position`, ``deliver`` gets that position as a third
+argument, and :meth:`History.history` reads what a channel published after
+a position. A backend without history keeps the two-argument ``deliver``:
+the hub never asks it for positions.
+
+Presence (optional)
+-------------------
+
+A backend that counts listeners across processes declares the
+:class:`Presence` capability: the hub tells it this process's count on a
+channel whenever it changes, and asks it for the total.
+
+The hub finds a capability with ``isinstance`` (:func:`keeps_history`,
+:func:`counts_presence`), never by looking for a method: a method a backend
+happens to have is not a promise. A backend written before these classes
+existed, which overrode ``set_local_count`` or ``listener_count`` or set
+``supports_history = True``, is declared for them when its class is made.
 """
+
+from __future__ import annotations
 
 import abc
 import dataclasses
 import inspect
+from typing import Any
 
-__all__ = ["Backend", "Position", "HistoryPolicy"]
+__all__ = [
+    "Backend",
+    "History",
+    "Presence",
+    "Position",
+    "HistoryPolicy",
+    "keeps_history",
+    "counts_presence",
+]
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -78,6 +102,64 @@ class HistoryPolicy:
     ttl: float
 
 
+class History(abc.ABC):
+    """The capability of keeping a window of recent messages per channel.
+
+    List it before :class:`Backend` among a backend's bases. A subclass of
+    a backend that has it can still turn it off with
+    ``supports_history = False``.
+    """
+
+    #: Whether this backend keeps history: :meth:`Backend.publish` accepts
+    #: ``history=`` and returns a :class:`Position`, ``deliver`` is called
+    #: with a position, and :meth:`history` works.
+    supports_history = True
+
+    @abc.abstractmethod
+    def history(self, channel: str, since: Position) -> list[tuple[Position, Any]]:
+        """The messages published on ``channel`` after ``since``.
+
+        ``since`` is a :class:`Position`. Returns a list of ``(position,
+        message)`` pairs in publish order (empty when nothing was published
+        since). Raises :class:`~stargate.exceptions.HistoryUnavailable`,
+        carrying the channel's current epoch and offset, when the window no
+        longer holds every message after ``since`` or its epoch is not the
+        channel's.
+        """
+        from stargate.exceptions import HistoryUnavailable
+
+        raise HistoryUnavailable(f"{type(self).__name__} keeps no history")
+
+
+class Presence(abc.ABC):
+    """The capability of counting listeners across processes.
+
+    List it before :class:`Backend` among a backend's bases.
+    """
+
+    @abc.abstractmethod
+    def set_local_count(self, channel: str, count: int) -> None:
+        """This process now has ``count`` listeners on ``channel``.
+
+        Called by the hub on every change; it must not wait on the network
+        (record it and write it later)."""
+
+    @abc.abstractmethod
+    def listener_count(self, channel: str, local_count: int) -> int:
+        """Listeners on ``channel`` across every process; ``local_count``
+        is this process's own."""
+
+
+def keeps_history(backend: object) -> bool:
+    """Whether ``backend`` declares :class:`History` and has it on."""
+    return isinstance(backend, History) and bool(backend.supports_history)
+
+
+def counts_presence(backend: object) -> bool:
+    """Whether ``backend`` declares :class:`Presence`."""
+    return isinstance(backend, Presence)
+
+
 class Backend(abc.ABC):
     """A way to carry broadcast messages to every subscribed process.
 
@@ -90,9 +172,8 @@ class Backend(abc.ABC):
     #: returns (the in-memory backend does; network backends do not).
     synchronous = False
 
-    #: Whether this backend keeps history: :meth:`publish` accepts
-    #: ``history=`` and returns a :class:`Position`, ``deliver`` is called
-    #: with a position, and :meth:`history` works.
+    #: Whether this backend keeps history; true for those that declare
+    #: :class:`History` (see :func:`keeps_history`).
     supports_history = False
 
     #: Called as ``gap_handler(channel, reason)`` when ``channel`` may have
@@ -106,6 +187,20 @@ class Backend(abc.ABC):
     def __init__(self, url=None, **options):
         self.url = url
         self.options = options
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Declare the capabilities of a backend class written before
+        :class:`History` and :class:`Presence` existed, from what it
+        overrides, once, as its class is made (explicit ABC registration,
+        so the hub's ``isinstance`` checks see it)."""
+        super().__init_subclass__(**kwargs)
+        if cls.supports_history and not issubclass(cls, History):
+            History.register(cls)
+        if not issubclass(cls, Presence) and (
+            cls.set_local_count is not Backend.set_local_count
+            or cls.listener_count is not Backend.listener_count
+        ):
+            Presence.register(cls)
 
     def report_gap(self, channel: str, reason: str) -> None:
         """Tell whoever listens (the hub) that ``channel`` may have missed
@@ -164,33 +259,21 @@ class Backend(abc.ABC):
         """
 
     def history(self, channel, since):
-        """The messages published on ``channel`` after ``since``.
-
-        ``since`` is a :class:`Position`. Returns a list of ``(position,
-        message)`` pairs in publish order (empty when nothing was published
-        since). Raises :class:`~stargate.exceptions.HistoryUnavailable`,
-        carrying the channel's current epoch and offset, when the window no
-        longer holds every message after ``since`` or its epoch is not the
-        channel's. Backends without history always raise it.
-        """
+        """See :meth:`History.history`; a backend without :class:`History`
+        always raises :class:`~stargate.exceptions.HistoryUnavailable`."""
         from stargate.exceptions import HistoryUnavailable
 
         raise HistoryUnavailable(f"{type(self).__name__} keeps no history")
 
     def listener_count(self, channel, local_count):
-        """Listeners on ``channel`` across every process.
-
-        ``local_count`` is this process's own count; a backend that cannot
-        see other processes returns it unchanged.
-        """
+        """See :meth:`Presence.listener_count`; a backend without
+        :class:`Presence` sees this process only and returns
+        ``local_count``."""
         return local_count
 
     def set_local_count(self, channel, count):
-        """This process now has ``count`` listeners on ``channel``.
-
-        Backends that report presence across processes record it; the default
-        does nothing.
-        """
+        """See :meth:`Presence.set_local_count`; a backend without
+        :class:`Presence` is not told (this default does nothing)."""
 
     def close(self):
         """Stop delivering and release connections. Safe to call twice."""

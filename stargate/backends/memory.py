@@ -28,13 +28,13 @@ import os
 import time
 import uuid
 
-from stargate.backends.base import Backend, Position
+from stargate.backends.base import Backend, History, Position
 from stargate.exceptions import BackendUnavailable, HistoryUnavailable
 
 __all__ = ["MemoryBackend"]
 
 
-class MemoryBackend(Backend):
+class MemoryBackend(History, Backend):
     """Deliver published messages to this process's own listeners.
 
     ``subscribe`` and ``unsubscribe`` only record which channels have local
@@ -42,7 +42,6 @@ class MemoryBackend(Backend):
     """
 
     synchronous = True
-    supports_history = True
 
     def __init__(self, url=None, **options):
         self.refuse_unknown_options(options)

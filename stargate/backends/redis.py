@@ -74,7 +74,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from stargate.backends import REDIS_SCHEMES
-from stargate.backends.base import Backend
+from stargate.backends.base import Backend, Presence
 from stargate.backends.receiver import PubSubReceiver
 from stargate.exceptions import (
     BackendError,
@@ -281,7 +281,7 @@ def _as_bool(value):
     return bool(value)
 
 
-class RedisBackend(Backend):
+class RedisBackend(Presence, Backend):
     """Broadcast through Redis pub/sub (or sharded pub/sub on a cluster).
 
     ``url``: where Redis is (see the module docstring for the forms).

@@ -64,7 +64,8 @@ the new epoch's messages. Every ``block`` seconds the heads of all channels
 are read once more (one pipeline), a safety net for a notification lost
 without a disconnection.
 
-Presence is not kept: :meth:`~RedisStreamsBackend.listener_count` reports
+Presence is not kept (the backend does not declare
+:class:`~stargate.backends.base.Presence`): ``hub.listener_count`` reports
 this process's listeners only.
 """
 
@@ -86,7 +87,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from stargate.backends import STREAMS_SCHEMES
-from stargate.backends.base import Backend, HistoryPolicy, Position
+from stargate.backends.base import Backend, History, HistoryPolicy, Position
 from stargate.backends.receiver import PubSubReceiver
 from stargate.backends.redis import (
     DEFAULT_MAX_CONNECTIONS,
@@ -168,7 +169,7 @@ def _fields(flat):
     return dict(zip(flat[::2], flat[1::2]))
 
 
-class RedisStreamsBackend(Backend):
+class RedisStreamsBackend(History, Backend):
     """Broadcast through one Redis stream per channel, with history.
 
     ``url``: ``redis+streams://[[user]:password@]host[:port][/db]`` (or
@@ -205,7 +206,6 @@ class RedisStreamsBackend(Backend):
     """
 
     synchronous = False
-    supports_history = True
     schemes = STREAMS_SCHEMES
 
     def __init__(
@@ -512,9 +512,6 @@ class RedisStreamsBackend(Backend):
                 continue
             result.append((Position(epoch, _offset(entry_id)), message))
         return result
-
-    def listener_count(self, channel, local_count):
-        return local_count
 
     # -- the receiver --------------------------------------------------------
 
