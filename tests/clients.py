@@ -40,6 +40,17 @@ START_TIMEOUT = 30.0
 CLIENT_TIMEOUT = 10.0
 
 
+def view_app(view, path, **settings):
+    """A Pyramid app with stargate included and one ``view`` at ``path``."""
+    from pyramid.config import Configurator
+
+    with Configurator(settings=settings) as config:
+        config.include("stargate")
+        config.add_route("only", path)
+        config.add_view(view, route_name="only")
+        return config.make_wsgi_app()
+
+
 def stargate_command(*args):
     """``stargate ARGS`` run with this interpreter (``python -m stargate``)."""
     return [sys.executable, "-W", "ignore", "-m", "stargate", *args]

@@ -11,11 +11,11 @@ import socket
 import time
 
 import pytest
-from pyramid.config import Configurator
 
 from stargate import WebSocketView
 from stargate.testing.server import LiveServer
 from stargate.view import open_connections
+from tests.clients import view_app
 from tests.rawws import READ_TIMEOUT, RawClient, client_frame
 from tests.test_hixie_live import KEY3, hixie76_request, read_until
 
@@ -30,11 +30,7 @@ class Echo(WebSocketView):
 
 
 def make_app(**settings):
-    with Configurator(settings=settings) as config:
-        config.include("stargate")
-        config.add_route("echo", "/demo")
-        config.add_view(Echo, route_name="echo")
-        return config.make_wsgi_app()
+    return view_app(Echo, "/demo", **settings)
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ import socket
 import time
 
 import pytest
-from pyramid.config import Configurator
 
 from stargate import WebSocketView
 from stargate.testing.server import LiveServer
+from tests.clients import view_app
 
 # The worked example of draft-hixie-thewebsocketprotocol-76, section 1.3.
 KEY1 = "4 @1  46546xW%0l 1 5"
@@ -24,11 +24,7 @@ class Echo(WebSocketView):
 
 
 def make_app(**settings):
-    with Configurator(settings=settings) as config:
-        config.include("stargate")
-        config.add_route("echo", "/demo")
-        config.add_view(Echo, route_name="echo")
-        return config.make_wsgi_app()
+    return view_app(Echo, "/demo", **settings)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from stargate.testing.client import (
     connect_app,
 )
 from stargate.testing.server import LiveServer
+from tests.clients import view_app
 
 
 class Echo(WebSocketView):
@@ -29,11 +30,7 @@ class Echo(WebSocketView):
 
 
 def make_app(**settings):
-    with Configurator(settings=settings) as config:
-        config.include("stargate")
-        config.add_route("echo", "/echo")
-        config.add_view(Echo, route_name="echo")
-        return config.make_wsgi_app()
+    return view_app(Echo, "/echo", **settings)
 
 
 @pytest.mark.parametrize("message", ["text", "", "ünï", b"", b"\x00\xff", b"x" * 70000])
@@ -199,11 +196,7 @@ class Chat(WebSocketView):
 
 
 def chat_app(**settings):
-    with Configurator(settings=settings) as config:
-        config.include("stargate")
-        config.add_route("chat", "/chat")
-        config.add_view(Chat, route_name="chat")
-        return config.make_wsgi_app()
+    return view_app(Chat, "/chat", **settings)
 
 
 def test_wait_for_listeners_lets_the_first_message_cross_servers(
