@@ -126,6 +126,8 @@ class CloseStatus:
 #: What :meth:`ServerProtocol.events_received` returns.
 Event = Union[TextMessage, BinaryMessage, Ping, Pong, CloseReceived]
 
+_MESSAGES = (TextMessage, BinaryMessage)
+
 _new_utf8_decoder = codecs.getincrementaldecoder("utf-8")
 _utf8_decode = codecs.utf_8_decode
 
@@ -160,8 +162,13 @@ class ServerProtocol:
         wire_format: _frames.WireFormat = _frames.WireFormat(),
         *,
         max_message_size: "int | None" = DEFAULT_MAX_MESSAGE_SIZE,
+        deliver_before_failing: bool = False,
     ) -> None:
         self.wire_format = wire_format.canonical()
+        self.deliver_before_failing = deliver_before_failing
+        # A protocol error held back until the messages received before it
+        # are handled (see apply_pending_failure).
+        self._pending_failure: ProtocolError | None = None
         self.max_message_size = max_message_size
         self._hixie = wire_format.draft != "rfc6455"
         params = wire_format.deflate
@@ -288,6 +295,9 @@ class ServerProtocol:
         """Process bytes received from the peer. Never raises."""
         if self._closed or not data:
             return
+        if self._pending_failure is not None:
+            self.apply_pending_failure()  # more bytes after a bad frame
+            return
         try:
             self._parser.feed(data)
             if self._hixie:
@@ -295,6 +305,12 @@ class ServerProtocol:
             else:
                 self._process()
         except ProtocolError as exc:
+            if self.deliver_before_failing and any(
+                type(event) in _MESSAGES for event in self._events
+            ):
+                self._pending_failure = exc
+                self._parser.clear()  # nothing after the bad frame counts
+                return
             self._fail_with(exc)
         except Exception as exc:  # a bug here must not kill the driver
             self._fail_with(ProtocolError(f"internal error: {exc!r}", 1011))
@@ -305,9 +321,34 @@ class ServerProtocol:
         """The peer closed its end of the TCP connection. Never raises."""
         if self._closed:
             return
+        if self._pending_failure is not None:
+            self.error = self._pending_failure
+            self._pending_failure = None
         self._closed = True
         self._reset_message()
         self._parser.clear()
+
+    @property
+    def failure_pending(self) -> bool:
+        """True while a protocol error waits for the messages before it.
+
+        Only with ``deliver_before_failing``: when a bad frame follows
+        valid messages not yet taken by :meth:`events_received`, those
+        messages are delivered first and the connection stays open, so the
+        application can handle them (and answer, as RFC 6455 test suites
+        expect of an echo server); the driver then calls
+        :meth:`apply_pending_failure` once the application has handled them,
+        instead of reading more. Further data applies it at once.
+        """
+        return self._pending_failure is not None
+
+    def apply_pending_failure(self) -> None:
+        """Fail the connection with the held-back error (close code and all);
+        a no-op when none is pending. Never raises."""
+        exc = self._pending_failure
+        if exc is not None:
+            self._pending_failure = None
+            self._fail_with(exc)
 
     def events_received(self) -> "list[Event]":
         """Return and forget the events received so far."""
@@ -610,6 +651,7 @@ class ServerProtocol:
         frame without a status, so ``reason`` is then dropped (a close body
         cannot carry a reason without a code). Never raises.
         """
+        self._pending_failure = None
         if self._closed:
             return
         if self._close_sent is None:

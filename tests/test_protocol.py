@@ -604,6 +604,59 @@ def test_events_before_an_error_are_kept():
 # ------------------------------------------------------------------ sending
 
 
+def test_messages_before_a_bad_frame_can_be_handled_before_the_failure():
+    # RFC 6455 test suites expect an echo server to answer the messages sent
+    # before a bad frame, then fail with the right code (strict behaviour).
+    p = ServerProtocol(WireFormat(), deliver_before_failing=True)
+    bad = b"\x81\x01x"  # an unmasked frame
+    p.receive_data(frame(Opcode.TEXT, "one") + frame(Opcode.BINARY, b"two") + bad)
+    assert p.events_received() == [TextMessage("one"), BinaryMessage(b"two")]
+    assert p.failure_pending and p.state is State.OPEN and p.error is None
+    p.send_message("one")  # the application echoes
+    p.apply_pending_failure()
+    assert not p.failure_pending
+    assert_failed(p, 1002)
+
+
+def test_the_echo_goes_out_before_the_close():
+    p = ServerProtocol(WireFormat(), deliver_before_failing=True)
+    p.receive_data(frame(Opcode.TEXT, "hi") + frame(0x3, b"x"))  # reserved opcode
+    assert p.events_received() == [TextMessage("hi")]
+    p.send_message("hi")
+    p.apply_pending_failure()
+    assert [f.opcode for f in sent_frames(p)] == [Opcode.TEXT, Opcode.CLOSE]
+
+
+def test_without_earlier_messages_the_failure_is_immediate():
+    p = ServerProtocol(WireFormat(), deliver_before_failing=True)
+    p.receive_data(frame(Opcode.TEXT, "hi"))
+    p.events_received()
+    p.receive_data(frame(0x3, b"x"))
+    assert not p.failure_pending
+    assert_failed(p, 1002)
+
+
+def test_more_data_or_eof_apply_a_pending_failure():
+    for end in ("data", "eof"):
+        p = ServerProtocol(WireFormat(), deliver_before_failing=True)
+        p.receive_data(frame(Opcode.TEXT, "hi") + frame(0x3, b"x"))
+        if end == "data":
+            p.receive_data(frame(Opcode.TEXT, "late"))
+            assert_failed(p, 1002)
+        else:
+            p.receive_eof()
+            assert p.state is State.CLOSED and isinstance(p.error, ProtocolError)
+        assert not p.failure_pending
+        assert p.events_received() == [TextMessage("hi")]
+
+
+def test_by_default_the_failure_is_immediate():
+    p = ServerProtocol(WireFormat())
+    p.receive_data(frame(Opcode.TEXT, "hi") + frame(0x3, b"x"))
+    assert p.events_received() == [TextMessage("hi")]
+    assert_failed(p, 1002)
+
+
 def test_server_frames_are_never_masked():
     p = ServerProtocol(WireFormat())
     p.send_message("Hello")
