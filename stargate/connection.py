@@ -385,6 +385,10 @@ class WebSocket:
                 return message
             if self._finished or self.protocol.state is _CLOSED:
                 return None
+            if self.protocol.failure_pending:
+                # The messages before a bad frame are handled: now fail.
+                self._apply_pending_failure()
+                continue
             self._park()
 
     def ping(self, data: "bytes | str" = b"") -> None:
@@ -603,6 +607,10 @@ class WebSocket:
                 got_message = True
         if got_message:
             self._last_message = time.monotonic()
+        if protocol.failure_pending and not (self._waiters or self._on_message):
+            # A bad frame followed messages, but nobody is there to handle
+            # them now: fail at once rather than hold the error indefinitely.
+            protocol.apply_pending_failure()
         self._write(protocol.data_to_send())
         if self._finished:
             return
@@ -671,6 +679,8 @@ class WebSocket:
                 callback = self._on_message
                 messages = self._messages
                 if callback is None or not messages:
+                    if self.protocol.failure_pending:
+                        self._apply_pending_failure()
                     return
                 message = messages.popleft()
                 if not messages:
@@ -709,6 +719,17 @@ class WebSocket:
             self._deadline = self._hub.schedule_call_global(
                 self.close_timeout, self._close_timed_out
             )
+
+    def _apply_pending_failure(self):
+        """Fail with the protocol error the protocol held back until the
+        messages received before the bad frame were handled (an echo
+        handler answers them first, as strict RFC 6455 test suites expect)."""
+        protocol = self.protocol
+        protocol.apply_pending_failure()
+        self._writable = False
+        self._write(protocol.data_to_send())
+        if not self._finished:
+            self._shut()
 
     def _fail(self, code, reason):
         """Fail the connection: close frame, then shut down without waiting

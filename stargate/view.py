@@ -185,7 +185,11 @@ class WebSocketView:
         max_size = self.max_message_size
         if max_size is None:
             max_size = settings.max_message_size
-        protocol = ServerProtocol(handshake.wire_format, max_message_size=max_size)
+        protocol = ServerProtocol(
+            handshake.wire_format,
+            max_message_size=max_size,
+            deliver_before_failing=True,
+        )
         websocket = WebSocket(
             sock,
             protocol,
