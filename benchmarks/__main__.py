@@ -2,7 +2,7 @@
 
 NAME is ``all`` (the default) or any of ``broadcast``, ``memory``,
 ``fanout``, ``concurrency``, ``history``, ``prune``, ``receive``, ``floor``,
-``idle``.
+``idle``, ``channels``.
 Each benchmark prints its tables; plots (PNG) and raw figures (JSON) go to ``--out``
 (``benchmarks/results/``, which git ignores). Every benchmark bounds its own
 run time and stops the processes it started.
@@ -54,6 +54,7 @@ BENCHMARKS = {
     "receive": _script("bench_receive_path.py"),
     "floor": _module("send_floor"),
     "idle": _module("idle_listeners"),
+    "channels": _module("channels"),
 }
 
 

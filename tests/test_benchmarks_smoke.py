@@ -26,8 +26,9 @@ HEADERS = {
     "prune": "prune_dead:",
     "receive": "apply_mask throughput",
     "floor": "send floor: hub publish against a bare send() loop",
+    "channels": "channels: delivery latency with many channels subscribed",
 }
-NEEDS_REDIS = {"fanout", "concurrency", "history"}
+NEEDS_REDIS = {"fanout", "concurrency", "history", "channels"}
 
 
 def _have_redis():
