@@ -183,6 +183,8 @@ class WebSocket:
         "slow_listener",
         "wire_format",
         "dropped",
+        "messages_received",
+        "messages_sent",
         "_raw",
         "_hub",
         "_queue",
@@ -271,6 +273,11 @@ class WebSocket:
         self._local_close_code = None
         #: Messages dropped because the send buffer was full.
         self.dropped = 0
+        #: Data messages received from the peer.
+        self.messages_received = 0
+        #: Data messages handed to the connection to send (by :meth:`send`
+        #: or a broadcast), ``dropped`` ones included.
+        self.messages_sent = 0
         _open.add(self)
         self._writable = protocol.state is _OPEN
         self._listener = None
@@ -366,6 +373,7 @@ class WebSocket:
         if self.closed:
             raise ConnectionClosed(self.close_code or 1006, self.close_reason or "")
         self.protocol.send_message(message)
+        self.messages_sent += 1
         result = self._write(self.protocol.data_to_send())
         if not result.keep:
             raise ConnectionClosed(self.close_code or 1006, self.close_reason or "")
@@ -451,9 +459,11 @@ class WebSocket:
         """
         if self._writable:
             # A broadcast's hot path: open, nothing queued, one system call.
+            self.messages_sent += 1
             return self._send_now(data)
         if self._finished or self.protocol.state is not _OPEN:
             return _DEAD
+        self.messages_sent += 1
         return self._write(data)
 
     # -- writing --------------------------------------------------------------
@@ -604,6 +614,7 @@ class WebSocket:
                 if self._messages is None:
                     self._messages = collections.deque()
                 self._messages.append(event.data)
+                self.messages_received += 1
                 got_message = True
         if got_message:
             self._last_message = time.monotonic()

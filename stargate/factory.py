@@ -490,7 +490,7 @@ def websocket_opened(websocket: Any, *, log: bool = True) -> None:
     how long it lasted::
 
         203.0.113.7 "WebSocket /rooms/lobby" rfc6455 open
-        203.0.113.7 "WebSocket /rooms/lobby" rfc6455 closed 1001 after 312.4s
+        203.0.113.7 "WebSocket /rooms/lobby" rfc6455 closed 1001 after 312.4s, 3 received, 120 sent
     """
     draft = websocket.draft
     opened_websockets[draft] += 1
@@ -512,12 +512,14 @@ def _websocket_closed(started, log, websocket):
     closed_websockets[websocket.draft, code] += 1
     if log:
         access_log.info(
-            '%s "WebSocket %s" %s closed %d after %.1fs',
+            '%s "WebSocket %s" %s closed %d after %.1fs, %d received, %d sent',
             _client(websocket),
             websocket.path,
             websocket.draft,
             code,
             time.monotonic() - started,
+            websocket.messages_received,
+            websocket.messages_sent - websocket.dropped,
         )
 
 

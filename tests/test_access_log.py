@@ -52,11 +52,14 @@ def test_a_request_line_has_one_timestamp(pserved):
 def test_a_websocket_session_is_logged_when_it_opens_and_closes(pserved):
     with connect(pserved.ws_url + "/echo") as ws:
         line_with(pserved, '"WebSocket /echo" rfc6455 open')
-        ws.send("hello")
-        assert ws.recv(timeout=10) == "hello"
+        for word in ("hello", "again", "bye"):
+            ws.send(word)
+            assert ws.recv(timeout=10) == word
     closed = line_with(pserved, '"WebSocket /echo" rfc6455 closed 1000 after')
     assert "127.0.0.1" in closed
     assert len(DATE.findall(closed)) == 1
+    # The echo handler received three messages and sent three back.
+    assert closed.endswith("s, 3 received, 3 sent"), closed
 
 
 def test_shutdown_says_nothing_about_wsgi_internals(tmp_path):
