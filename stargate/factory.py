@@ -487,10 +487,13 @@ class _AccessLog:
 def websocket_opened(websocket: Any, *, log: bool = True) -> None:
     """Count a WebSocket the view opened and, if ``log``, log one line on
     ``stargate.access`` now and one when it closes, with its close code and
-    how long it lasted::
+    how long it lasted and how many messages it received and sent::
 
         203.0.113.7 "WebSocket /rooms/lobby" rfc6455 open
-        203.0.113.7 "WebSocket /rooms/lobby" rfc6455 closed 1001 after 312.4s, 3 received, 120 sent
+        203.0.113.7 "WebSocket /rooms/lobby" rfc6455 closed 1001 after 312.4s,
+        3 received, 120 sent
+
+    (the close line is one line in the log).
     """
     draft = websocket.draft
     opened_websockets[draft] += 1
