@@ -329,6 +329,25 @@ class TestFailures:
 
 
 class TestPresence:
+    def test_counts_of_more_channels_than_one_batch_are_all_written(
+        self, redis_server, make_backend
+    ):
+        """Presence writes go in pipelines of PRESENCE_BATCH with a yield
+        between them (so delivery goes on during a heartbeat of thousands
+        of channels: benchmarks/channels.py); none is left out at a batch
+        boundary."""
+        from stargate.backends.redis import PRESENCE_BATCH
+
+        first, second = make_backend(redis_server.url), make_backend(redis_server.url)
+        first.start(Collector())
+        second.start(Collector())
+        channels = [f"room{i}" for i in range(2 * PRESENCE_BATCH + 1)]
+        for channel in channels:
+            first.set_local_count(channel, 1)
+        assert wait_until(
+            lambda: all(second.listener_count(channel, 0) == 1 for channel in channels)
+        )
+
     def test_counts_add_up_across_workers(self, redis_server, make_backend):
         first, second = make_backend(redis_server.url), make_backend(redis_server.url)
         first.start(Collector())
