@@ -78,7 +78,7 @@ KEEPALIVE_CLOSE_CODE = 1011
 
 _READ = _eventlet_hub.READ
 
-_open = weakref.WeakSet()
+_open: "weakref.WeakSet[WebSocket]" = weakref.WeakSet()
 
 
 def open_websockets() -> "list[WebSocket]":
@@ -256,14 +256,14 @@ class WebSocket:
         self._queued = 0
         self._writer = None
         self._messages = None
-        self._on_message = None
+        self._on_message: OnMessage | None = None
         self._dispatcher = None
         self._waiters = None  # green threads parked in wait()
         self._finished = False
         self._shutting = False  # the protocol is closed: flush, FIN, drain
         self._half_closed = False  # our FIN is sent: reading until the peer's
         self._closed_event = None  # made by _closed() for the first waiter
-        self._close_callbacks = []
+        self._close_callbacks: list[Callable[[WebSocket], object]] = []
         now = time.monotonic()
         self._last_message = now
         self._last_ping = now
@@ -794,9 +794,13 @@ class WebSocket:
                 self._closed_event.send(True)
         return self._closed_event
 
-    def _wait_finished(self, timeout):
+    def finish(self, timeout: "float | None" = None) -> None:
         """Wait, up to ``timeout`` seconds (None: no limit), for the TCP
-        connection to end; then drop it."""
+        connection to end, then drop it.
+
+        For a server that closes the socket when the request ends: the view
+        calls it so the request lasts as long as the connection.
+        """
         if not self._finished:
             done = eventlet.Event()
             self.add_close_callback(lambda websocket: done.send(True))

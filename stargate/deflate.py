@@ -92,8 +92,8 @@ def _is_token(s: str) -> bool:
 
 def _split(value: str, sep: str) -> list[str]:
     """Split on ``sep`` outside double-quoted strings."""
-    parts = []
-    current = []
+    parts: list[str] = []
+    current: list[str] = []
     quoted = escaped = False
     for c in value:
         if escaped:

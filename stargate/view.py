@@ -228,7 +228,7 @@ class WebSocketView:
                 websocket.close()
             if not getattr(self, "_handed_over", False):
                 # The server closes the socket when the request ends.
-                websocket._wait_finished(websocket.close_timeout)
+                websocket.finish(websocket.close_timeout)
         return self._already_handled()
 
     def _run_handler(self, websocket):
@@ -260,7 +260,7 @@ class WebSocketView:
         else:
             # Another server closes the socket when the request ends: the
             # request lasts as long as the connection.
-            websocket._wait_finished(None)
+            websocket.finish(None)
         return self._already_handled()
 
     def handler(self, websocket):
