@@ -44,11 +44,18 @@ import dataclasses
 import logging
 import os
 import weakref
+from typing import Any, Callable
 
 import eventlet.event
 
 from stargate.backends import load_backend
-from stargate.backends.base import Position, counts_presence, keeps_history
+from stargate.backends.base import (
+    Backend,
+    HistoryPolicy,
+    Position,
+    counts_presence,
+    keeps_history,
+)
 from stargate.config import get_hub
 from stargate.connection import SendResult
 from stargate.exceptions import BackendError, BackendUnavailable, HistoryUnavailable
@@ -57,6 +64,17 @@ from stargate.frames import encode_message
 __all__ = ["Hub", "HubStats", "get_hub", "default_hub"]
 
 logger = logging.getLogger("stargate.hub")
+
+#: What the hub keeps in a channel: a :class:`~stargate.connection.WebSocket`,
+#: or any object with ``send(message)`` and ``closed`` (eventlet's own
+#: WebSocket, a test double), which the hub writes to through ``send``.
+Listener = Any
+
+#: ``formatter(message, position)``: the message as listeners receive it.
+Formatter = Callable[["str | bytes", "Position | None"], "str | bytes"]
+
+#: ``on_gap(channel, reason)``: told that ``channel`` may have missed messages.
+GapHook = Callable[[str, str], object]
 
 #: Marks a wire format for which the message cannot be encoded (for example
 #: a binary message for a hixie-75/76 client, which has no binary frames).
@@ -111,7 +129,7 @@ class HubStats:
     skipped: int = 0
     gaps: int = 0
 
-    def as_dict(self):
+    def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 
 
@@ -187,7 +205,9 @@ class Hub:
     none of them blocks on a slow listener.
     """
 
-    def __init__(self, backend="memory", *, name=None):
+    def __init__(
+        self, backend: "Backend | str" = "memory", *, name: "str | None" = None
+    ) -> None:
         self.backend = load_backend(backend)
         self.name = name
         self._channels = {}
@@ -215,7 +235,7 @@ class Hub:
 
     # -- lifecycle ---------------------------------------------------------
 
-    def start(self):
+    def start(self) -> None:
         """Start the backend delivering to this hub. Safe to call twice.
 
         :meth:`add` and :meth:`publish` call it, so a hub starts by itself in
@@ -266,7 +286,7 @@ class Hub:
         finally:
             self._starting = None
 
-    def close(self):
+    def close(self) -> None:
         """Stop the backend and forget every listener. Safe to call twice.
 
         The listeners' connections are left open: they belong to their views.
@@ -282,12 +302,19 @@ class Hub:
             logger.exception("error while closing the backend %r", self.backend)
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         return self._closed
 
     # -- listeners ---------------------------------------------------------
 
-    def add(self, channel, ws, since=None, formatter=None, on_gap=None):
+    def add(
+        self,
+        channel: str,
+        ws: Listener,
+        since: "Position | tuple[str, int] | None" = None,
+        formatter: "Formatter | None" = None,
+        on_gap: "GapHook | None" = None,
+    ) -> None:
         """Attach ``ws`` to ``channel``. Adding it twice changes nothing.
 
         The first local listener of a channel subscribes the backend to it
@@ -442,7 +469,7 @@ class Hub:
             return False
         return True
 
-    def remove(self, channel, ws):
+    def remove(self, channel: str, ws: Listener) -> bool:
         """Detach ``ws`` from ``channel``; no error if it was not attached.
 
         Returns whether it was attached. The last local listener leaving a
@@ -471,7 +498,7 @@ class Hub:
         self._count_changed(channel, len(listeners))
         return True
 
-    def listeners(self, channel):
+    def listeners(self, channel: str) -> "ListenerSet":
         """The live set of this process's listeners on ``channel``.
 
         A :class:`ListenerSet`: it reflects additions and removals as they
@@ -480,15 +507,15 @@ class Hub:
         """
         return ListenerSet(self, channel)
 
-    def channels(self):
+    def channels(self) -> set[str]:
         """The channels with at least one local listener (a new set)."""
         return set(self._channels)
 
-    def channels_of(self, ws):
+    def channels_of(self, ws: Listener) -> set[str]:
         """The channels ``ws`` is attached to (a new set)."""
         return set(self._memberships.get(ws, ()))
 
-    def listener_count(self, channel):
+    def listener_count(self, channel: str) -> int:
         """Listeners on ``channel`` in every process the backend can see.
 
         The in-memory backend sees this process only, so that is the local
@@ -532,7 +559,12 @@ class Hub:
 
     # -- messages ----------------------------------------------------------
 
-    def publish(self, channel, message, history=None):
+    def publish(
+        self,
+        channel: str,
+        message: "str | bytes",
+        history: "HistoryPolicy | None" = None,
+    ) -> "Position | None":
         """Broadcast ``message`` to every listener of ``channel``, everywhere.
 
         ``history`` is a :class:`~stargate.backends.base.HistoryPolicy` (or
@@ -572,7 +604,12 @@ class Hub:
             )
         return self.backend.publish(channel, message, history=history)
 
-    def deliver(self, channel, message, position=None):
+    def deliver(
+        self,
+        channel: str,
+        message: "str | bytes",
+        position: "Position | None" = None,
+    ) -> int:
         """Send ``message`` to this process's listeners on ``channel``.
 
         Called by the backend. The frame is encoded once per wire format;
@@ -661,7 +698,7 @@ class Hub:
             logger.debug("channel %r: %d slow listeners dropped it", channel, dropped)
         return delivered
 
-    def gap(self, channel, reason):
+    def gap(self, channel: str, reason: str) -> None:
         """The backend's word that ``channel`` may have missed messages.
 
         Called by the backend (``Backend.report_gap``) once the channel is
@@ -720,7 +757,7 @@ class Hub:
     # -- counters ----------------------------------------------------------
 
     @property
-    def stats(self):
+    def stats(self) -> HubStats:
         """A :class:`HubStats` snapshot of this process's counters."""
         return HubStats(
             listeners=sum(len(s) for s in self._channels.values()),
@@ -798,7 +835,7 @@ _SKIPPED = object()
 _default_hub = None
 
 
-def default_hub():
+def default_hub() -> Hub:
     """The process-wide hub on the in-memory backend.
 
     Used when ``config.include('stargate')`` was not called: broadcast then

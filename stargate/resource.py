@@ -44,11 +44,15 @@ backend does not share them with other processes. Give such resources a
 
 import itertools
 import os
+from typing import TYPE_CHECKING, Iterable
 
 from pyramid.traversal import resource_path
 
-from stargate.backends.base import HistoryPolicy
+from stargate.backends.base import HistoryPolicy, Position
 from stargate.config import get_hub, get_settings
+
+if TYPE_CHECKING:  # the hub imports this package's config: no cycle at run time
+    from stargate.hub import Hub, Listener, ListenerSet
 
 __all__ = ["WebSocketAwareResource"]
 
@@ -65,15 +69,15 @@ class WebSocketAwareResource:
 
     #: Messages of history this resource's channel keeps; ``None`` means the
     #: ``stargate.history_size`` setting, 0 no history.
-    history_size = None
+    history_size: "int | None" = None
     #: Seconds that history is kept after the channel's last message;
     #: ``None`` means the ``stargate.history_ttl`` setting.
-    history_ttl = None
+    history_ttl: "float | None" = None
 
     # -- where the listeners live ---------------------------------------
 
     @property
-    def hub(self):
+    def hub(self) -> "Hub":
         """The :class:`~stargate.hub.Hub` this resource's listeners live in.
 
         :func:`stargate.config.get_hub` for the current registry unless a hub
@@ -85,11 +89,11 @@ class WebSocketAwareResource:
         return get_hub()
 
     @hub.setter
-    def hub(self, hub):
+    def hub(self, hub: "Hub") -> None:
         self.__dict__["_stargate_hub"] = hub
 
     @property
-    def channel(self):
+    def channel(self) -> str:
         """The name under which this resource's listeners are kept.
 
         The traversal path by default; unique to this object (and process)
@@ -105,11 +109,11 @@ class WebSocketAwareResource:
         return resource_path(self)
 
     @channel.setter
-    def channel(self, value):
+    def channel(self, value: str) -> None:
         self.__dict__["_stargate_channel"] = value
 
     @property
-    def listeners(self):
+    def listeners(self) -> "ListenerSet":
         """A set of attached websockets.
 
         The live set of this channel's listeners in this process (a
@@ -121,7 +125,7 @@ class WebSocketAwareResource:
         return self.hub.listeners(self.channel)
 
     @listeners.setter
-    def listeners(self, websockets):
+    def listeners(self, websockets: "Iterable[Listener] | None") -> None:
         hub, channel = self.hub, self.channel
         wanted = [] if websockets is None else list(websockets)
         for ws in hub.listeners(channel):
@@ -132,7 +136,9 @@ class WebSocketAwareResource:
 
     # -- the documented API -------------------------------------------------
 
-    def add_listener(self, ws, since=None):
+    def add_listener(
+        self, ws: "Listener", since: "Position | tuple[str, int] | None" = None
+    ) -> None:
         """Adds ``ws`` to the set of listeners.
 
         It is removed again by :meth:`remove_listener`, or by itself when
@@ -155,7 +161,7 @@ class WebSocketAwareResource:
             on_gap=self.on_gap,
         )
 
-    def on_gap(self, channel, reason):
+    def on_gap(self, channel: str, reason: str) -> None:
         """Called when this channel's listeners in this process may have
         missed messages: the backend lost its connection and got it back, a
         cluster slot moved or failed over, a history was lost. ``reason``
@@ -169,7 +175,9 @@ class WebSocketAwareResource:
         with it and get what is still in the window.
         """
 
-    def format_message(self, message, position):
+    def format_message(
+        self, message: "str | bytes", position: "Position | None"
+    ) -> "str | bytes":
         """What is sent for ``message`` at ``position`` (history on only).
 
         Called once per message (never per listener) when the backend
@@ -181,7 +189,7 @@ class WebSocketAwareResource:
         """
         return message
 
-    def history_policy(self):
+    def history_policy(self) -> "HistoryPolicy | None":
         """This channel's :class:`~stargate.backends.base.HistoryPolicy`,
         or ``None`` when it keeps no history."""
         settings = get_settings()
@@ -195,11 +203,11 @@ class WebSocketAwareResource:
             ttl = settings.history_ttl
         return HistoryPolicy(int(size), float(ttl))
 
-    def remove_listener(self, ws):
+    def remove_listener(self, ws: "Listener") -> None:
         """Removes ``ws`` from the set of listeners (no error if absent)."""
         self.hub.remove(self.channel, ws)
 
-    def send(self, message):
+    def send(self, message: "str | bytes") -> "Position | None":
         """Sends ``message`` to all sockets in the set of listeners.
 
         It will clear up any websockets that are no longer connected.
