@@ -388,6 +388,7 @@ def includeme(config: Any) -> None:
     """
     from stargate import predicates
     from stargate.backends import load_backend
+    from stargate.backends.base import keeps_history
     from stargate.hub import Hub
 
     predicates.includeme(config)
@@ -398,7 +399,7 @@ def includeme(config: Any) -> None:
             written[PREFIX + field.name] = getattr(settings, field.name)
     config.registry.stargate_settings = settings
     backend = load_backend(settings.backend, **settings.backend_options)
-    if settings.history_size and not getattr(backend, "supports_history", False):
+    if settings.history_size and not keeps_history(backend):
         raise IncorrectlyConfigured(
             f"stargate.history_size = {settings.history_size} needs a backend "
             f"that keeps history, and {settings.backend!r} does not; use memory "

@@ -40,7 +40,7 @@ from pyramid.httpexceptions import HTTPNotFound
 from pyramid.response import Response
 
 from stargate import WebSocketAwareResource, WebSocketView
-from stargate.backends.base import Position
+from stargate.backends.base import Position, keeps_history
 from stargate.exceptions import BackendUnavailable, HistoryUnavailable
 
 __all__ = ["main", "make_app", "Room", "Job", "EchoView", "RoomView", "JobView"]
@@ -91,7 +91,7 @@ class Room(WebSocketAwareResource):
         self.__parent__ = ROOMS
 
     def history_policy(self):
-        if not getattr(self.hub.backend, "supports_history", False):
+        if not keeps_history(self.hub.backend):
             return None  # redis:// pub/sub keeps no history: plain broadcast
         return super().history_policy()
 
