@@ -1,4 +1,4 @@
-"""The eventlet driver: the WebSocket object a handler receives.
+"""The I/O driver: the WebSocket object a handler receives.
 
 :class:`WebSocket` owns a green socket, a send queue and the timers that keep
 the connection honest (keepalive pings, the close timeout). Every protocol
@@ -11,9 +11,10 @@ working, and adds ``ping``, the negotiated ``subprotocol``, the close
 ``close_code``/``close_reason`` and ``on_message``.
 
 The reader is not a green thread: the connection registers a callback with
-eventlet's hub for its file descriptor, and the hub calls it whenever bytes
-arrive. It feeds the protocol, answers pings, notes pongs, completes the
-closing handshake and queues data messages for :meth:`WebSocket.wait` (or
+the runtime's hub (eventlet's or gevent's, through :mod:`stargate.runtime`)
+for its file descriptor, and the hub calls it whenever bytes arrive. It
+feeds the protocol, answers pings, notes pongs, completes the closing
+handshake and queues data messages for :meth:`WebSocket.wait` (or
 hands them to :attr:`WebSocket.on_message`). So keepalive measures the peer,
 not the handler: a handler that only sends is never cut off, and a
 connection nobody waits on costs no stack.
@@ -42,13 +43,10 @@ import time
 import weakref
 from typing import Any, Callable, ContextManager
 
-import eventlet
 import greenlet
-from eventlet import hubs
-from eventlet.greenio import GreenSocket
-from eventlet.hubs import hub as _eventlet_hub
 
 from stargate import protocol as _protocol
+from stargate import runtime as _runtime
 from stargate.exceptions import ConnectionClosed
 
 __all__ = ["WebSocket", "SendResult", "open_websockets"]
@@ -75,8 +73,6 @@ IDLE_CLOSE_CODE = 1001
 #: Close code sent to a peer that did not answer a keepalive ping within
 #: ``ping_timeout`` (as ``websockets`` does).
 KEEPALIVE_CLOSE_CODE = 1011
-
-_READ = _eventlet_hub.READ
 
 _open: "weakref.WeakSet[WebSocket]" = weakref.WeakSet()
 
@@ -123,25 +119,11 @@ _DEAD = SendResult.DEAD
 _MESSAGE_EVENTS = (_protocol.TextMessage, _protocol.BinaryMessage)
 
 
-def _adopt(sock):
-    """The plain socket under an eventlet green socket, owned from now on.
-
-    A green socket holds a dictionary and eight bound methods (about
-    0.8 KiB) and closes its descriptor when collected: the descriptor moves
-    to a new plain, non-blocking socket object and the wrapper is let go.
-    """
-    raw = getattr(sock, "fd", None)
-    if raw is None:
-        return sock
-    adopted = type(raw)(raw.family, raw.type, raw.proto, fileno=raw.detach())
-    adopted.setblocking(False)
-    return adopted
-
-
 class WebSocket:
     """A WebSocket connection, as a handler sees it.
 
-    :param sock: the eventlet green socket, after the handshake was sent.
+    :param sock: the client socket (a green socket of the runtime, or a
+        plain one), after the handshake was sent; the connection owns it.
     :param protocol: a :class:`~stargate.protocol.ServerProtocol` for it.
     :param environ: the WSGI environ of the upgrade request.
     :param subprotocol: the negotiated ``Sec-WebSocket-Protocol``, or None.
@@ -186,7 +168,7 @@ class WebSocket:
         "messages_received",
         "messages_sent",
         "_raw",
-        "_hub",
+        "_rt",
         "_queue",
         "_queued",
         "_writer",
@@ -246,9 +228,9 @@ class WebSocket:
         #: :class:`~stargate.frames.WireFormat`, shared by equal peers).
         self.wire_format = protocol.wire_format
         self._message_context = message_context
-        self._raw = _adopt(sock)
+        self._rt = runtime = _runtime.current()
+        self._raw = runtime.adopt(sock)
         self._green = None
-        self._hub = hubs.get_hub()
         # The send backlog and the received messages not yet returned by
         # wait(): deques made only when needed and dropped once empty, since
         # an empty deque holds a 64-slot block (760 bytes) per idle connection.
@@ -290,12 +272,13 @@ class WebSocket:
     # -- what handlers use --------------------------------------------------
 
     @property
-    def socket(self) -> GreenSocket:
-        """The connection's socket, as an eventlet green socket (made when
-        first asked for: an idle connection keeps only the plain socket)."""
+    def socket(self) -> Any:
+        """The connection's socket, as a green socket of the runtime (made
+        when first asked for: an idle connection keeps only the plain
+        socket). On gevent it holds a duplicate of the descriptor."""
         green = self._green
         if green is None:
-            green = self._green = GreenSocket(self._raw)
+            green = self._green = self._rt.green_socket(self._raw)
         return green
 
     @property
@@ -421,7 +404,7 @@ class WebSocket:
         self._start_close(code, reason)
         if self.protocol.state is _CLOSED or self._finished:
             return
-        if greenlet.getcurrent() is self._hub.greenlet:
+        if greenlet.getcurrent() is self._rt.hub_greenlet():
             return  # the close timeout finishes it
         self._closed().wait()
 
@@ -514,7 +497,7 @@ class WebSocket:
         self._queued += len(data)
         self._writable = False
         if self._writer is None:
-            self._writer = eventlet.spawn(self._drain)
+            self._writer = self._rt.spawn(self._drain)
         return SendResult.QUEUED
 
     def _overflow(self):
@@ -537,7 +520,7 @@ class WebSocket:
             while self._queue:
                 chunk = self._queue[0]
                 try:
-                    self.socket.sendall(chunk)  # green: waits for room
+                    self._send_all(chunk)
                 except OSError:
                     self.abort()  # the peer is gone
                     return
@@ -552,6 +535,18 @@ class WebSocket:
             if self._shutting and not self._finished:
                 self._half_close()
 
+    def _send_all(self, chunk):
+        """Send all of ``chunk``, waiting (green) for room in between."""
+        view = memoryview(chunk)
+        raw = self._raw
+        while view:
+            try:
+                sent = raw.send(view)
+            except BlockingIOError:
+                self._rt.wait_writable(raw.fileno())
+                continue
+            view = view[sent:]
+
     # -- reading: a hub callback, not a green thread ---------------------------
 
     def _listen(self):
@@ -563,28 +558,21 @@ class WebSocket:
         if fileno < 0:
             self._finish()
             return
-        self._listener = listener = self._hub.add(
-            _READ, fileno, self._readable, self._descriptor_gone, None
+        self._listener = self._rt.watch_readable(
+            fileno, self._readable, self._descriptor_gone
         )
-        # eventlet ties a listener to the green thread that registered it (to
-        # skip its throwback once that thread is dead). This one belongs to
-        # the connection, which outlives the request's green thread: tie it
-        # to the hub, so the dead thread is freed and the throwback still
-        # runs. There is no public way to say so; ``greenlet`` is a plain
-        # attribute of eventlet's FdListener.
-        listener.greenlet = self._hub.greenlet
 
     def _unlisten(self):
         listener, self._listener = self._listener, None
         if listener is not None:
-            self._hub.remove(listener)
+            self._rt.unwatch(listener)
 
-    def _descriptor_gone(self, *args):
+    def _descriptor_gone(self, *ignored):
         """The hub says the descriptor was closed under us."""
         self._listener = None
         self._finish()
 
-    def _readable(self, fileno=None):
+    def _readable(self, *ignored):
         """Called by the hub (in its own green thread: never block here)."""
         try:
             data = self._raw.recv(READ_SIZE)
@@ -643,14 +631,14 @@ class WebSocket:
     def _park(self):
         """Sleep until :meth:`_wake` (a message, or the end)."""
         current = greenlet.getcurrent()
-        hub = self._hub
-        if current is hub.greenlet:
+        runtime = self._rt
+        if current is runtime.hub_greenlet():
             raise RuntimeError("WebSocket.wait() cannot be called from the hub")
         if self._waiters is None:
             self._waiters = []
         self._waiters.append(current)
         try:
-            hub.switch()
+            runtime.switch_to_hub()
         finally:
             waiters = self._waiters
             if waiters is not None:
@@ -664,16 +652,16 @@ class WebSocket:
     def _wake(self):
         """Resume the green threads parked in :meth:`wait`.
 
-        A parked green thread is switched to from the hub itself, as eventlet
-        resumes one whose socket became readable; from anywhere else the
+        A parked green thread is switched to from the hub itself, as the
+        runtimes resume one whose socket became readable; from anywhere else the
         wake-up is scheduled, and only green threads still parked then are
         resumed, so none is ever woken from another wait.
         """
         if not self._waiters:
             return
-        hub = self._hub
-        if greenlet.getcurrent() is not hub.greenlet:
-            hub.schedule_call_global(0, self._wake)
+        runtime = self._rt
+        if greenlet.getcurrent() is not runtime.hub_greenlet():
+            runtime.call_soon(self._wake)
             return
         for waiter in list(self._waiters):
             waiters = self._waiters
@@ -682,7 +670,7 @@ class WebSocket:
 
     def _dispatch(self):
         if self._dispatcher is None and not self._finished:
-            self._dispatcher = eventlet.spawn_n(self._run_on_message)
+            self._dispatcher = self._rt.spawn_n(self._run_on_message)
 
     def _run_on_message(self):
         try:
@@ -727,7 +715,7 @@ class WebSocket:
         if protocol.state is _CLOSED:
             self._shut()  # hixie-75: nothing to wait for
         elif self._deadline is None:
-            self._deadline = self._hub.schedule_call_global(
+            self._deadline = self._rt.call_later(
                 self.close_timeout, self._close_timed_out
             )
 
@@ -764,7 +752,7 @@ class WebSocket:
         self._shutting = True
         self._cancel_timer()
         if self._deadline is None:
-            self._deadline = self._hub.schedule_call_global(
+            self._deadline = self._rt.call_later(
                 self.close_timeout, self._close_timed_out
             )
         if self._listener is None:
@@ -789,7 +777,7 @@ class WebSocket:
         finishes. Made on first use, since few connections are ever waited
         for (it costs 0.4 KiB)."""
         if self._closed_event is None:
-            self._closed_event = eventlet.Event()
+            self._closed_event = self._rt.Event()
             if self._finished or self.protocol.state is _CLOSED:
                 self._closed_event.send(True)
         return self._closed_event
@@ -802,9 +790,9 @@ class WebSocket:
         calls it so the request lasts as long as the connection.
         """
         if not self._finished:
-            done = eventlet.Event()
+            done = self._rt.Event()
             self.add_close_callback(lambda websocket: done.send(True))
-            with eventlet.Timeout(timeout, False):
+            with self._rt.Timeout(timeout, False):
                 done.wait()
         self.abort()
 
@@ -814,7 +802,7 @@ class WebSocket:
             event.send(True)
 
     def _wait_closed(self, timeout):
-        with eventlet.Timeout(timeout, False):
+        with self._rt.Timeout(timeout, False):
             self._closed().wait()
             return True
         return False
@@ -833,7 +821,7 @@ class WebSocket:
         writer = self._writer
         if writer is not None and writer is not greenlet.getcurrent():
             self._writer = None
-            writer.kill()
+            self._rt.kill(writer)
         self._queue = None
         self._queued = 0
         if not self._shutting:
@@ -849,9 +837,9 @@ class WebSocket:
         self._signal_closed()
         callbacks, self._close_callbacks = self._close_callbacks, []
         if callbacks:
-            if greenlet.getcurrent() is self._hub.greenlet:
+            if greenlet.getcurrent() is self._rt.hub_greenlet():
                 # Callbacks may block (a backend unsubscribing): not here.
-                eventlet.spawn_n(self._run_close_callbacks, callbacks)
+                self._rt.spawn_n(self._run_close_callbacks, callbacks)
             else:
                 self._run_close_callbacks(callbacks)
 
@@ -883,7 +871,7 @@ class WebSocket:
         if not due:
             return
         delay = max(min(due) - time.monotonic(), 0.0)
-        self._timer = self._hub.schedule_call_global(delay, self._tick)
+        self._timer = self._rt.call_later(delay, self._tick)
 
     def _tick(self):
         """Send the keepalive ping that is due, or end a silent connection."""

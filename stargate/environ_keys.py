@@ -9,9 +9,12 @@ than stargate's own (:mod:`stargate.gunicorn`) can set them too.
 from __future__ import annotations
 
 __all__ = [
+    "CLIENT_SOCKET_KEY",
     "PROXIED_KEY",
+    "REQUEST_RFILE_KEY",
     "RELEASE_BUFFERS_KEY",
     "TRUE_PROTOCOL_KEY",
+    "TAKEN_OVER_KEY",
     "WEBSOCKET_OPENED_KEY",
 ]
 
@@ -32,3 +35,16 @@ WEBSOCKET_OPENED_KEY = "stargate.websocket_opened"
 #: Set when the request came through a trusted proxy: its ``REMOTE_ADDR`` is
 #: the client the proxy named, not the proxy.
 PROXIED_KEY = "stargate.proxied"
+
+#: Set by stargate's gevent server: the client socket, which the view takes
+#: over for the WebSocket (eventlet's server has ``eventlet.input``, gunicorn
+#: ``gunicorn.socket``).
+CLIENT_SOCKET_KEY = "stargate.client_socket"
+
+#: Set by stargate's gevent server: the request's buffered reader, from
+#: which the view reads hixie-76's eight key bytes (they follow the headers).
+REQUEST_RFILE_KEY = "stargate.request_rfile"
+
+#: Set by the view once it took the connection over: the server writes no
+#: response of its own and leaves the socket alone.
+TAKEN_OVER_KEY = "stargate.taken_over"

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import eventlet
 
+from stargate import runtime
 from stargate.environ_keys import (
     PROXIED_KEY,
     RELEASE_BUFFERS_KEY,
@@ -390,17 +391,35 @@ def _run_worker(
     close_websockets(shutdown_timeout)
 
 
+#: Closing handshakes a stopping worker runs at once.
+CLOSERS = 1000
+
+
 def close_websockets(timeout: float) -> None:
     """Close every WebSocket of this process with 1001 (going away), in
     parallel; drop those still open ``timeout`` seconds later. Used when a
     worker stops (here, and by :mod:`stargate.gunicorn`'s hooks)."""
     from stargate.connection import open_websockets
 
-    closers = eventlet.GreenPool(1000)
-    for websocket in open_websockets():
-        closers.spawn_n(_close_going_away, websocket)
-    with eventlet.Timeout(timeout, False):
-        closers.waitall()
+    green = runtime.current()
+    closing = open_websockets()
+    if closing:
+        # At most CLOSERS handshakes at a time, each closer taking the next.
+        closers = [min(CLOSERS, len(closing))]
+        done = green.Event()
+
+        def closer() -> None:
+            try:
+                while closing:
+                    _close_going_away(closing.pop())
+            finally:
+                closers[0] -= 1
+                if not closers[0]:
+                    done.send(True)
+
+        for _ in range(closers[0]):
+            green.spawn_n(closer)
+        done.wait(timeout)
     for websocket in open_websockets():
         websocket.abort()
 

@@ -1,18 +1,18 @@
-"""stargate under gunicorn: its eventlet worker carries WebSockets.
+"""stargate under gunicorn: its gevent and eventlet workers carry WebSockets.
 
 gunicorn hands the application the client's socket as
-``environ["gunicorn.socket"]``. In the eventlet worker (``-k eventlet``,
-gunicorn 25 and earlier: 26 removed it) that is an eventlet green socket,
-which :class:`~stargate.WebSocketView` takes over as it takes one over from
-stargate's own server. The other workers cannot carry a WebSocket: sync
-serves one request at a time, gthread runs a handler on a thread of a small
-pool, and gevent's sockets are not eventlet's. There an upgrade is refused
-with 501 and a sentence naming the worker (:func:`client_socket`).
+``environ["gunicorn.socket"]``. In the gevent worker (``-k gevent``) that is
+a gevent socket, in the eventlet worker (``-k eventlet``, gunicorn 25 and
+earlier: 26 removed it) an eventlet green socket; :class:`~stargate.WebSocketView`
+takes it over on the runtime of the worker (:mod:`stargate.runtime`). The
+other workers cannot carry a WebSocket: sync serves one request at a time,
+gthread runs a handler on a thread of a small pool. There an upgrade is
+refused with 501 and a sentence naming the worker (:func:`client_socket`).
 
 This module is also a gunicorn configuration: its hooks close a worker's
 WebSockets with 1001 (going away) when gunicorn stops it::
 
-    gunicorn -k eventlet -w 2 -c python:stargate.gunicorn 'myapp:main({})'
+    gunicorn -k gevent -w 2 -c python:stargate.gunicorn 'myapp:main({})'
 
 or, in your own ``gunicorn.conf.py``::
 
@@ -27,9 +27,7 @@ import signal
 import socket
 from typing import Any
 
-import eventlet
-from eventlet.greenio import GreenSocket
-
+from stargate import runtime
 from stargate.exceptions import IncorrectlyConfigured
 from stargate.factory import WEBSOCKET_OPENED_KEY, close_websockets, websocket_opened
 
@@ -38,7 +36,7 @@ __all__ = ["client_socket", "post_worker_init", "worker_int"]
 # gunicorn reads every module-level name that is one of its settings from a
 # configuration module (``-c python:stargate.gunicorn``): ``worker_class`` is
 # one, and the hooks below are others. A ``-k`` on the command line wins.
-worker_class = "eventlet"
+worker_class = "gevent"
 
 #: Seconds between a stopping worker's sweeps for WebSockets opened after
 #: SIGTERM (their upgrade requests were still arriving).
@@ -46,21 +44,20 @@ LATE_SWEEP_INTERVAL = 0.2
 
 #: What the other workers' refusals tell a user to run instead.
 USE_INSTEAD = (
-    "run gunicorn with its eventlet worker (gunicorn -k eventlet, gunicorn 25 "
-    "or earlier) or stargate's own server (use = egg:stargate#main, "
-    "or `stargate demo`)"
+    "run gunicorn with its gevent worker (gunicorn -k gevent) or its eventlet "
+    "worker (gunicorn -k eventlet, gunicorn 25 or earlier), or stargate's own "
+    "server (use = egg:stargate#main, or `stargate demo`)"
 )
 
 #: What keeps each worker from carrying a WebSocket.
 _WHY_NOT = {
     "sync": "it serves one request at a time, and a WebSocket would hold it",
     "gthread": "each WebSocket would hold one of its few threads",
-    "gevent": "stargate runs on eventlet, not gevent (a gevent runtime is planned)",
 }
 
 
 def client_socket(environ: dict[str, Any]) -> socket.socket | None:
-    """The client socket gunicorn's eventlet worker hands over, for
+    """The client socket gunicorn's gevent or eventlet worker hands over, for
     :class:`~stargate.WebSocketView` to take over; None when gunicorn is not
     the server.
 
@@ -70,7 +67,7 @@ def client_socket(environ: dict[str, Any]) -> socket.socket | None:
     sock = environ.get("gunicorn.socket")
     if sock is None:
         return None
-    if isinstance(sock, GreenSocket):
+    if _worker_type(environ) in runtime.RUNTIMES:
         # stargate's server logs each WebSocket session and counts it for
         # stargate.metrics through this key; gunicorn logs none of them.
         environ.setdefault(WEBSOCKET_OPENED_KEY, websocket_opened)
@@ -78,7 +75,7 @@ def client_socket(environ: dict[str, Any]) -> socket.socket | None:
     worker = _worker_type(environ)
     raise IncorrectlyConfigured(
         f"gunicorn's {worker} worker cannot carry a WebSocket "
-        f"({_WHY_NOT.get(worker, 'it is not eventlet')}); {USE_INSTEAD}"
+        f"({_WHY_NOT.get(worker, 'it does not run green threads')}); {USE_INSTEAD}"
     )
 
 
@@ -87,10 +84,10 @@ def _worker_type(environ: dict[str, Any]) -> str:
     ``"gevent"``, ``"gthread"`` or ``"sync"``. gunicorn does not name its
     worker in the environ; its socket and ``wsgi.multithread`` tell them
     apart."""
-    sock = environ.get("gunicorn.socket")
-    if isinstance(sock, GreenSocket):
+    module = type(environ.get("gunicorn.socket")).__module__
+    if module.startswith("eventlet"):
         return "eventlet"
-    if type(sock).__module__.startswith("gevent"):
+    if module.startswith("gevent"):
         return "gevent"
     return "gthread" if environ.get("wsgi.multithread") else "sync"
 
@@ -106,7 +103,7 @@ def post_worker_init(worker: Any) -> None:
     or ``graceful_timeout`` passes, and a WebSocket would then be cut with
     no close frame. gunicorn's own handler still runs first.
     """
-    if not _eventlet_worker(worker):
+    if not _green_worker(worker):
         return
     previous = signal.getsignal(signal.SIGTERM)
 
@@ -115,7 +112,7 @@ def post_worker_init(worker: Any) -> None:
             previous(signum, frame)
         # A signal handler must not block: the closing handshakes run on a
         # green thread of their own.
-        eventlet.spawn_n(_stop, worker)
+        runtime.current().spawn_n(_stop, worker)
 
     signal.signal(signal.SIGTERM, going_away)
     # gunicorn lets SIGTERM restart interrupted system calls; signal.signal()
@@ -127,7 +124,7 @@ def worker_int(worker: Any) -> None:
     """gunicorn hook, run on SIGINT and SIGQUIT (a quick stop) before the
     worker exits: close its WebSockets with 1001, within
     ``graceful_timeout``."""
-    if _eventlet_worker(worker):
+    if _green_worker(worker):
         _close_all(worker, "SIGINT/SIGQUIT")
 
 
@@ -139,7 +136,7 @@ def _stop(worker: Any) -> None:
 
     _close_all(worker, "SIGTERM")
     while True:
-        eventlet.sleep(LATE_SWEEP_INTERVAL)
+        runtime.current().sleep(LATE_SWEEP_INTERVAL)
         if open_websockets():
             _close_all(worker, "SIGTERM, opened since")
 
@@ -157,9 +154,11 @@ def _close_all(worker: Any, why: str) -> None:
     close_websockets(worker.cfg.graceful_timeout)
 
 
-def _eventlet_worker(worker: Any) -> bool:
-    """Is ``worker`` gunicorn's eventlet worker? Only there does this
-    process run eventlet's hub, which the closing handshakes need."""
-    return any(
-        cls.__module__ == "gunicorn.workers.geventlet" for cls in type(worker).__mro__
-    )
+#: gunicorn's modules of the workers that run a green-thread hub, which
+#: the closing handshakes need.
+_GREEN_WORKER_MODULES = ("gunicorn.workers.geventlet", "gunicorn.workers.ggevent")
+
+
+def _green_worker(worker: Any) -> bool:
+    """Is ``worker`` gunicorn's gevent or eventlet worker?"""
+    return any(cls.__module__ in _GREEN_WORKER_MODULES for cls in type(worker).__mro__)

@@ -46,8 +46,7 @@ import os
 import weakref
 from typing import Any, Callable
 
-import eventlet.event
-
+from stargate import runtime
 from stargate.backends import load_backend
 from stargate.backends.base import (
     Backend,
@@ -266,7 +265,7 @@ class Hub:
             self._memberships.clear()
             self._subscribing.clear()
             self._watched = weakref.WeakSet()
-        done = eventlet.event.Event()
+        done = runtime.current().Event()
         self._starting = (pid, done)
         try:
             self.backend.gap_handler = self.gap
@@ -356,7 +355,7 @@ class Hub:
                 subscribing.wait()
                 listeners = self._channels.get(channel)
                 continue
-            subscribing = self._subscribing[channel] = eventlet.event.Event()
+            subscribing = self._subscribing[channel] = runtime.current().Event()
             try:
                 self.backend.subscribe(channel)
             except BaseException:

@@ -19,8 +19,6 @@ its connection limit 503.
 import logging
 import socket
 
-import eventlet
-import eventlet.wsgi
 from pyramid.httpexceptions import (
     HTTPBadRequest,
     HTTPClientError,
@@ -32,6 +30,7 @@ from pyramid.response import Response
 from pyramid.threadlocal import manager as threadlocal_manager
 
 from stargate import handshake as _handshake
+from stargate import runtime
 from stargate.config import get_settings
 from stargate.connection import WebSocket
 from stargate.environ_keys import (
@@ -129,7 +128,7 @@ class WebSocketView:
         # server says the request's real version, the handshake must not
         # judge it.
         version_known = not (
-            "eventlet.input" in environ
+            runtime.current().reports_http_10(environ)
             and environ.get("SERVER_PROTOCOL") == "HTTP/1.0"
             and not environ.get(TRUE_PROTOCOL_KEY)
         )
@@ -175,7 +174,7 @@ class WebSocketView:
             sock.sendall(handshake.response)
         except OSError as exc:
             log.debug("client left during the handshake: %s", exc)
-            return self._already_handled()
+            return self._taken_over()
         # stargate's server hands the socket over with what it read ahead
         # (frames a client sent with the upgrade request); another server
         # keeps the socket, so the request must last as long as the WebSocket.
@@ -229,7 +228,7 @@ class WebSocketView:
             if not getattr(self, "_handed_over", False):
                 # The server closes the socket when the request ends.
                 websocket.finish(websocket.close_timeout)
-        return self._already_handled()
+        return self._taken_over()
 
     def _run_handler(self, websocket):
         try:
@@ -261,7 +260,7 @@ class WebSocketView:
             # Another server closes the socket when the request ends: the
             # request lasts as long as the connection.
             websocket.finish(None)
-        return self._already_handled()
+        return self._taken_over()
 
     def handler(self, websocket):
         """Handles the interaction with the websocket after being set up.
@@ -285,18 +284,17 @@ class WebSocketView:
 
     def _hijack_socket(self):
         environ = self.request.environ
-        wsgi_input = environ.get("eventlet.input")
-        if wsgi_input is not None and hasattr(wsgi_input, "get_socket"):
-            sock = wsgi_input.get_socket()
-        else:
+        sock = runtime.current().server_socket(environ)
+        if sock is None:
             sock = gunicorn_socket(environ)  # raises under its other workers
         if sock is None:
             server = environ.get("SERVER_SOFTWARE") or "this WSGI server"
             raise IncorrectlyConfigured(
-                f"{server} cannot carry a WebSocket: WebSocketView needs "
-                "eventlet's WSGI server to take over the connection; serve the "
+                f"{server} cannot carry a WebSocket: WebSocketView needs a "
+                "server that lets it take the connection over; serve the "
                 "application with stargate's server (use = egg:stargate#main "
-                "in the .ini, or `stargate demo`) or gunicorn -k eventlet"
+                "in the .ini, or `stargate demo`), gunicorn -k gevent or "
+                "gunicorn -k eventlet"
             )
         # The server's request timeout guarded the handshake; from here on
         # the WebSocket's own ping settings decide when a peer is gone.
@@ -308,9 +306,9 @@ class WebSocketView:
             pass  # not TCP (a Unix socket in tests)
         return sock
 
-    @staticmethod
-    def _already_handled():
-        eventlet.wsgi.WSGI_LOCAL.already_handled = True
+    def _taken_over(self):
+        """The response that tells the server the connection is the view's."""
+        runtime.current().mark_taken_over(self.request.environ)
         return Response(status=101, app_iter=[])
 
 
@@ -398,11 +396,11 @@ def _ignore_message(websocket, message):
 
 def _read_key3(environ, timeout):
     """Read hixie-76's 8 key bytes, which follow the request headers."""
-    rfile = getattr(environ.get("eventlet.input"), "rfile", None)
+    rfile = runtime.current().request_rfile(environ)
     if rfile is None:
         return None
     data = b""
-    with eventlet.Timeout(timeout, False):
+    with runtime.current().Timeout(timeout, False):
         try:
             while len(data) < 8:
                 chunk = rfile.read(8 - len(data))

@@ -83,10 +83,61 @@ def test_the_check_finds_a_private_import(tmp_path):
 
 def test_the_server_and_the_view_share_the_environ_keys():
     from stargate import environ_keys, factory, view
+    from stargate.runtime import gevent as gevent_runtime
 
+    servers = (factory, gevent_runtime)  # what sets or reads each key
     for name in environ_keys.__all__:
         value = getattr(environ_keys, name)
         assert value.startswith("stargate.")
         if hasattr(view, name):
             assert getattr(view, name) is value
-        assert getattr(factory, name) is value
+        assert any(getattr(server, name, None) is value for server in servers), name
+
+
+def green_library_imports(path: pathlib.Path) -> list[str]:
+    """The lines of the file at ``path`` that import eventlet or gevent."""
+    tree = ast.parse(path.read_text(), str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""]
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] in ("eventlet", "gevent"):
+                where = (
+                    path.relative_to(PACKAGE).as_posix()
+                    if path.is_relative_to(PACKAGE)
+                    else path.name
+                )
+                found.append(f"{where}:{node.lineno} {name}")
+    return found
+
+
+#: Where eventlet or gevent may be imported: the runtime seam's modules, and
+#: the servers built on one runtime (eventlet's server is stargate.factory,
+#: and the command and the testing helpers start it). Nothing may be added.
+GREEN_IMPORTERS = {
+    "runtime/eventlet.py",
+    "runtime/gevent.py",
+    "factory.py",
+    "__main__.py",
+    "testing/server.py",
+    "testing/client.py",
+}
+
+
+def test_only_the_runtime_seam_imports_eventlet_or_gevent():
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        found += green_library_imports(path)
+    assert [use for use in found if use.split(":")[0] not in GREEN_IMPORTERS] == []
+
+
+def test_the_check_finds_a_green_import(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("import eventlet.wsgi\nfrom gevent import socket\nimport os\n")
+    found = green_library_imports(sample.resolve())
+    assert [line.split(" ", 1)[1] for line in found] == ["eventlet.wsgi", "gevent"]

@@ -37,14 +37,13 @@ import collections
 import logging
 import time
 
-import eventlet
-import eventlet.event
-import eventlet.semaphore
 import greenlet
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import AskError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from stargate import runtime
 
 __all__ = ["PubSubReceiver"]
 
@@ -66,7 +65,7 @@ class _Shard:
         # PubSub makes its connection on the first command, and two green
         # threads subscribing at once would each make one (and one would be
         # lost, with its subscription): commands to a shard go one at a time.
-        self.lock = eventlet.semaphore.Semaphore()
+        self.lock = runtime.current().Semaphore()
 
     def subscribed_names(self):
         return set(self.pubsub.channels) | set(self.pubsub.shard_channels)
@@ -112,7 +111,7 @@ class PubSubReceiver:
         self.own_unsubscribes = collections.Counter()
         self.unrouted = set()  # names waiting for the slot map to be read
         self.router = None  # the green thread routing them
-        self.stopping = eventlet.event.Event()
+        self.stopping = runtime.current().Event()
 
     # -- subscriptions (called by the backend) ----------------------------
 
@@ -125,7 +124,7 @@ class PubSubReceiver:
         """
         confirmed = self.confirmations.get(name)
         if confirmed is None or confirmed.ready():
-            confirmed = self.confirmations[name] = eventlet.event.Event()
+            confirmed = self.confirmations[name] = runtime.current().Event()
         try:
             shard = self._shard_for(name)
         except (RedisError, OSError) as exc:
@@ -142,7 +141,7 @@ class PubSubReceiver:
         self.routes[name] = _UNROUTED
         self.unrouted.add(name)
         if self.router is None:
-            self.router = eventlet.spawn(self._route_parked)
+            self.router = runtime.current().spawn(self._route_parked)
 
     def _route_parked(self):
         attempt = 0
@@ -205,7 +204,7 @@ class PubSubReceiver:
         if shard is None:
             pubsub = self.connect(node).pubsub(ignore_subscribe_messages=False)
             shard = self.shards[key] = _Shard(key, pubsub)
-            shard.thread = eventlet.spawn(self._run, shard)
+            shard.thread = runtime.current().spawn(self._run, shard)
         return shard
 
     def _route(self, name, shard):
@@ -268,8 +267,8 @@ class PubSubReceiver:
             shard.pubsub.reset()
         except Exception:  # a dead node's socket: nothing more to do
             pass
-        if shard.thread is not None and shard.thread is not eventlet.getcurrent():
-            shard.thread.kill()
+        if shard.thread is not None and shard.thread is not greenlet.getcurrent():
+            runtime.current().kill(shard.thread)
 
     # -- reading (one green thread per shard) ------------------------------
 
@@ -327,8 +326,7 @@ class PubSubReceiver:
             if self.routes.get(name, _MISSING) == shard.key:
                 # Pushed by Redis: the channel's slot left this node.
                 log.warning(
-                    "Redis at %s stopped serving %r (its slot moved); "
-                    "following it",
+                    "Redis at %s stopped serving %r (its slot moved); following it",
                     self.describe(shard.key),
                     name,
                 )
@@ -416,11 +414,11 @@ class PubSubReceiver:
         if not self.stopping.ready():
             self.stopping.send(True)
         if self.router is not None:
-            self.router.kill()
+            runtime.current().kill(self.router)
         shards, self.shards = list(self.shards.values()), {}
         for shard in shards:
             if shard.thread is not None:
-                shard.thread.kill()
+                runtime.current().kill(shard.thread)
             try:
                 if self.cluster:
                     shard.pubsub.sunsubscribe()
@@ -446,7 +444,7 @@ class PubSubReceiver:
             self.stopping.send(True)
         for thread in [s.thread for s in self.shards.values()] + [self.router]:
             if thread is not None:
-                thread.kill()
+                runtime.current().kill(thread)
         self.shards = {}
 
 

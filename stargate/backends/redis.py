@@ -62,10 +62,6 @@ import time
 import urllib.parse
 import uuid
 
-import eventlet
-import eventlet.event
-import eventlet.patcher
-import eventlet.semaphore
 from redis import BlockingConnectionPool, Redis
 from redis.backoff import EqualJitterBackoff, NoBackoff
 from redis.cluster import RedisCluster
@@ -74,6 +70,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from stargate import runtime
 from stargate.backends import REDIS_SCHEMES
 from stargate.backends.base import Backend, Presence
 from stargate.backends.receiver import PubSubReceiver
@@ -96,7 +93,7 @@ DEFAULT_SOCKET_TIMEOUT = 5.0
 #: Seconds a process's presence entry outlives its last heartbeat.
 DEFAULT_PRESENCE_TTL = 30.0
 #: Connections per Redis node a worker keeps for publishing and presence.
-#: One eventlet process runs one command at a time, so a few connections
+#: One green-thread process runs one command at a time, so a few connections
 #: keep Redis busy; more green threads wait (up to ``socket_timeout``) for
 #: one to be free instead of failing or opening hundreds.
 DEFAULT_MAX_CONNECTIONS = 16
@@ -394,11 +391,11 @@ class RedisBackend(Presence, Backend):
         self._read_presence = None
         self._receiver = None  # the PubSubReceiver, once started
         self._presence_thread = None
-        self._presence_wake = eventlet.event.Event()
+        self._presence_wake = runtime.current().Event()
         self._dirty = set()  # channels whose count Redis does not have yet
         self._started_in = None  # the pid start() ran in
         self._closed = False
-        self._stopping = eventlet.event.Event()
+        self._stopping = runtime.current().Event()
         # Channels with local listeners; the receiver keeps Redis in step.
         self._channels = set()
         self._local_counts = {}
@@ -444,7 +441,7 @@ class RedisBackend(Presence, Backend):
 
         Raises :class:`~stargate.exceptions.BackendUnavailable` naming the
         URL when Redis cannot be reached, and
-        :class:`~stargate.exceptions.IncorrectlyConfigured` when eventlet's
+        :class:`~stargate.exceptions.IncorrectlyConfigured` when the runtime's
         monkey-patching is missing (the receiver would block the process).
         """
         if self._closed:
@@ -458,9 +455,9 @@ class RedisBackend(Presence, Backend):
             # server forked its workers gives each worker its own identity.
             self.process_id = _new_process_id()
         self._started_in = os.getpid()
-        if not eventlet.patcher.is_monkey_patched("socket"):
+        if not runtime.current().is_monkey_patched():
             raise IncorrectlyConfigured(
-                "the Redis backend needs eventlet.monkey_patch() to run before "
+                f"the Redis backend needs {runtime.current().PATCH_CALL} to run before "
                 "anything else in the process (including redis imports)"
             )
         self._deliver = deliver
@@ -486,7 +483,7 @@ class RedisBackend(Presence, Backend):
         )
         for channel in sorted(self._channels):
             self._receiver.subscribe(self._redis_channel(channel))
-        self._presence_thread = eventlet.spawn(self._presence_loop)
+        self._presence_thread = runtime.current().spawn(self._presence_loop)
 
     def _pubsub_client(self, node):
         """A client with a pool of its own for the pub/sub connection to
@@ -534,7 +531,7 @@ class RedisBackend(Presence, Backend):
             receiver.abandon()
         presence, self._presence_thread = self._presence_thread, None
         if presence is not None:
-            presence.kill()
+            runtime.current().kill(presence)
         self._dirty = set()
         self._client = self._write_presence = self._read_presence = None
         self._channels, self._local_counts = set(), {}
@@ -644,11 +641,11 @@ class RedisBackend(Presence, Backend):
             for i, (keys, args) in enumerate(calls, 1):
                 self._write_presence(keys=keys, args=args)
                 if i % PRESENCE_BATCH == 0:
-                    eventlet.sleep(0)
+                    runtime.current().sleep(0)
             return
         for start in range(0, len(calls), PRESENCE_BATCH):
             if start:
-                eventlet.sleep(0)  # let the receiver deliver in between
+                runtime.current().sleep(0)  # let the receiver deliver in between
             with self._client.pipeline(transaction=False) as pipe:
                 for keys, args in calls[start : start + PRESENCE_BATCH]:
                     self._write_presence(keys=keys, args=args, client=pipe)
@@ -661,7 +658,7 @@ class RedisBackend(Presence, Backend):
         attempt = 0
         while not self._stopping.ready():
             if not self._dirty:
-                self._presence_wake = eventlet.event.Event()
+                self._presence_wake = runtime.current().Event()
                 self._presence_wake.wait(max(0.0, next_beat - time.monotonic()))
             if self._stopping.ready():
                 break
@@ -776,7 +773,7 @@ class RedisBackend(Presence, Backend):
             self._stopping.send(True)
         presence, self._presence_thread = self._presence_thread, None
         if presence is not None:
-            presence.kill()
+            runtime.current().kill(presence)
         receiver, self._receiver = self._receiver, None
         if receiver is not None:
             receiver.close()

@@ -75,9 +75,6 @@ import socket
 import time
 import uuid
 
-import eventlet
-import eventlet.event
-import eventlet.patcher
 import greenlet
 from redis import Redis
 from redis.backoff import NoBackoff
@@ -86,6 +83,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from stargate import runtime
 from stargate.backends import STREAMS_SCHEMES
 from stargate.backends.base import Backend, History, HistoryPolicy, Position
 from stargate.backends.receiver import PubSubReceiver
@@ -282,8 +280,8 @@ class RedisStreamsBackend(History, Backend):
         self._publish_script = None
         self._notifier = None  # the PubSubReceiver of notifications
         self._receiver = None  # the green thread that reads the streams
-        self._stopping = eventlet.event.Event()
-        self._wakeup = eventlet.event.Event()
+        self._stopping = runtime.current().Event()
+        self._wakeup = runtime.current().Event()
         #: channel -> [epoch or None, last offset delivered]; None while the
         #: current offset could not be read (it is read on reconnect).
         self._cursors = {}
@@ -323,7 +321,7 @@ class RedisStreamsBackend(History, Backend):
 
         Raises :class:`~stargate.exceptions.BackendUnavailable` when Redis
         cannot be reached, and
-        :class:`~stargate.exceptions.IncorrectlyConfigured` without eventlet's
+        :class:`~stargate.exceptions.IncorrectlyConfigured` without the runtime's
         monkey-patching.
         """
         if self._closed:
@@ -333,15 +331,16 @@ class RedisStreamsBackend(History, Backend):
             receiver, notifier = self._receiver, self._notifier
             self._reset_process_state()
             if receiver is not None:
-                receiver.kill()
+                runtime.current().kill(receiver)
             if notifier is not None:
                 notifier.abandon()
         if self._receiver is not None:
             raise BackendError("this Redis streams backend is already started")
-        if not eventlet.patcher.is_monkey_patched("socket"):
+        if not runtime.current().is_monkey_patched():
             raise IncorrectlyConfigured(
-                "the Redis streams backend needs eventlet.monkey_patch() to run "
-                "before anything else in the process"
+                "the Redis streams backend needs "
+                f"{runtime.current().PATCH_CALL} to run before anything else "
+                "in the process"
             )
         self._started_in = os.getpid()
         self._deliver = deliver
@@ -369,7 +368,7 @@ class RedisStreamsBackend(History, Backend):
             read_timeout=self.block,
             describe=lambda key: redact_url(self.url),
         )
-        self._receiver = eventlet.spawn(self._run)
+        self._receiver = runtime.current().spawn(self._run)
         for channel in list(self._cursors):
             self._notifier.subscribe(self._notify_name(channel).encode())
             self._mark(channel, check=True)
@@ -549,7 +548,7 @@ class RedisStreamsBackend(History, Backend):
         sweep_at = time.monotonic() + self.block
         while not self._stopping.ready():
             if not self._pending and not self._check:
-                self._wakeup = eventlet.event.Event()
+                self._wakeup = runtime.current().Event()
                 if not self._pending and not self._check:
                     self._wakeup.wait(max(0.0, sweep_at - time.monotonic()))
             if self._stopping.ready():
@@ -653,7 +652,7 @@ class RedisStreamsBackend(History, Backend):
                     self._handle(channel, entries)
                     self._pending.add(channel)  # read on until nothing is new
             if response:
-                eventlet.sleep(0)
+                runtime.current().sleep(0)
 
     def _epoch_changed(self, channel, cursor, epoch):
         self.stats["epoch_changes"] += 1
@@ -732,12 +731,12 @@ class RedisStreamsBackend(History, Backend):
             notifier.close()
         receiver, self._receiver = self._receiver, None
         if receiver is not None:
-            with eventlet.Timeout(timeout or self.socket_timeout, False):
+            with runtime.current().Timeout(timeout or self.socket_timeout, False):
                 try:
                     receiver.wait()
                 except greenlet.GreenletExit:
                     pass
-            receiver.kill()
+            runtime.current().kill(receiver)
         self._cursors.clear()
         self._close_client()
 

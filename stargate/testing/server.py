@@ -116,8 +116,7 @@ class LiveServer:
         cross-server test needed before. Raises ``TimeoutError`` saying how
         many listened after ``timeout`` seconds.
         """
-        import eventlet
-
+        from stargate import runtime
         from stargate.factory import registry_of
         from stargate.hub import get_hub
 
@@ -132,7 +131,7 @@ class LiveServer:
                     f"{listening} of {count} listener(s) on channel {channel!r} "
                     f"of {self.url} after {timeout} s"
                 )
-            eventlet.sleep(0.01)
+            runtime.current().sleep(0.01)
 
     def __enter__(self):
         return self.start()
