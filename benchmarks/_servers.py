@@ -15,6 +15,11 @@
     the same, but ``/listen`` is a ``keep_open`` view: its handler returns
     after ``add_listener()`` and the hub keeps the connection, with no green
     thread parked under the request.
+``stargate-gevent``, ``stargate-gevent-kept``
+    the same two on the gevent runtime, with stargate's gevent server.
+``gunicorn-gevent``
+    the ``stargate`` app under gunicorn's gevent worker (``-k gevent``, the
+    hooks of :mod:`stargate.gunicorn`), ``--workers`` gunicorn workers.
 ``websockets``
     a ``websockets`` asyncio server; a broadcast is
     ``websockets.broadcast(connections, message)``. With ``--redis URL`` each
@@ -140,14 +145,11 @@ def run_broadcast(command, publish, sleep):
 # -- stargate -----------------------------------------------------------------
 
 
-def serve_stargate(args):
-    import eventlet
-
-    eventlet.monkey_patch()
+def stargate_app(args, *, kept, sleep):
+    """The Pyramid app every stargate kind serves (see the module's doc)."""
     from pyramid.config import Configurator
 
     from stargate import WebSocketAwareResource, WebSocketView
-    from stargate.factory import serve
 
     class Root(WebSocketAwareResource):
         __name__ = ""
@@ -177,7 +179,7 @@ def serve_stargate(args):
                 command = json.loads(text)
                 if command["op"] == "broadcast":
                     with profiler:
-                        reply = run_broadcast(command, resource.send, eventlet.sleep)
+                        reply = run_broadcast(command, resource.send, sleep)
                 else:
                     reply = {"listeners": len(resource.listeners)}
                 websocket.send(json.dumps(reply))
@@ -187,11 +189,26 @@ def serve_stargate(args):
         config.include("stargate")
         config.add_route("listen", CHANNEL_PATH, factory=lambda request: root)
         config.add_route("control", "/control", factory=lambda request: root)
-        kept = getattr(args, "kind", "stargate") == "stargate-kept"
         config.add_view(KeptListenView if kept else ListenView, route_name="listen")
         config.add_view(ControlView, route_name="control")
-        app = config.make_wsgi_app()
-    sock = eventlet.greenio.GreenSocket(listen_socket())
+        return config.make_wsgi_app()
+
+
+def serve_stargate(args):
+    from stargate import runtime
+
+    kind = getattr(args, "kind", "stargate")
+    green = runtime.use("gevent" if kind.startswith("stargate-gevent") else "eventlet")
+    green.monkey_patch()
+    from stargate.factory import serve
+
+    app = stargate_app(args, kept=kind.endswith("-kept"), sleep=green.sleep)
+    options = {"runtime": green.NAME} if green.NAME != "eventlet" else {}
+    sock = listen_socket()
+    if green.NAME == "eventlet":
+        import eventlet.greenio
+
+        sock = eventlet.greenio.GreenSocket(sock)
     serve(
         app,
         workers=args.workers,
@@ -199,7 +216,44 @@ def serve_stargate(args):
         access_log=False,
         shutdown_timeout=2.0,
         ready=lambda address: announce(sock),
+        **options,
     )
+
+
+# -- stargate under gunicorn's gevent worker ------------------------------------
+
+
+def serve_gunicorn(args):
+    """gunicorn's gevent worker patches in each worker, which loads the app
+    there (no preloading): the master process stays unpatched."""
+    from gunicorn.app.base import BaseApplication
+
+    import stargate.gunicorn
+
+    sock = listen_socket()
+
+    class Application(BaseApplication):
+        def load_config(self):
+            settings = {
+                "bind": f"fd://{sock.fileno()}",
+                "workers": args.workers,
+                "worker_class": "gevent",
+                "worker_connections": 100_000,
+                "graceful_timeout": 2,
+                "loglevel": "warning",
+                "post_worker_init": stargate.gunicorn.post_worker_init,
+                "worker_int": stargate.gunicorn.worker_int,
+            }
+            for name, value in settings.items():
+                self.cfg.set(name, value)
+
+        def load(self):
+            from stargate import runtime
+
+            return stargate_app(args, kept=False, sleep=runtime.current().sleep)
+
+    announce(sock)
+    Application().run()
 
 
 # -- eventlet's own WebSocketWSGI ------------------------------------------------
@@ -358,6 +412,9 @@ async def _async_broadcast(command, publish):
 SERVERS = {
     "stargate": serve_stargate,
     "stargate-kept": serve_stargate,
+    "stargate-gevent": serve_stargate,
+    "stargate-gevent-kept": serve_stargate,
+    "gunicorn-gevent": serve_gunicorn,
     "websockets": serve_websockets,
     "eventlet": serve_eventlet,
 }

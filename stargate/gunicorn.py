@@ -31,7 +31,7 @@ from stargate import runtime
 from stargate.exceptions import IncorrectlyConfigured
 from stargate.factory import WEBSOCKET_OPENED_KEY, close_websockets, websocket_opened
 
-__all__ = ["client_socket", "post_worker_init", "worker_int"]
+__all__ = ["client_socket", "taken_over_body", "post_worker_init", "worker_int"]
 
 # gunicorn reads every module-level name that is one of its settings from a
 # configuration module (``-c python:stargate.gunicorn``): ``worker_class`` is
@@ -67,16 +67,36 @@ def client_socket(environ: dict[str, Any]) -> socket.socket | None:
     sock = environ.get("gunicorn.socket")
     if sock is None:
         return None
-    if _worker_type(environ) in runtime.RUNTIMES:
+    worker = _worker_type(environ)
+    if worker in runtime.RUNTIMES:
         # stargate's server logs each WebSocket session and counts it for
         # stargate.metrics through this key; gunicorn logs none of them.
         environ.setdefault(WEBSOCKET_OPENED_KEY, websocket_opened)
+        if worker == "gevent":
+            # The gevent worker reads the next request from its socket once
+            # the view returns, whatever the view said (only the eventlet
+            # worker leaves its keep-alive loop for a taken-over request).
+            # The WebSocket gets a duplicate descriptor: gunicorn's socket
+            # stays valid, reads the end of the connection and closes it
+            # quietly, instead of logging a "Bad file descriptor" traceback.
+            return sock.dup()
         return sock
-    worker = _worker_type(environ)
     raise IncorrectlyConfigured(
         f"gunicorn's {worker} worker cannot carry a WebSocket "
         f"({_WHY_NOT.get(worker, 'it does not run green threads')}); {USE_INSTEAD}"
     )
+
+
+def taken_over_body(environ: dict[str, Any]) -> Any:
+    """The response body that tells gunicorn the application took the
+    connection over, so it writes no response of its own on the socket the
+    WebSocket now owns: gunicorn's ``ALREADY_HANDLED`` marker (its async
+    workers compare the body with it), or an empty body elsewhere."""
+    if "gunicorn.socket" not in environ:
+        return []
+    from gunicorn.workers.base_async import ALREADY_HANDLED
+
+    return ALREADY_HANDLED
 
 
 def _worker_type(environ: dict[str, Any]) -> str:

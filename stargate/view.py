@@ -45,6 +45,7 @@ from stargate.exceptions import (
     NotWebSocketRequest,
 )
 from stargate.gunicorn import client_socket as gunicorn_socket
+from stargate.gunicorn import taken_over_body
 from stargate.protocol import ServerProtocol
 
 __all__ = ["WebSocketView", "IncorrectlyConfigured"]
@@ -308,8 +309,9 @@ class WebSocketView:
 
     def _taken_over(self):
         """The response that tells the server the connection is the view's."""
-        runtime.current().mark_taken_over(self.request.environ)
-        return Response(status=101, app_iter=[])
+        environ = self.request.environ
+        runtime.current().mark_taken_over(environ)
+        return Response(status=101, app_iter=taken_over_body(environ))
 
 
 def refusal(error):

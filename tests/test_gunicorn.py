@@ -214,6 +214,9 @@ def test_stopping_closes_websockets_with_1001(signum, config, tmp_path):
         worker = "gevent" if config == "module" else "eventlet"
         assert f"Using worker: {worker}" in server.output
         assert "closing 2 WebSocket(s) with 1001" in server.output
+        # gunicorn neither wrote a response on the taken-over sockets nor
+        # read from a descriptor the WebSocket had closed.
+        assert "Traceback" not in server.output
 
 
 def test_an_upgrade_under_way_at_sigterm_is_closed_with_1001_too():
