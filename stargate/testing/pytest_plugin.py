@@ -1,11 +1,20 @@
 """pytest fixtures for applications built on stargate.
 
 Installing stargate registers this plugin (the ``pytest11`` entry point
-``stargate``). Its fixtures need eventlet's monkey-patching in the test
-process: put these two lines at the very top of your ``conftest.py``::
+``stargate``). Its fixtures need the test process monkey-patched for the
+runtime your application runs on, before anything imports ``socket``: put
+these two lines at the very top of your ``conftest.py``::
 
     import eventlet
     eventlet.monkey_patch()
+
+or, on gevent::
+
+    from gevent import monkey
+    monkey.patch_all()
+
+stargate finds the runtime from the patching (or from ``STARGATE_RUNTIME``);
+a process runs one of them, since both patch the standard library.
 
 Fixtures:
 
