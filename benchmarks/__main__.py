@@ -3,7 +3,10 @@
 NAME is ``all`` (the default) or any of ``broadcast``, ``memory``,
 ``fanout``, ``concurrency``, ``history``, ``prune``, ``receive``, ``floor``,
 ``idle``, ``channels``.
-Each benchmark prints its tables; plots (PNG) and raw figures (JSON) go to ``--out``
+With one NAME, options the suite does not know go to that benchmark
+(``python -m benchmarks memory --peers stargate,gunicorn-gevent,websockets``;
+``python -m benchmarks.NAME --help`` lists them). Each benchmark prints its
+tables; plots (PNG) and raw figures (JSON) go to ``--out``
 (``benchmarks/results/``, which git ignores). Every benchmark bounds its own
 run time and stops the processes it started.
 """
@@ -20,23 +23,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _module(name):
-    def run(quick, out):
+    def run(quick, out, extra=()):
         import importlib
 
         module = importlib.import_module(f"benchmarks.{name}")
-        argv = ["--out", out] + (["--quick"] if quick else [])
+        argv = ["--out", out] + (["--quick"] if quick else []) + list(extra)
         module.main(argv)
         return 0
 
     return run
 
 
-def _script(filename, *extra):
-    def run(quick, out):
+def _script(filename, *fixed):
+    def run(quick, out, extra=()):
         command = [sys.executable, os.path.join(HERE, filename)]
-        command += [arg.format(out=out) for arg in extra]
+        command += [arg.format(out=out) for arg in fixed]
         if quick:
             command.append("--quick")
+        command += list(extra)
         sys.stdout.flush()
         env = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
         return subprocess.run(command, cwd=ROOT, env=env, timeout=1800).returncode
@@ -81,15 +85,20 @@ def build_parser(prog="python -m benchmarks"):
 
 
 def main(argv=None, prog="python -m benchmarks"):
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args, extra = parser.parse_known_args(argv)
     names = list(BENCHMARKS) if "all" in args.names else args.names
+    if extra and len(names) != 1:
+        parser.error(
+            f"options {' '.join(extra)} need exactly one benchmark NAME to go to"
+        )
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     failed = []
     for name in names:
         print(f"\n=== {name} {'(quick) ' if args.quick else ''}===", flush=True)
         start = time.monotonic()
-        code = BENCHMARKS[name](args.quick, out)
+        code = BENCHMARKS[name](args.quick, out, extra)
         if code:
             failed.append(name)
         print(f"=== {name}: {time.monotonic() - start:.0f} s ===", flush=True)

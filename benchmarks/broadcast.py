@@ -76,6 +76,7 @@ def run(
     out,
     sizes=None,
     compressions=(False, True),
+    peers=PEERS,
 ):
     raise_nofile()
     sizes = sizes or (QUICK_SIZES if quick else SIZES)
@@ -83,7 +84,7 @@ def run(
     for n in listener_counts:
         servers = {}
         try:
-            for peer in PEERS:
+            for peer in peers:
                 servers[peer] = ServerProcess(peer)
             for compress in compressions:
                 results += _run_case(
@@ -94,24 +95,25 @@ def run(
                     quick=quick,
                     rounds=rounds,
                     paced=paced,
+                    peers=peers,
                 )
                 if not quick:  # a long run shows its progress
-                    report(results[-len(sizes) * 2 :])
+                    report(results[-len(sizes) * 2 :], peers)
         finally:
             for server in servers.values():
                 server.stop()
-    report(results)
+    report(results, peers)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "broadcast.json"), "w") as f:
         json.dump(results, f, indent=1)
-    plot(results, out)
+    plot(results, out, peers)
     return results
 
 
-def _run_case(servers, n, compress, *, sizes, quick, rounds, paced):
+def _run_case(servers, n, compress, *, sizes, quick, rounds, paced, peers=PEERS):
     pools = {}
     try:
-        for peer in PEERS:
+        for peer in peers:
             pools[peer] = ClientPool(servers[peer].port, n, compress=compress)
             opened, failed, seconds, _ = pools[peer].connect(timeout=120)
             if failed:
@@ -126,8 +128,8 @@ def _run_case(servers, n, compress, *, sizes, quick, rounds, paced):
                     measure_round(
                         servers,
                         pools,
-                        PEERS,
-                        cases.setdefault((size, binary), new_samples(PEERS)),
+                        peers,
+                        cases.setdefault((size, binary), new_samples(peers)),
                         r + size + binary,
                         burst=count,
                         paced=paced,
@@ -147,32 +149,35 @@ def _run_case(servers, n, compress, *, sizes, quick, rounds, paced):
             pool.close()
 
 
-def report(results):
+def _compared(peers):
+    """``(base, the others)``: every peer is compared with websockets."""
+    base = "websockets" if "websockets" in peers else None
+    return base, ([p for p in peers if p != base] if base else [])
+
+
+def report(results, peers=PEERS):
+    base, compared = _compared(peers)
     columns = ["N", "message", "deflate"]
-    columns += [f"{p} /s" for p in PEERS]
-    columns += ["sg/ws", "sg/ev", "delivered", "loadgen cores"]
+    columns += [f"{p} /s" for p in peers]
+    columns += [f"{p}/ws" for p in compared] + ["delivered", "loadgen cores"]
     rows = []
     for r in results:
-        sg, ws, ev = (r[p]["rate"] for p in PEERS)
         rows.append(
             [
                 f"{r['n']:,}",
                 f"{size_label(r['size'])} {'bin' if r['binary'] else 'text'}",
                 "yes" if r["compress"] else "no",
-                fmt_rate(sg),
-                fmt_rate(ws),
-                fmt_rate(ev),
-                ratio(sg, ws),
-                ratio(sg, ev),
-                f"{min(r[p]['delivered'] for p in PEERS):.0%}",
-                f"{max(r[p]['client_cores'] for p in PEERS):.2f}",
+                *(fmt_rate(r[p]["rate"]) for p in peers),
+                *(ratio(r[p]["rate"], r[base]["rate"]) for p in compared),
+                f"{min(r[p]['delivered'] for p in peers):.0%}",
+                f"{max(r[p]['client_cores'] for p in peers):.2f}",
             ]
         )
     print_table(f"{TITLE}: deliveries per second (burst)", columns, rows)
     columns = ["N", "message", "deflate"]
-    for p in PEERS:
+    for p in peers:
         columns += [f"{p} p50", "p99"]
-    columns += ["p99 sg/ws"]
+    columns += [f"p99 {p}/ws" for p in compared]
     rows = []
     for r in results:
         row = [
@@ -180,23 +185,23 @@ def report(results):
             f"{size_label(r['size'])} {'bin' if r['binary'] else 'text'}",
             "yes" if r["compress"] else "no",
         ]
-        for p in PEERS:
+        for p in peers:
             row += [fmt_ms(r[p]["p50"]), fmt_ms(r[p]["p99"])]
-        row.append(ratio(r["stargate"]["p99"], r["websockets"]["p99"]))
+        row += [ratio(r[p]["p99"], r[base]["p99"]) for p in compared]
         rows.append(row)
     print_table(
         "broadcast latency, publish -> last listener, ms (paced phase)", columns, rows
     )
 
 
-def plot(results, out):
+def plot(results, out, peers=PEERS):
     plt = pyplot()
     fig, axes = plt.subplots(1, len(SIZES), figsize=(15, 4.5), squeeze=False)
     for ax, size in zip(axes[0], SIZES):
         if not any(r["size"] == size for r in results):
             ax.set_visible(False)
             continue
-        for i, peer in enumerate(PEERS):
+        for i, peer in enumerate(peers):
             for compress, style in ((False, "o-"), (True, "x--")):
                 rows = [
                     r
@@ -235,7 +240,7 @@ def plot(results, out):
         ]
         labels, p50s, p99s = [], [], []
         for r in rows:
-            for peer in PEERS:
+            for peer in peers:
                 labels.append(f"{peer}\n{'deflate' if r['compress'] else 'plain'}")
                 p50s.append(r[peer]["p50"] * 1e3)
                 p99s.append(r[peer]["p99"] * 1e3)
@@ -270,6 +275,12 @@ def main(argv=None):
     )
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--paced", type=int, default=None, help="paced messages")
+    parser.add_argument(
+        "--peers",
+        type=lambda s: tuple(s.split(",")),
+        default=PEERS,
+        help="comma-separated server kinds (" + ",".join(PEERS) + ")",
+    )
     args = parser.parse_args(argv)
     counts = args.listeners or ([20, 50] if args.quick else [100, 1000, 10000])
     rounds = args.rounds or (1 if args.quick else 2)
@@ -282,6 +293,7 @@ def main(argv=None):
         paced=paced,
         out=args.out,
         sizes=args.sizes,
+        peers=args.peers,
     )
     print(f"\nbroadcast: done in {time.monotonic() - start:.0f} s; plots in {args.out}")
 

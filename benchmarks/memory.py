@@ -13,6 +13,10 @@ shows the median over rounds.
 
     python -m benchmarks memory            # N = 1,000 and 10,000
     python -m benchmarks memory --quick    # N = 100
+    python -m benchmarks memory --peers stargate,gunicorn-gevent,websockets
+
+``--peers`` picks the servers (any kind of :mod:`benchmarks._servers`);
+every one is compared with ``websockets`` when it is among them.
 """
 
 import argparse
@@ -53,62 +57,61 @@ def measure(peer, n, compress, settle=1.0):
     return {"per_conn": (after - before) / max(opened, 1), "open": opened}
 
 
-def run(counts, *, rounds, out, settle=1.0, compressions=(False, True)):
+def run(counts, *, rounds, out, settle=1.0, compressions=(False, True), peers=PEERS):
     raise_nofile()
     samples = {}
     for r in range(rounds):
         for n in counts:
             for compress in compressions:
-                for peer in rotate(PEERS, r + compress):
+                for peer in rotate(peers, r + compress):
                     m = measure(peer, n, compress, settle)
                     samples.setdefault((n, compress, peer), []).append(m)
     results = []
     for n in counts:
         for compress in compressions:
             row = {"n": n, "compress": compress}
-            for peer in PEERS:
+            for peer in peers:
                 ms = samples[(n, compress, peer)]
                 row[peer] = statistics.median(m["per_conn"] for m in ms)
                 row[f"{peer}_open"] = min(m["open"] for m in ms)
             results.append(row)
-    report(results)
+    report(results, peers)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "memory.json"), "w") as f:
         json.dump(results, f, indent=1)
-    plot(results, out)
+    plot(results, out, peers)
     return results
 
 
-def report(results):
-    columns = ["N", "deflate"] + [f"{p} KiB/conn" for p in PEERS]
-    columns += ["sg/ws", "kept/ws", "sg/ev", "connected"]
+def report(results, peers=PEERS):
+    base = "websockets" if "websockets" in peers else None
+    compared = [p for p in peers if p != base] if base else []
+    columns = ["N", "deflate"] + [f"{p} KiB/conn" for p in peers]
+    columns += [f"{p}/ws" for p in compared] + ["connected"]
     rows = []
     for r in results:
-        sg, kept, ws, ev = (r[p] for p in PEERS)
         rows.append(
             [
                 f"{r['n']:,}",
                 "yes" if r["compress"] else "no",
-                *(f"{r[p] / 1024:.1f}" for p in PEERS),
-                ratio(sg, ws),
-                ratio(kept, ws),
-                ratio(sg, ev),
-                "/".join(f"{r[f'{p}_open']}" for p in PEERS),
+                *(f"{r[p] / 1024:.1f}" for p in peers),
+                *(ratio(r[p], r[base]) for p in compared),
+                "/".join(f"{r[f'{p}_open']}" for p in peers),
             ]
         )
     print_table(TITLE, columns, rows)
 
 
-def plot(results, out):
+def plot(results, out, peers=PEERS):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     labels = [
         f"N={r['n']:,}\n{'deflate' if r['compress'] else 'plain'}" for r in results
     ]
-    width = 0.8 / len(PEERS)
-    for i, peer in enumerate(PEERS):
+    width = 0.8 / len(peers)
+    for i, peer in enumerate(peers):
         ax.bar(
-            [x + (i - 1.5) * width for x in range(len(results))],
+            [x + (i - (len(peers) - 1) / 2) * width for x in range(len(results))],
             [r[peer] / 1024 for r in results],
             width=width,
             label=peer,
@@ -134,11 +137,23 @@ def main(argv=None):
         help="comma-separated connection counts (1000,10000)",
     )
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument(
+        "--peers",
+        type=lambda s: tuple(s.split(",")),
+        default=PEERS,
+        help="comma-separated server kinds (" + ",".join(PEERS) + ")",
+    )
     args = parser.parse_args(argv)
     counts = args.connections or ([100] if args.quick else [1000, 10000])
     rounds = args.rounds or (1 if args.quick else 2)
     start = time.monotonic()
-    run(counts, rounds=rounds, out=args.out, settle=0.3 if args.quick else 1.0)
+    run(
+        counts,
+        rounds=rounds,
+        out=args.out,
+        settle=0.3 if args.quick else 1.0,
+        peers=args.peers,
+    )
     print(f"\nmemory: done in {time.monotonic() - start:.0f} s; plots in {args.out}")
 
 
