@@ -24,6 +24,10 @@ says what every added worker costs each message.
 
     python -m benchmarks fanout            # N = 2,000; W = 1, 2, 4
     python -m benchmarks fanout --quick    # N = 20
+    python -m benchmarks fanout --peers stargate,gunicorn-gevent,websockets
+
+``--peers`` picks the servers (kinds of :mod:`benchmarks._servers` that take
+``--redis``); each is compared with ``websockets`` in the same run.
 """
 
 import argparse
@@ -48,7 +52,7 @@ TITLE = "fanout: broadcast through Redis across worker processes"
 SIZE = 1024
 
 
-def run(workers_list, n, *, rounds, burst, paced, out):
+def run(workers_list, n, *, rounds, burst, paced, out, peers=PEERS):
     from stargate.testing.redis_server import RedisServer
 
     raise_nofile()
@@ -60,47 +64,48 @@ def run(workers_list, n, *, rounds, burst, paced, out):
         results = measure_across_workers(
             workers_list,
             n,
-            PEERS,
+            peers,
             start_server,
             rounds=rounds,
             burst=burst,
             paced=paced,
             size=SIZE,
         )
-    report(results)
+    report(results, peers)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "fanout.json"), "w") as f:
         json.dump(results, f, indent=1)
-    plot(results, out)
+    plot(results, out, peers)
     return results
 
 
-def report(results):
+def report(results, peers=PEERS):
+    base = "websockets" if "websockets" in peers else None
+    compared = [p for p in peers if p != base] if base else []
     columns = ["workers", "N"]
-    for p in PEERS:
+    for p in peers:
         columns += [f"{p} /s", "p50 ms", "p99 ms"]
-    columns += ["rate sg/ws", "p99 sg/ws", "delivered"]
-    columns += [f"{p} CPU us/msg/worker" for p in PEERS]
+    columns += [f"rate {p}/ws" for p in compared]
+    columns += [f"p99 {p}/ws" for p in compared] + ["delivered"]
+    columns += [f"{p} CPU us/msg/worker" for p in peers]
     rows = []
     for r in results:
         row = [r["workers"], f"{r['n']:,}"]
-        for p in PEERS:
+        for p in peers:
             row += [fmt_rate(r[p]["rate"]), fmt_ms(r[p]["p50"]), fmt_ms(r[p]["p99"])]
-        row += [
-            ratio(r["stargate"]["rate"], r["websockets"]["rate"]),
-            ratio(r["stargate"]["p99"], r["websockets"]["p99"]),
-            f"{min(r[p]['delivered'] for p in PEERS):.0%}",
-        ]
-        row += [f"{r[p].get('cpu_per_message', 0) * 1e6:,.0f}" for p in PEERS]
+        row += [ratio(r[p]["rate"], r[base]["rate"]) for p in compared]
+        row += [ratio(r[p]["p99"], r[base]["p99"]) for p in compared]
+        row.append(f"{min(r[p]['delivered'] for p in peers):.0%}")
+        row += [f"{r[p].get('cpu_per_message', 0) * 1e6:,.0f}" for p in peers]
         rows.append(row)
     print_table(f"{TITLE} ({SIZE} B text messages)", columns, rows)
 
 
-def plot(results, out):
+def plot(results, out, peers=PEERS):
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     ws = [r["workers"] for r in results]
-    for i, peer in enumerate(PEERS):
+    for i, peer in enumerate(peers):
         left.plot(
             ws, [r[peer]["rate"] for r in results], "o-", color=f"C{i}", label=peer
         )
@@ -145,6 +150,12 @@ def main(argv=None):
         help="comma-separated worker counts (1,2,4)",
     )
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument(
+        "--peers",
+        type=lambda s: tuple(s.split(",")),
+        default=PEERS,
+        help="comma-separated server kinds (" + ",".join(PEERS) + ")",
+    )
     args = parser.parse_args(argv)
     n = args.listeners or (20 if args.quick else 2000)
     rounds = args.rounds or (1 if args.quick else 3)
@@ -156,6 +167,7 @@ def main(argv=None):
         burst=5 if args.quick else 30,
         paced=3 if args.quick else 20,
         out=args.out,
+        peers=args.peers,
     )
     print(f"\nfanout: done in {time.monotonic() - start:.0f} s; plots in {args.out}")
 
