@@ -1,25 +1,45 @@
 """The ``stargate`` command (also ``python -m stargate``).
 
 ``stargate --version`` prints the installed version.
-``stargate demo [--host H] [--port P] [--backend URL] [--workers N]`` serves
-the demo application (:mod:`stargate.demo`) with
-:func:`stargate.factory.serve` and prints its URL once it accepts
-connections. ``--port 0`` picks a free port.
+``stargate demo [--host H] [--port P] [--backend URL] [--workers N]
+[--runtime eventlet|gevent]`` serves the demo application
+(:mod:`stargate.demo`) with :func:`stargate.factory.serve` and prints its
+URL once it accepts connections. ``--port 0`` picks a free port.
 """
 
+import os
+import sys
 import warnings
 
 # Whoever runs the command chose eventlet already: its notice that it is in
 # maintenance mode would open every run of the command with 8 lines of noise.
 warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
 
-import eventlet  # noqa: E402
 
-eventlet.monkey_patch()  # before anything else imports socket or threading
+def _runtime_from_argv(argv):
+    """The runtime ``--runtime`` names in ``argv``, else ``STARGATE_RUNTIME``,
+    else eventlet: read before anything imports socket or threading, since
+    the runtime's monkey-patching must come first. A bad name is left to
+    the parser, which names the choices."""
+    for i, arg in enumerate(argv):
+        if arg == "--runtime" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--runtime="):
+            return arg.partition("=")[2]
+    return os.environ.get("STARGATE_RUNTIME", "eventlet")
+
+
+def _patch(name):
+    from stargate import runtime
+
+    if name in runtime.RUNTIMES:
+        runtime.use(name).monkey_patch()
+
+
+_patch(_runtime_from_argv(sys.argv[1:]))
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
-import sys  # noqa: E402
 
 __all__ = ["main", "build_parser"]
 
@@ -84,6 +104,13 @@ def build_parser():
         "broadcasts reach all of them",
     )
     demo.add_argument(
+        "--runtime",
+        choices=["eventlet", "gevent"],
+        default=_runtime_from_argv(sys.argv[1:]),
+        help="the server's green threads: eventlet (default, or "
+        "STARGATE_RUNTIME) or gevent",
+    )
+    demo.add_argument(
         "--set",
         dest="settings",
         metavar="NAME=VALUE",
@@ -117,11 +144,19 @@ def run_demo(args):
             host = f"[{host}]"
         print(
             f"stargate demo: http://{host}:{port}/ "
-            f"(backend {args.backend}, {args.workers} worker(s); Ctrl-C stops)",
+            f"(backend {args.backend}, {args.workers} worker(s), "
+            f"{args.runtime}; Ctrl-C stops)",
             flush=True,
         )
 
-    serve(app, args.host, args.port, workers=args.workers, ready=ready)
+    serve(
+        app,
+        args.host,
+        args.port,
+        workers=args.workers,
+        ready=ready,
+        runtime=args.runtime,
+    )
     return 0
 
 

@@ -1,4 +1,5 @@
-"""A Paste Deploy server factory that runs Pyramid in eventlet's WSGI server.
+"""A Paste Deploy server factory that runs Pyramid in stargate's server, on
+eventlet's WSGI server (the default) or on gevent's.
 
 In the application's ``.ini``::
 
@@ -7,6 +8,12 @@ In the application's ``.ini``::
     host = 127.0.0.1
     port = 6543
     workers = 4
+
+``runtime = gevent``, or ``use = egg:stargate#gevent``, serves on gevent.
+This module holds what both runtimes share (options, worker supervision,
+trusted proxies, the access log's WebSocket lines, the error page, closing
+WebSockets at shutdown); each runtime's server is a module of
+:mod:`stargate.servers`.
 
 ``workers`` greater than 1 forks that many worker processes that share one
 listening socket; a supervising parent replaces any worker that dies. With
@@ -41,17 +48,11 @@ import sys
 import time
 import types
 from collections.abc import Callable
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import eventlet
-
-from stargate import runtime
-from stargate.environ_keys import (
-    PROXIED_KEY,
-    RELEASE_BUFFERS_KEY,
-    TRUE_PROTOCOL_KEY,
-    WEBSOCKET_OPENED_KEY,
-)
+from stargate import runtime as _runtime
+from stargate.environ_keys import PROXIED_KEY
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
@@ -65,7 +66,7 @@ __all__ = [
     "serve",
     "GenericErrorPage",
     "ERROR_PAGE",
-    "http_protocol_class",
+    "gevent_server_factory",
 ]
 
 log = logging.getLogger("stargate.server")
@@ -113,16 +114,19 @@ def server_factory(
     **options: Any,
 ) -> Callable[[WSGIApplication], None]:
     """Implements the Paste Deploy ``server_factory`` API: returns a callable
-    that serves a WSGI application with eventlet.
+    that serves a WSGI application with stargate's server.
 
-    Options (all optional): ``workers`` (1), ``max_clients`` (100000
-    connections per worker), ``shutdown_timeout`` (10 seconds), ``access_log``
-    (true), ``request_timeout`` (10 seconds for a client to send a request,
-    and the most an idle keep-alive HTTP connection is kept; a WebSocket,
-    once upgraded, is governed by the ping settings instead).
+    Options (all optional): ``runtime`` (``eventlet``, the default, or
+    ``gevent``: whose WSGI server and green threads serve), ``workers`` (1),
+    ``max_clients`` (100000 connections per worker), ``shutdown_timeout``
+    (10 seconds), ``access_log`` (true), ``request_timeout`` (10 seconds
+    for a client to send a request, and the most an idle keep-alive HTTP
+    connection is kept; a WebSocket, once upgraded, is governed by the ping
+    settings instead), ``trusted_proxies`` (none; see :func:`trusted_proxies`).
 
-    Monkey-patching happens here, before Paste Deploy loads the application,
-    so everything the application imports is green.
+    Monkey-patching (by the chosen runtime) happens here, before Paste
+    Deploy loads the application, so everything the application imports is
+    green.
 
     A bad option, a bad ``stargate.*`` setting of the application or a port
     that cannot be bound ends ``pserve`` with one line on stderr naming it
@@ -131,8 +135,10 @@ def server_factory(
     from stargate.config import as_bool, as_seconds
 
     one_line_errors()
-    eventlet.monkey_patch()
+    name = _option("runtime", options.pop("runtime", "eventlet"), _runtime_name)
+    _start_runtime(name)
     settings: dict[str, Any] = {
+        "runtime": name,
         "workers": _positive_int("workers", options.pop("workers", 1)),
         "max_clients": _positive_int(
             "max_clients", options.pop("max_clients", DEFAULT_MAX_CLIENTS)
@@ -161,6 +167,52 @@ def server_factory(
             _exit_reloaded_worker()
 
     return run
+
+
+def _runtime_name(value: object) -> str:
+    """The ``runtime`` server option: ``eventlet`` or ``gevent``."""
+    name = str(value).strip().lower()
+    if name not in _runtime.RUNTIMES:
+        raise ValueError("stargate's server runs on " + " or ".join(_runtime.RUNTIMES))
+    return name
+
+
+def _start_runtime(name: str) -> ModuleType:
+    """Make ``name`` this process's runtime, monkey-patch the standard
+    library for it, and return its server module (:mod:`stargate.servers`)."""
+    import importlib
+
+    _runtime.use(name).monkey_patch()
+    return importlib.import_module(f"stargate.servers.{name}")
+
+
+def gevent_server_factory(
+    global_conf: dict[str, Any],
+    host: str = "127.0.0.1",
+    port: int | str = 6543,
+    **options: Any,
+) -> Callable[[WSGIApplication], None]:
+    """``use = egg:stargate#gevent``: :func:`server_factory` with
+    ``runtime = gevent``."""
+    runtime = str(options.pop("runtime", "gevent")).strip().lower()
+    if runtime != "gevent":
+        from stargate.exceptions import IncorrectlyConfigured
+
+        raise IncorrectlyConfigured(
+            f"server option runtime = {runtime!r}: egg:stargate#gevent runs on "
+            "gevent; use egg:stargate#main for eventlet"
+        )
+    return server_factory(global_conf, host, port, runtime="gevent", **options)
+
+
+def __getattr__(name: str) -> Any:
+    # http_protocol_class was documented here before eventlet's server had
+    # its own module; importing it from here keeps working.
+    if name == "http_protocol_class":
+        from stargate.servers.eventlet import http_protocol_class
+
+        return http_protocol_class
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _under_reloader() -> bool:
@@ -200,10 +252,14 @@ def serve(
     trusted_proxies: frozenset[str] = frozenset(),
     listen_socket: socket.socket | None = None,
     ready: Callable[[tuple[str, int]], object] | None = None,
+    runtime: str | None = None,
 ) -> None:
     """Serve ``app`` until SIGTERM or SIGINT.
 
-    ``trusted_proxies`` are the addresses of proxies whose
+    ``runtime`` (``"eventlet"`` or ``"gevent"``) picks the server; by
+    default the process's runtime (:func:`stargate.runtime.current`), which
+    must not be another one already. ``trusted_proxies`` are the addresses
+    of proxies whose
     ``X-Forwarded-For``, ``-Proto`` and ``-Host`` headers are believed (see
     :func:`trusted_proxies`). ``listen_socket`` serves on a socket bound
     elsewhere; ``ready``, if
@@ -214,12 +270,15 @@ def serve(
     several workers share the in-memory backend, where a broadcast reaches
     only the listeners of the worker that sent it.
     """
-    eventlet.monkey_patch()
-    sock = listen_socket or _listen(host, port)
+    server = _start_runtime(runtime or _runtime.current().NAME)
+    sock = listen_socket or _listen(server, host, port)
     address = sock.getsockname()[:2]
     settings = _stargate_settings(app)
     # a caller that passes ready (stargate demo) prints its own line
-    _announce(startup_line(address, workers, settings), fallback=ready is None)
+    _announce(
+        startup_line(address, workers, settings, runtime=_runtime.current().NAME),
+        fallback=ready is None,
+    )
     if workers > 1 and settings is not None and _is_memory(settings.backend):
         log.warning(
             "%d workers on the memory backend: a broadcast reaches only the "
@@ -237,13 +296,17 @@ def serve(
         "trusted_proxies": trusted_proxies,
     }
     if workers == 1:
-        _run_worker(app, sock, **worker_options)
+        server.run_worker(app, sock, **worker_options)
     else:
-        _supervise(app, sock, workers, worker_options)
+        _supervise(server, app, sock, workers, worker_options)
 
 
 def startup_line(
-    address: tuple[str, int], workers: int, settings: Settings | None = None
+    address: tuple[str, int],
+    workers: int,
+    settings: Settings | None = None,
+    *,
+    runtime: str = "eventlet",
 ) -> str:
     """The line a server says when it starts: address, workers, runtime and
     backend (a password in its URL replaced by ``***``)."""
@@ -257,7 +320,7 @@ def startup_line(
     return (
         f"Serving on http://{host}:{port} (stargate {__version__}: "
         f"{workers} worker{'s' if workers != 1 else ''}, "
-        f"eventlet {version('eventlet')} on Python {platform.python_version()}, "
+        f"{runtime} {version(runtime)} on Python {platform.python_version()}, "
         f"backend {backend})"
     )
 
@@ -304,12 +367,12 @@ _LISTEN_ERRORS: dict[int | None, str] = {
 }
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """A listening socket, or :class:`IncorrectlyConfigured` naming the
-    address and what to do when the kernel refuses it."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+def _listen(server: ModuleType, host: str, port: int) -> socket.socket:
+    """A listening socket of ``server`` (a module of :mod:`stargate.servers`),
+    or :class:`IncorrectlyConfigured` naming the address and what to do when
+    the kernel refuses it."""
     try:
-        return eventlet.listen((host, port), family=family, backlog=2048)
+        return server.listen(host, port)
     except OSError as exc:
         advice = _LISTEN_ERRORS.get(exc.errno)
         if advice is None and isinstance(exc, socket.gaierror):
@@ -330,67 +393,6 @@ def _display(address: tuple[str, int]) -> tuple[str, int]:
     return (f"[{host}]" if ":" in host else host), port
 
 
-def _run_worker(
-    app,
-    sock,
-    *,
-    max_clients,
-    shutdown_timeout,
-    access_log,
-    request_timeout,
-    trusted_proxies=frozenset(),
-):
-    """Serve in this process until told to stop; then close WebSockets (1001)."""
-    import eventlet.wsgi
-
-    from stargate.connection import open_websockets
-
-    HttpProtocol = http_protocol_class(trusted_proxies)
-
-    stopping = eventlet.Event()
-
-    def request_stop(signum, frame):
-        if not stopping.ready():
-            stopping.send(signum)
-        else:
-            _exit_now(signum)
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    server = eventlet.spawn(
-        eventlet.wsgi.server,
-        sock,
-        GenericErrorPage(app),
-        protocol=HttpProtocol,
-        log=_AccessLog(),
-        log_output=access_log,
-        log_format=ACCESS_LOG_FORMAT,
-        custom_pool=_ConnectionPool(max_clients),
-        socket_timeout=request_timeout,
-        # eventlet's default (debug=True) sends the traceback as the body.
-        debug=False,
-    )
-    server.link(lambda gt: stopping.ready() or stopping.send(None))
-    # A signal handler runs while the hub waits in epoll, but the hub only
-    # notices what the handler scheduled when it next wakes: poll, so a
-    # SIGTERM is acted on within a fraction of a second.
-    while not stopping.ready():
-        eventlet.sleep(SIGNAL_POLL_INTERVAL)
-    signum = stopping.wait()
-    log.info(
-        "worker %d stopping (%s); closing %d WebSocket(s)",
-        os.getpid(),
-        signal.Signals(signum).name if signum else "server ended",
-        len(open_websockets()),
-    )
-    server.kill()
-    try:
-        sock.close()
-    except OSError:
-        pass
-    close_websockets(shutdown_timeout)
-
-
 #: Closing handshakes a stopping worker runs at once.
 CLOSERS = 1000
 
@@ -401,7 +403,7 @@ def close_websockets(timeout: float) -> None:
     worker stops (here, and by :mod:`stargate.gunicorn`'s hooks)."""
     from stargate.connection import open_websockets
 
-    green = runtime.current()
+    green = _runtime.current()
     closing = open_websockets()
     if closing:
         # At most CLOSERS handshakes at a time, each closer taking the next.
@@ -455,7 +457,7 @@ def trusted_proxies(value: object) -> frozenset[str]:
     return frozenset(items)
 
 
-def _believe_proxy(environ, trusted):
+def believe_proxy(environ: dict[str, Any], trusted: frozenset[str]) -> None:
     """Apply ``X-Forwarded-*`` to ``environ`` if the peer is ``trusted``."""
     peer = environ.get("REMOTE_ADDR", "")
     if "*" not in trusted and peer not in trusted:
@@ -483,26 +485,6 @@ def _believe_proxy(environ, trusted):
             break
 
 
-class _AccessLog:
-    """The log eventlet's server writes to: its request lines and errors go
-    to ``stargate.access``; its own start and exit lines do not (they said
-    ``wsgi exited, is_accepting=True`` at every shutdown)."""
-
-    def info(self, msg, *args, **kwargs):
-        if msg.startswith("(") and (") wsgi " in msg) or msg == "wsgi exiting":
-            return
-        access_log.info(msg, *args, **kwargs)
-
-    def error(self, msg, *args, **kwargs):
-        access_log.error(msg, *args, **kwargs)
-
-    def debug(self, msg, *args, **kwargs):
-        access_log.debug(msg, *args, **kwargs)
-
-    def write(self, msg, *args):
-        access_log.info(msg.rstrip("\n"), *args)
-
-
 def websocket_opened(websocket: Any, *, log: bool = True) -> None:
     """Count a WebSocket the view opened and, if ``log``, log one line on
     ``stargate.access`` now and one when it closes, with its close code and
@@ -525,8 +507,10 @@ def websocket_opened(websocket: Any, *, log: bool = True) -> None:
     )
 
 
-_logged_websocket = functools.partial(websocket_opened, log=True)
-_counted_websocket = functools.partial(websocket_opened, log=False)
+#: What a server puts in ``environ[WEBSOCKET_OPENED_KEY]``: with and
+#: without the access log.
+logged_websocket = functools.partial(websocket_opened, log=True)
+counted_websocket = functools.partial(websocket_opened, log=False)
 
 
 def _websocket_closed(started, log, websocket):
@@ -546,9 +530,13 @@ def _websocket_closed(started, log, websocket):
 
 
 def _client(websocket):
-    """The client as eventlet's access log names it: ``X-Forwarded-For``,
-    then the peer address."""
-    environ = websocket.environ
+    return access_client(websocket.environ)
+
+
+def access_client(environ: dict[str, Any]) -> str:
+    """The client as the access log names it: ``X-Forwarded-For``, then the
+    peer address (as eventlet's log does), or the client a trusted proxy
+    named, alone."""
     peer = environ.get("REMOTE_ADDR", "-")
     forwarded = environ.get("HTTP_X_FORWARDED_FOR")
     if environ.get(PROXIED_KEY):
@@ -567,8 +555,6 @@ class GenericErrorPage:
         self.app = app
 
     def __call__(self, environ, start_response):
-        import eventlet.wsgi
-
         try:
             return self.app(environ, start_response)
         except Exception:
@@ -579,7 +565,7 @@ class GenericErrorPage:
                 environ.get("PATH_INFO", ""),
                 exc_info=exc_info,
             )
-            if getattr(eventlet.wsgi.WSGI_LOCAL, "already_handled", False):
+            if _runtime.current().taken_over(environ):
                 return []  # the socket was taken over: no HTTP left to send
             # Raises again if the response had already started; eventlet
             # then closes the connection without a body (debug=False).
@@ -594,107 +580,7 @@ class GenericErrorPage:
             return [ERROR_PAGE]
 
 
-def http_protocol_class(trusted_proxies: frozenset[str] = frozenset()) -> type:
-    """The ``protocol`` class stargate gives :class:`eventlet.wsgi.Server`.
-
-    Public so that servers built elsewhere (:class:`stargate.testing.server.
-    LiveServer`, :func:`stargate.testing.client.connect_app`, an
-    application's own eventlet server) set the environ keys of
-    :mod:`stargate.environ_keys` the view relies on: the request's true
-    HTTP version, the hand-over of the connection's buffered bytes, and the
-    session log. ``trusted_proxies`` (see :func:`trusted_proxies`) are the
-    peers whose ``X-Forwarded-*`` headers are believed.
-    """
-    import eventlet.wsgi
-
-    class HttpProtocol(eventlet.wsgi.HttpProtocol):
-        """eventlet's protocol, but ``SERVER_PROTOCOL`` is the request's own
-        HTTP version (eventlet always says HTTP/1.0), so the handshake can
-        refuse HTTP/1.0 upgrades as RFC 6455 requires; and the request line
-        and headers must arrive within ``request_timeout`` in total.
-
-        eventlet's ``socket_timeout`` bounds each wait for a byte, so a
-        client trickling a byte at a time (slowloris) would hold a
-        connection forever; here one deadline covers the whole request head.
-        eventlet bounds its size: a request line of 8192 bytes or more gets
-        414, a header line of 8192 bytes or more 400 "Header Line Too Long",
-        more than 65536 bytes of headers 400 "Headers Too Large", and more
-        than 100 header lines 431 (Python's ``http.client`` limit).
-        """
-
-        def handle_one_request(self):
-            timeout = self.server.socket_timeout
-            self._head_deadline = None
-            if timeout:
-                self._head_deadline = eventlet.Timeout(
-                    timeout, socket.timeout("request head not received in time")
-                )
-            try:
-                super().handle_one_request()
-            finally:
-                self._cancel_head_deadline()
-
-        def parse_request(self):
-            try:
-                return super().parse_request()
-            finally:
-                self._cancel_head_deadline()
-
-        def _cancel_head_deadline(self):
-            deadline = getattr(self, "_head_deadline", None)
-            if deadline is not None:
-                deadline.cancel()
-                self._head_deadline = None
-
-        def get_client_address(self):
-            """For the access log: the client a trusted proxy named, alone."""
-            environ = getattr(self, "environ", None)
-            if environ is not None and environ.get(PROXIED_KEY):
-                return environ["REMOTE_ADDR"], super().get_client_address()[1]
-            return super().get_client_address()
-
-        def get_environ(self, *args, **kwargs):
-            environ = super().get_environ(*args, **kwargs)
-            if trusted_proxies:
-                _believe_proxy(environ, trusted_proxies)
-            environ["SERVER_PROTOCOL"] = self.request_version
-            environ[TRUE_PROTOCOL_KEY] = True
-            environ[RELEASE_BUFFERS_KEY] = self._release_buffers
-            environ[WEBSOCKET_OPENED_KEY] = (
-                _logged_websocket if self.server.log_output else _counted_websocket
-            )
-            return environ
-
-        def _release_buffers(self):
-            """Hand a connection that became a WebSocket over: free its HTTP
-            read and write buffers (24 KiB), since it never reads or writes
-            HTTP again, and return the bytes the HTTP reader had read past
-            the request (a client's first frames, sent with the upgrade).
-
-            The socket then belongs to the WebSocket: when the request ends,
-            eventlet neither shuts it down nor closes it (it would otherwise
-            do both, resetting a connection still closing gracefully, or one
-            kept open after its view returned).
-
-            The parsed request headers (an email message, about 0.7 KiB) go
-            too: after the application returns, eventlet only looks up
-            ``X-Forwarded-For`` for the access log, which the environ's
-            ``headers_raw`` pairs answer.
-            """
-            read_ahead = _read_ahead(self.rfile, self.connection)
-            self.connection = self.conn_state[1] = _HANDED_OVER
-            for stream in (self.rfile, self.wfile):
-                try:
-                    stream.close()
-                except (OSError, ValueError):
-                    pass
-            self.headers = _HeaderPairs(self.environ.get("headers_raw", ()))
-            return read_ahead
-
-    return HttpProtocol
-
-
-def _read_ahead(rfile, sock):
+def read_ahead(rfile: Any, sock: Any) -> bytes:
     """The bytes ``rfile`` holds beyond what was read of it, without
     waiting for more: the socket is made non-blocking for the one read."""
     timeout = sock.gettimeout()
@@ -708,70 +594,6 @@ def _read_ahead(rfile, sock):
     return data or b""
 
 
-class _HandedOver:
-    """Stands for a socket the server handed to a WebSocket: eventlet's
-    clean-up shuts down and closes it when the request ends; this does
-    neither."""
-
-    __slots__ = ()
-
-    def shutdown(self, how=None):
-        pass
-
-    def close(self):
-        pass
-
-
-_HANDED_OVER = _HandedOver()
-
-
-class _ConnectionPool(eventlet.GreenPool):
-    """eventlet's pool, running each connection in a plain greenlet.
-
-    eventlet's server only links a clean-up to what ``spawn`` returns, before
-    the connection runs; a GreenThread, with its Event and its deque of
-    links, would cost about 1 KiB more per connection.
-    """
-
-    def spawn(self, function, *args, **kwargs):
-        links = _Links()
-        self.spawn_n(links.run, function, args, kwargs)
-        return links
-
-
-class _Links(list):
-    """The callbacks linked to a connection, called when it ends."""
-
-    __slots__ = ()
-
-    def link(self, callback, *args):
-        self.append((callback, args))
-
-    def run(self, function, args, kwargs):
-        try:
-            function(*args, **kwargs)
-        finally:
-            for callback, callback_args in self:
-                callback(self, *callback_args)
-
-
-class _HeaderPairs:
-    """Request headers as ``(name, value)`` pairs, with the lookup eventlet
-    makes: ``get`` returns the first value of a case-insensitive name."""
-
-    __slots__ = ("_pairs",)
-
-    def __init__(self, pairs):
-        self._pairs = pairs
-
-    def get(self, name, default=None):
-        name = name.lower()
-        for key, value in self._pairs:
-            if key.lower() == name:
-                return value
-        return default
-
-
 def _close_going_away(websocket):
     try:
         websocket.close(1001, "server shutting down")
@@ -779,8 +601,9 @@ def _close_going_away(websocket):
         websocket.abort()
 
 
-def _supervise(app, sock, workers, worker_options):
-    """Fork ``workers`` workers on one socket and keep that many alive."""
+def _supervise(server, app, sock, workers, worker_options):
+    """Fork ``workers`` workers on one socket and keep that many alive;
+    ``server`` is the module of :mod:`stargate.servers` each one runs."""
     children = {}
     stopping = False
 
@@ -789,7 +612,7 @@ def _supervise(app, sock, workers, worker_options):
         if stopping:
             for pid in children:
                 _signal(pid, signal.SIGKILL)
-            _exit_now(signum)
+            exit_now(signum)
         stopping = True
 
     signal.signal(signal.SIGTERM, request_stop)
@@ -802,8 +625,8 @@ def _supervise(app, sock, workers, worker_options):
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                _reinit_after_fork()
-                _run_worker(app, sock, **worker_options)
+                server.after_fork()
+                server.run_worker(app, sock, **worker_options)
             except BaseException:
                 log.exception("worker %d failed", os.getpid())
                 code = 1
@@ -851,15 +674,15 @@ def _supervise(app, sock, workers, worker_options):
     sock.close()
 
 
-def _exit_now(signum):
+def exit_now(signum: int) -> None:
     """A second SIGINT or SIGTERM while stopping: the operator will not wait
     for WebSockets to close, so exit at once (128 + the signal number, as a
     shell reports a process killed by it). Called in a signal handler: a
     plain write, no logging (its locks may be held)."""
+    import posix  # the plain write: eventlet's os.write would wait on its hub
+
     name = signal.Signals(signum).name
-    # eventlet's green os.write would wait on the hub, which is running this
-    plain_os = eventlet.patcher.original("os")
-    plain_os.write(2, f"stargate: second {name}, exiting now\n".encode())
+    posix.write(2, f"stargate: second {name}, exiting now\n".encode())
     os._exit(128 + signum)
 
 
@@ -886,13 +709,6 @@ def _describe_status(status):
     if os.WIFSIGNALED(status):
         return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
     return f"exit code {os.WEXITSTATUS(status)}"
-
-
-def _reinit_after_fork():
-    from eventlet import hubs
-
-    hubs.use_hub()  # a fresh hub: the parent's epoll set is not ours
-    sys.stdout.flush()
 
 
 def _positive_int(name: str, value: Any) -> int:

@@ -28,8 +28,9 @@ import socket
 from typing import Any
 
 from stargate import runtime
+from stargate.environ_keys import WEBSOCKET_OPENED_KEY
 from stargate.exceptions import IncorrectlyConfigured
-from stargate.factory import WEBSOCKET_OPENED_KEY, close_websockets, websocket_opened
+from stargate.factory import close_websockets, websocket_opened
 
 __all__ = ["client_socket", "taken_over_body", "post_worker_init", "worker_int"]
 

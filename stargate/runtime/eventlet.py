@@ -178,3 +178,9 @@ def mark_taken_over(environ: dict[str, Any]) -> None:
     """Tell eventlet's server the application took the connection over: it
     must write no response of its own."""
     eventlet.wsgi.WSGI_LOCAL.already_handled = True
+
+
+def taken_over(environ: dict[str, Any]) -> bool:
+    """Whether the application took the connection over (see
+    :func:`mark_taken_over`)."""
+    return bool(getattr(eventlet.wsgi.WSGI_LOCAL, "already_handled", False))

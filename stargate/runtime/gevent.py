@@ -208,3 +208,9 @@ def reports_http_10(environ: dict[str, Any]) -> bool:
 
 def mark_taken_over(environ: dict[str, Any]) -> None:
     environ[TAKEN_OVER_KEY] = True
+
+
+def taken_over(environ: dict[str, Any]) -> bool:
+    """Whether the application took the connection over (see
+    :func:`mark_taken_over`)."""
+    return bool(environ.get(TAKEN_OVER_KEY))

@@ -113,26 +113,18 @@ def connect(
 
 def connect_app(app, path="/", **options):
     """Connect to a WSGI ``app`` in this process, through a real upgrade but
-    no network: the client and eventlet's WSGI server talk over a socket
-    pair. Takes the options of :func:`connect`; needs eventlet's
-    monkey-patching, as :class:`~stargate.testing.server.LiveServer` does.
+    no network: the client and stargate's server (on the runtime of
+    :func:`stargate.runtime.current`) talk over a socket pair. Takes the
+    options of :func:`connect`; needs the runtime's monkey-patching, as
+    :class:`~stargate.testing.server.LiveServer` does.
     """
-    import eventlet
-    import eventlet.wsgi
+    import importlib
 
-    from stargate.factory import http_protocol_class
+    from stargate import runtime
 
+    server = importlib.import_module(f"stargate.servers.{runtime.current().NAME}")
     server_end, client_end = socket.socketpair()
-    server = eventlet.wsgi.Server(
-        server_end,
-        ("127.0.0.1", 0),
-        app,
-        protocol=http_protocol_class(),
-        log_output=False,
-        keepalive=False,
-    )
-    connection_state = [("127.0.0.1", 0), server_end, eventlet.wsgi.STATE_IDLE]
-    eventlet.spawn_n(server.process_request, connection_state)
+    server.serve_connection(app, server_end, ("127.0.0.1", 0))
     return connect(f"ws://127.0.0.1{path}", sock=client_end, **options)
 
 

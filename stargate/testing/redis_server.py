@@ -335,8 +335,10 @@ class RedisCluster:
                 client.execute_command("CLUSTER REPLICATE", master)
             self._until(
                 deadline,
-                lambda: all(self._ready(c, count) for c in clients)
-                and all(self._replica_up(c) for c in clients[masters:]),
+                lambda: (
+                    all(self._ready(c, count) for c in clients)
+                    and all(self._replica_up(c) for c in clients[masters:])
+                ),
                 "the cluster did not reach cluster_state:ok",
             )
         finally:
@@ -432,9 +434,7 @@ class RedisCluster:
                     dest.execute_command(
                         "CLUSTER SETSLOT", slot, "IMPORTING", source_id
                     )
-                    src.execute_command(
-                        "CLUSTER SETSLOT", slot, "MIGRATING", target_id
-                    )
+                    src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id)
                     while True:
                         keys = src.execute_command("CLUSTER GETKEYSINSLOT", slot, 100)
                         if not keys:
@@ -463,9 +463,7 @@ class RedisCluster:
             try:
                 master = self.master_of(slot)
                 if master is not dead and all(
-                    self._state_ok(server)
-                    for server in self.servers
-                    if server.running
+                    self._state_ok(server) for server in self.servers if server.running
                 ):
                     return master
             except (redis.RedisError, RedisServerFailed):

@@ -1,7 +1,7 @@
-"""A live eventlet server of a WSGI application, on a free loopback port."""
+"""A live server of a WSGI application, on a free loopback port, on the
+process's runtime (eventlet or gevent)."""
 
 import logging
-import socket
 import time
 from typing import Any
 
@@ -11,10 +11,12 @@ log = logging.getLogger("stargate.testing")
 
 
 class LiveServer:
-    """Serve ``app`` with eventlet's WSGI server in this process.
+    """Serve ``app`` with stargate's server in this process, on the runtime
+    of :func:`stargate.runtime.current`: eventlet's WSGI server, or gevent's.
 
-    The process must be monkey-patched (``eventlet.monkey_patch()``), as it
-    is under ``stargate.factory``. Use it as a context manager::
+    The process must be monkey-patched by that runtime
+    (``eventlet.monkey_patch()`` or ``gevent.monkey.patch_all()``), as
+    stargate's servers are. Use it as a context manager::
 
         with LiveServer(app) as server:
             with connect(server.ws_url("/echo")) as client:
@@ -33,8 +35,8 @@ class LiveServer:
         self.host = host
         self.stop_timeout = stop_timeout
         self.port = None
-        self._sock: Any = None  # an eventlet GreenSocket once started
-        self._thread: Any = None
+        self._sock: Any = None  # the runtime's listening socket once started
+        self._server: Any = None  # a server module's Background
 
     @property
     def url(self):
@@ -52,45 +54,34 @@ class LiveServer:
         return f"{host}:{self.port}"
 
     def start(self):
-        import eventlet
-        import eventlet.wsgi
+        import importlib
 
-        from stargate.factory import GenericErrorPage, http_protocol_class
+        from stargate import runtime
 
-        if not eventlet.patcher.is_monkey_patched("socket"):
+        green = runtime.current()
+        if not green.is_monkey_patched():
             from stargate.exceptions import IncorrectlyConfigured
 
             raise IncorrectlyConfigured(
-                "LiveServer needs eventlet.monkey_patch() before it starts"
+                f"LiveServer needs {green.PATCH_CALL} before it starts"
             )
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        self._sock = eventlet.listen((self.host, 0), family=family)
+        server = importlib.import_module(f"stargate.servers.{green.NAME}")
+        self._sock = server.listen(self.host, 0)
         self.port = self._sock.getsockname()[1]
-        self._thread = eventlet.spawn(
-            eventlet.wsgi.server,
-            self._sock,
-            # As serve() does: a failing view gets the generic 500 page and
-            # its traceback is logged, so a test sees what production does.
-            GenericErrorPage(self.app),
-            protocol=http_protocol_class(),
-            log=log,
-            log_output=False,
-            max_size=100_000,
-            socket_timeout=self.request_timeout,
-            debug=False,
+        # As serve() does: a failing view gets the generic 500 page and its
+        # traceback is logged, so a test sees what production does.
+        self._server = server.serve_in_background(
+            self._sock, self.app, request_timeout=self.request_timeout
         )
         return self
 
     def stop(self):
-        import eventlet
-        import greenlet
-
         from stargate.connection import open_websockets
 
-        if self._thread is None:
+        if self._server is None:
             return
-        thread, self._thread = self._thread, None
-        thread.kill()
+        server, self._server = self._server, None
+        server.close()
         try:
             self._sock.close()
         except OSError:
@@ -98,11 +89,7 @@ class LiveServer:
         for websocket in open_websockets():
             if websocket.environ.get("SERVER_PORT") == str(self.port):
                 websocket.abort()
-        with eventlet.Timeout(self.stop_timeout, False):
-            try:
-                thread.wait()
-            except greenlet.GreenletExit:
-                pass
+        server.join(self.stop_timeout)
 
     def wait_for_listeners(
         self, channel: str, count: int = 1, timeout: float = 10.0
