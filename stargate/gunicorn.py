@@ -32,7 +32,7 @@ from stargate.environ_keys import WEBSOCKET_OPENED_KEY
 from stargate.exceptions import IncorrectlyConfigured
 from stargate.factory import close_websockets, websocket_opened
 
-__all__ = ["client_socket", "taken_over_body", "post_worker_init", "worker_int"]
+__all__ = ["client_socket", "end_request", "post_worker_init", "worker_int"]
 
 # gunicorn reads every module-level name that is one of its settings from a
 # configuration module (``-c python:stargate.gunicorn``): ``worker_class`` is
@@ -73,14 +73,8 @@ def client_socket(environ: dict[str, Any]) -> socket.socket | None:
         # stargate's server logs each WebSocket session and counts it for
         # stargate.metrics through this key; gunicorn logs none of them.
         environ.setdefault(WEBSOCKET_OPENED_KEY, websocket_opened)
-        if worker == "gevent":
-            # The gevent worker reads the next request from its socket once
-            # the view returns, whatever the view said (only the eventlet
-            # worker leaves its keep-alive loop for a taken-over request).
-            # The WebSocket gets a duplicate descriptor: gunicorn's socket
-            # stays valid, reads the end of the connection and closes it
-            # quietly, instead of logging a "Bad file descriptor" traceback.
-            return sock.dup()
+        # The WebSocket takes this socket's descriptor over (one descriptor
+        # per WebSocket); end_request() keeps gunicorn from touching it again.
         return sock
     raise IncorrectlyConfigured(
         f"gunicorn's {worker} worker cannot carry a WebSocket "
@@ -88,16 +82,21 @@ def client_socket(environ: dict[str, Any]) -> socket.socket | None:
     )
 
 
-def taken_over_body(environ: dict[str, Any]) -> Any:
-    """The response body that tells gunicorn the application took the
-    connection over, so it writes no response of its own on the socket the
-    WebSocket now owns: gunicorn's ``ALREADY_HANDLED`` marker (its async
-    workers compare the body with it), or an empty body elsewhere."""
-    if "gunicorn.socket" not in environ:
-        return []
-    from gunicorn.workers.base_async import ALREADY_HANDLED
+def end_request(environ: dict[str, Any]) -> None:
+    """Called with the response of a request whose connection a WebSocket
+    took over and has ended: under gunicorn, raises ``StopIteration``.
 
-    return ALREADY_HANDLED
+    gunicorn's async workers take a ``StopIteration`` from the application
+    as "close this connection, write nothing". The gevent worker has no
+    other way to be told: given its ``ALREADY_HANDLED`` body it writes
+    nothing but reads a next request from the socket, on a descriptor the
+    WebSocket has closed (an error and a traceback per WebSocket), and
+    handing the WebSocket a duplicate descriptor instead would hold two per
+    WebSocket. flask-sock ends its requests the same way. Does nothing when
+    gunicorn is not the server.
+    """
+    if "gunicorn.socket" in environ:
+        raise StopIteration
 
 
 def _worker_type(environ: dict[str, Any]) -> str:

@@ -45,7 +45,7 @@ from stargate.exceptions import (
     NotWebSocketRequest,
 )
 from stargate.gunicorn import client_socket as gunicorn_socket
-from stargate.gunicorn import taken_over_body
+from stargate.gunicorn import end_request as end_gunicorn_request
 from stargate.protocol import ServerProtocol
 
 __all__ = ["WebSocketView", "IncorrectlyConfigured"]
@@ -309,9 +309,18 @@ class WebSocketView:
 
     def _taken_over(self):
         """The response that tells the server the connection is the view's."""
-        environ = self.request.environ
-        runtime.current().mark_taken_over(environ)
-        return Response(status=101, app_iter=taken_over_body(environ))
+        runtime.current().mark_taken_over(self.request.environ)
+        return _TakenOver(status=101, app_iter=[])
+
+
+class _TakenOver(Response):
+    """The response of a request whose connection the view took over:
+    under gunicorn, calling it ends the request with nothing written
+    (:func:`stargate.gunicorn.end_request`)."""
+
+    def __call__(self, environ, start_response):
+        end_gunicorn_request(environ)
+        return super().__call__(environ, start_response)
 
 
 def refusal(error):

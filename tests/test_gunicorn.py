@@ -4,11 +4,14 @@ Each test starts a real server process on a free loopback port, runs the
 demo application with the commands docs/howto/gunicorn.rst shows, talks to
 it with real WebSocket clients and stops it by PID.
 
-* ``gunicorn -k eventlet``: the upgrade goes through ``gunicorn.socket``
-  (before: 500, ``IncorrectlyConfigured``), and gunicorn writes nothing on
-  the connection after the handler; a room spans 2 gunicorn workers through
-  a private Redis; with ``-c python:stargate.gunicorn`` SIGTERM closes every
-  WebSocket with 1001 (gunicorn alone would wait ``graceful_timeout``,
+* gunicorn's green workers, each test once per worker class: ``-k gevent``
+  (every gunicorn) and ``-k eventlet`` (gunicorn 25 and earlier). The
+  upgrade goes through ``gunicorn.socket`` (before: 500,
+  ``IncorrectlyConfigured``), and gunicorn writes nothing on the connection
+  after the handler; a room spans 2 gunicorn workers through a private
+  Redis; with ``-c python:stargate.gunicorn`` or a ``gunicorn.conf.py``
+  importing its hooks, SIGTERM and SIGINT close every WebSocket with 1001
+  and the worker exits 0 (gunicorn alone would wait ``graceful_timeout``,
   then cut them: 1006).
 * gunicorn's sync and gthread workers and waitress cannot carry a
   WebSocket: the upgrade is refused with 501 and a sentence naming the
@@ -41,7 +44,7 @@ from tests.clients import (
 )
 from tests.rawws import RawClient, upgrade_request
 from tests.test_hixie_live import hixie76_request
-from tests.test_multiworker import Room, Server, spread_clients, worker_pids
+from tests.test_multiworker import Room, Server, receive, spread_clients, worker_pids
 
 gunicorn = pytest.importorskip("gunicorn")
 
@@ -52,6 +55,13 @@ DEADLINE = 20.0
 
 #: gunicorn's line once it listens (its workers boot after it).
 LISTENING = r"Listening at: (http://\S+)"
+
+#: gunicorn's workers that carry WebSockets: gevent, and eventlet where
+#: gunicorn still has it (25 and earlier; the test extra pins gunicorn<26).
+GREEN_WORKERS = ["gevent", "eventlet"]
+
+#: Runs a test once per green worker class, ``-k WORKER``.
+each_green_worker = pytest.mark.parametrize("worker", GREEN_WORKERS)
 
 
 def gunicorn_server(*arguments, workers=1):
@@ -88,6 +98,17 @@ def _no_control_socket():
     return []
 
 
+def assert_worker_exited_0(server, pid):
+    """gunicorn's master reaped worker ``pid`` with exit code 0 (it logs any
+    other code, and any signal), before ``graceful_timeout`` ran out."""
+    output = server.output
+    assert f"Worker exiting (pid: {pid})" in output, output
+    assert f"Worker (pid:{pid}) exited with code" not in output, output
+    assert f"Worker (pid:{pid}) was sent" not in output, output
+    assert "graceful timeout" not in output, output
+    assert "Traceback" not in output, output
+
+
 def refusal(url):
     """The HTTP response a WebSocket client gets instead of an upgrade."""
     with pytest.raises(InvalidStatus) as refused:
@@ -119,11 +140,12 @@ def accepted(pid, client):
     )
 
 
-# -- gunicorn's eventlet worker ------------------------------------------------
+# -- gunicorn's green workers ---------------------------------------------------
 
 
-def test_echo_through_the_eventlet_worker():
-    with gunicorn_server("-k", "eventlet", "stargate.demo:make_app()") as server:
+@each_green_worker
+def test_echo_through_a_green_worker(worker):
+    with gunicorn_server("-k", worker, "stargate.demo:make_app()") as server:
         with connect(server.ws_url + "/echo") as client:
             for message in ("hello", b"\x00\xff", "é" * 10_000):
                 client.send(message)
@@ -138,10 +160,14 @@ def test_echo_through_the_eventlet_worker():
         assert "8 key bytes" in response.text
 
 
-def test_gunicorn_writes_nothing_after_the_handler():
+@each_green_worker
+def test_gunicorn_writes_nothing_after_the_handler(worker):
     """The handler owns the connection to its end: after the closing
-    handshake the client reads end of file, not a second HTTP response."""
-    with gunicorn_server("-k", "eventlet", "stargate.demo:make_app()") as server:
+    handshake the client reads end of file, not a second HTTP response, and
+    gunicorn logs no error about the socket it handed over (the gevent
+    worker wrote a 101 on it, or read a next request from it: EBADF and a
+    traceback per WebSocket)."""
+    with gunicorn_server("-k", worker, "stargate.demo:make_app()") as server:
         port = int(server.url.rsplit(":", 1)[1])
         with RawClient(port, "/echo") as client:
             assert client.status.startswith(b"HTTP/1.1 101")
@@ -152,49 +178,91 @@ def test_gunicorn_writes_nothing_after_the_handler():
             with pytest.raises(EOFError):
                 client.frame()
             assert client.buffer == b""
-        assert not any("Traceback" in line for line in server.lines), server.output
+    # Stopped and its output read to the end: whatever the worker logged
+    # after the connection ended is in it.
+    assert not any("Traceback" in line for line in server.lines), server.output
+    assert "Socket error" not in server.output, server.output
 
 
-def test_a_room_spans_two_gunicorn_workers_through_redis(redis_server):
+@each_green_worker
+def test_one_descriptor_per_websocket(worker):
+    """A WebSocket holds one file descriptor of its worker, the one gunicorn
+    accepted: with a duplicate each (a first fix for the gevent worker),
+    ``worker_connections`` WebSockets would need twice as many descriptors
+    as ``ulimit -n`` usually allows (1024)."""
+    count = 40
+    with gunicorn_server("-k", worker, "stargate.demo:make_app()") as server:
+        (worker_pid,) = worker_pids(server)
+        process = psutil.Process(worker_pid)
+        with connect(server.ws_url + "/echo") as first:  # the app is loaded
+            first.send("warm")
+            assert first.recv(timeout=CLIENT_TIMEOUT) == "warm"
+            before = process.num_fds()
+            with ExitStack() as stack:
+                for _ in range(count):
+                    client = stack.enter_context(connect(server.ws_url + "/echo"))
+                    client.send("here")
+                    assert client.recv(timeout=CLIENT_TIMEOUT) == "here"
+                held = process.num_fds() - before
+        assert count <= held < count + count // 2, (held, count)
+
+
+@each_green_worker
+def test_a_room_spans_two_gunicorn_workers_through_redis(worker, redis_server):
+    """The docs' ``-w 2`` command on a private Redis: clients are joined
+    until both workers serve some (each client's worker found by its TCP
+    connection); every client then sends, and every client gets every
+    message, its own included, each sender's in the order sent."""
     app = f"stargate.demo:make_app({{'stargate.backend': '{redis_server.url}'}})"
     room = Room(f"/rooms/gunicorn-{uuid.uuid4().hex[:8]}")
     with (
-        gunicorn_server("-k", "eventlet", app, workers=2) as server,
+        gunicorn_server(
+            "-k", worker, "-c", "python:stargate.gunicorn", app, workers=2
+        ) as server,
         ExitStack() as stack,
-    ):
+    ):  # fmt: skip
         by_pid = spread_clients(stack, server, room, per_worker=1, max_clients=60)
         assert len(by_pid) == 2
-        sender = by_pid[min(by_pid)][0]
-        sender.send("across workers")
-        for clients in by_pid.values():
-            for client in clients:
-                assert client.recv(timeout=DEADLINE) == "across workers"
+        clients = [client for group in by_pid.values() for client in group]
+        sent = [f"client {i} message {k}" for i in range(len(clients)) for k in (0, 1)]
+        for k in (0, 1):
+            for i, client in enumerate(clients):
+                client.send(f"client {i} message {k}")
+        for client in clients:
+            received = receive(client, len(sent))
+            assert sorted(received) == sorted(sent)
+            for i in range(len(clients)):
+                own = [m for m in received if m.startswith(f"client {i} ")]
+                assert own == [f"client {i} message {k}" for k in (0, 1)]
 
 
-#: docs/howto/gunicorn.rst's gunicorn.conf.py, the hooks imported.
+#: docs/howto/gunicorn.rst's gunicorn.conf.py, the hooks imported; the
+#: worker class is the test's.
 CONF_PY = """\
 from stargate.gunicorn import post_worker_init, worker_int  # noqa: F401
 
-worker_class = "eventlet"
+worker_class = "{worker}"
 worker_connections = 10_000
 graceful_timeout = 10
 """
 
 
-@pytest.mark.parametrize(
-    "signum, config",
-    [(signal.SIGTERM, "module"), (signal.SIGINT, "gunicorn.conf.py")],
-    ids=["SIGTERM-module", "SIGINT-conf"],
-)
-def test_stopping_closes_websockets_with_1001(signum, config, tmp_path):
+@each_green_worker
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+@pytest.mark.parametrize("config", ["module", "gunicorn.conf.py"])
+def test_stopping_closes_websockets_with_1001(worker, signum, config, tmp_path):
+    """On SIGTERM and on SIGINT the worker closes its WebSockets with 1001
+    and exits 0. Without the hooks gunicorn would wait ``graceful_timeout``
+    (15 s here, less than ``DEADLINE``), then cut them without a close
+    frame: a 1001 is proof the hooks closed them before that."""
     if config == "module":
-        options = ["-c", "python:stargate.gunicorn"]
+        options = ["-k", worker, "-c", "python:stargate.gunicorn"]
     else:
-        (tmp_path / "gunicorn.conf.py").write_text(CONF_PY)
+        (tmp_path / "gunicorn.conf.py").write_text(CONF_PY.format(worker=worker))
         options = ["-c", str(tmp_path / "gunicorn.conf.py")]
-    # Without the hooks, gunicorn would wait this long, then cut them.
     options += ["--graceful-timeout", "15"]
     with gunicorn_server(*options, "stargate.demo:make_app()") as server:
+        (worker_pid,) = worker_pids(server)
         with ExitStack() as stack:
             clients = [
                 stack.enter_context(connect(server.ws_url + "/echo")) for _ in range(2)
@@ -209,35 +277,31 @@ def test_stopping_closes_websockets_with_1001(signum, config, tmp_path):
                 assert closed.value.rcvd is not None, "closed without a close frame"
                 assert closed.value.rcvd.code == 1001
         assert server.wait(DEADLINE) == 0
-        # From the configuration: stargate.gunicorn picks gevent, the
-        # how-to's gunicorn.conf.py eventlet.
-        worker = "gevent" if config == "module" else "eventlet"
         assert f"Using worker: {worker}" in server.output
         assert "closing 2 WebSocket(s) with 1001" in server.output
-        # gunicorn neither wrote a response on the taken-over sockets nor
-        # read from a descriptor the WebSocket had closed.
-        assert "Traceback" not in server.output
+        assert_worker_exited_0(server, worker_pid)
 
 
-def test_an_upgrade_under_way_at_sigterm_is_closed_with_1001_too():
+@each_green_worker
+def test_an_upgrade_under_way_at_sigterm_is_closed_with_1001_too(worker):
     """A WebSocket whose upgrade request was still arriving when SIGTERM
     came opens after the first sweep; it is closed with 1001 too, not held
     until ``graceful_timeout`` and cut."""
     with gunicorn_server(
-        "-c", "python:stargate.gunicorn",
+        "-k", worker, "-c", "python:stargate.gunicorn",
         "--graceful-timeout", "15",
         "stargate.demo:make_app()",
     ) as server:  # fmt: skip
         port = int(server.url.rsplit(":", 1)[1])
         request = upgrade_request(port, "/echo")
         head, last_line = request[:-2], request[-2:]
-        (worker,) = worker_pids(server)
+        (worker_pid,) = worker_pids(server)
         with (
             connect(server.ws_url + "/echo") as early,
             socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as late,
         ):
             late.sendall(head)  # all but the blank line that ends it
-            accepted(worker, late)
+            accepted(worker_pid, late)
             early.send("here")
             assert early.recv(timeout=CLIENT_TIMEOUT) == "here"
             server.signal(signal.SIGTERM)
@@ -255,6 +319,7 @@ def test_an_upgrade_under_way_at_sigterm_is_closed_with_1001_too():
             assert head.startswith(b"HTTP/1.1 101")
             assert frames[:1] == b"\x88" and frames[2:4] == b"\x03\xe9"  # 1001
         assert server.wait(DEADLINE) == 0
+        assert_worker_exited_0(server, worker_pid)
 
 
 KEEP_OPEN_APP = """\
@@ -279,12 +344,13 @@ def make_app():
 """
 
 
-def test_keep_open_views_under_gunicorn(tmp_path):
+@each_green_worker
+def test_keep_open_views_under_gunicorn(worker, tmp_path):
     """A ``keep_open`` connection outlives its handler under gunicorn too,
     and is closed with 1001 on SIGTERM."""
     (tmp_path / "keep_open_app.py").write_text(KEEP_OPEN_APP)
     with gunicorn_server(
-        "-c", "python:stargate.gunicorn",
+        "-k", worker, "-c", "python:stargate.gunicorn",
         "--pythonpath", str(tmp_path),
         "keep_open_app:make_app()",
     ) as server:  # fmt: skip
@@ -300,11 +366,14 @@ def test_keep_open_views_under_gunicorn(tmp_path):
         assert server.wait(DEADLINE) == 0
 
 
-def test_paste_ini_and_the_access_log():
+@each_green_worker
+def test_paste_ini_and_the_access_log(worker):
     """``--paste`` loads the demo's .ini, its logging sections included:
     stargate's access log names each WebSocket session (gunicorn logs none)."""
     ini = str(ROOT / "stargate" / "demo" / "development.ini")
-    with gunicorn_server("-c", "python:stargate.gunicorn", "--paste", ini) as server:
+    with gunicorn_server(
+        "-k", worker, "-c", "python:stargate.gunicorn", "--paste", ini
+    ) as server:
         with connect(server.ws_url + "/echo") as client:
             client.send("pasted")
             assert client.recv(timeout=CLIENT_TIMEOUT) == "pasted"
@@ -321,7 +390,7 @@ def test_other_gunicorn_workers_refuse_with_a_reason(worker):
         assert response.status_code == 501
         reason = response.body.decode()
         assert f"gunicorn's {worker} worker cannot carry a WebSocket" in reason
-        assert "gunicorn -k eventlet" in reason
+        assert "gunicorn -k gevent" in reason
         logged(server, "cannot take a WebSocket over")
         # The worker is free again: a plain request is served at once.
         assert http(server.url + "/jobs/1").status == 200
