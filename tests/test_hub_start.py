@@ -2,12 +2,12 @@
 
 import time
 
-import eventlet
 import pytest
 
 from stargate.backends.memory import MemoryBackend
 from stargate.exceptions import BackendUnavailable
 from stargate.hub import Hub
+from tests import green
 
 
 def test_a_hub_retries_a_backend_that_was_down_at_first_use(fresh_redis_server):
@@ -30,7 +30,7 @@ def test_a_hub_retries_a_backend_that_was_down_at_first_use(fresh_redis_server):
         hub.publish("/room", "delivered")
         deadline = time.monotonic() + 5
         while not received and time.monotonic() < deadline:
-            eventlet.sleep(0.01)
+            green.sleep(0.01)
         assert received == ["delivered"]
     finally:
         hub.close()
@@ -43,7 +43,7 @@ class SlowStart(MemoryBackend):
 
     def start(self, deliver):
         type(self).starts += 1
-        eventlet.sleep(0.05)
+        green.sleep(0.05)
         if type(self).starts > 1:
             raise AssertionError("the backend was started twice")
         return super().start(deliver)
@@ -52,10 +52,7 @@ class SlowStart(MemoryBackend):
 def test_listeners_arriving_together_start_the_backend_once():
     hub = Hub(SlowStart())
     listeners = [object() for _ in range(5)]
-    pool = eventlet.GreenPool()
-    for listener in listeners:
-        pool.spawn(hub.add, "/room", listener)
-    pool.waitall()
+    green.run_all(*((hub.add, "/room", listener) for listener in listeners))
     try:
         assert SlowStart.starts == 1
         assert hub.listener_count("/room") == 5

@@ -8,7 +8,6 @@ ping, however much else the client sends.
 
 import time
 
-import eventlet
 import pytest
 from pyramid.config import Configurator
 from websockets.sync.client import connect
@@ -16,6 +15,7 @@ from websockets.sync.client import connect
 from stargate import WebSocketView
 from stargate.exceptions import ConnectionClosed
 from stargate.testing.server import LiveServer
+from tests import green
 from tests.rawws import RawClient
 
 INTERVAL = 0.2
@@ -32,7 +32,7 @@ class Ticker(WebSocketView):
             while True:
                 websocket.send(f"tick {n}")
                 n += 1
-                eventlet.sleep(0.02)
+                green.sleep(0.02)
         except ConnectionClosed:
             pass
 

@@ -733,7 +733,7 @@ class RedisStreamsBackend(History, Backend):
         if receiver is not None:
             with runtime.current().Timeout(timeout or self.socket_timeout, False):
                 try:
-                    receiver.wait()
+                    runtime.current().join(receiver)
                 except greenlet.GreenletExit:
                     pass
             runtime.current().kill(receiver)

@@ -65,6 +65,12 @@ def kill(thread: Any) -> None:
     thread.kill()
 
 
+def join(thread: Any) -> Any:
+    """Block until a green thread made by :func:`spawn` ends: what it
+    returned, or raise what it raised (``GreenletExit`` if killed)."""
+    return thread.wait()
+
+
 def sleep(seconds: float = 0) -> None:
     eventlet.sleep(seconds)
 

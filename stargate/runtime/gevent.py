@@ -88,6 +88,16 @@ def kill(thread: Any) -> None:
     thread.kill(block=greenlet.getcurrent() is not gevent.get_hub())
 
 
+def join(thread: Any) -> Any:
+    """Block until a greenlet made by :func:`spawn` ends: what it returned,
+    or raise what it raised (``GreenletExit`` if killed, as on eventlet:
+    gevent's ``get()`` would return the exception instead)."""
+    result = thread.get()
+    if isinstance(result, greenlet.GreenletExit):
+        raise result
+    return result
+
+
 def sleep(seconds: float = 0) -> None:
     gevent.sleep(seconds)
 

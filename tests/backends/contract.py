@@ -9,7 +9,7 @@ green thread: every wait is bounded by a deadline.
 
 import time
 
-import eventlet
+from tests import green
 
 #: Seconds any single expected delivery may take.
 DEADLINE = 10.0
@@ -46,7 +46,7 @@ def wait_until(predicate, timeout=DEADLINE, interval=0.005):
             return True
         if time.monotonic() >= deadline:
             return False
-        eventlet.sleep(interval)
+        green.sleep(interval)
 
 
 def ready(backend, collector, *channels):
@@ -92,7 +92,7 @@ class BackendContract:
         else:
             # One process's hub only: another instance stands for another
             # process, which an in-process backend cannot reach.
-            eventlet.sleep(0.1)
+            green.sleep(0.1)
             assert got_second.messages("news") == []
 
     def test_keeps_the_message_type(self, backend_factory):
@@ -127,7 +127,7 @@ class BackendContract:
             backend.publish("gone", "after unsubscribe")
             backend.publish("sentinel", "marker")
             assert wait_until(lambda: collector.messages("sentinel") == ["marker"])
-            eventlet.sleep(0.05)
+            green.sleep(0.05)
             if collector.messages("gone") == []:
                 break
             assert time.monotonic() < deadline, "unsubscribe never took effect"
@@ -137,7 +137,7 @@ class BackendContract:
             backend.publish("gone", f"still gone {i}")
         backend.publish("sentinel", "marker")
         assert wait_until(lambda: collector.messages("sentinel") == ["marker"])
-        eventlet.sleep(0.05)
+        green.sleep(0.05)
         assert collector.messages("gone") == []
 
     def test_channels_are_independent(self, backend_factory):
@@ -157,7 +157,7 @@ class BackendContract:
         backend.publish("nobody-listens", "into the void")
         backend.publish("sentinel", "marker")
         assert wait_until(lambda: collector.messages("sentinel") == ["marker"])
-        eventlet.sleep(0.05)
+        green.sleep(0.05)
         assert collector.messages("nobody-listens") == []
 
     def test_publish_before_any_subscription_is_fine(self, backend_factory):

@@ -1,6 +1,5 @@
 """The in-memory backend, and :func:`stargate.backends.load_backend`."""
 
-import eventlet
 import pytest
 
 from stargate.backends import load_backend
@@ -11,6 +10,7 @@ from stargate.exceptions import (
     HistoryUnavailable,
     IncorrectlyConfigured,
 )
+from tests import green
 from tests.backends.contract import BackendContract
 
 
@@ -96,12 +96,12 @@ class TestMemoryBackend:
         seen = []
         backend.start(
             lambda channel, message: seen.append(
-                (channel, message, eventlet.getcurrent())
+                (channel, message, green.getcurrent())
             )
         )
         backend.subscribe("c")
         backend.publish("c", "now")
-        assert seen == [("c", "now", eventlet.getcurrent())]
+        assert seen == [("c", "now", green.getcurrent())]
 
     def test_only_subscribed_channels_are_delivered(self):
         backend = MemoryBackend()

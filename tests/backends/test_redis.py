@@ -9,8 +9,6 @@ import logging
 import time
 import uuid
 
-import eventlet
-import eventlet.event
 import pytest
 from redis.crc import key_slot
 
@@ -18,6 +16,7 @@ from stargate.backends import load_backend
 from stargate.backends.redis import RedisBackend, decode_message, encode_message
 from stargate.exceptions import BackendUnavailable, IncorrectlyConfigured
 from stargate.testing.redis_server import free_port
+from tests import green
 from tests.backends.contract import (
     DEADLINE,
     BackendContract,
@@ -151,7 +150,7 @@ class TestSubscriptions:
         backend.publish("gone", "late")
         backend.publish("kept", "marker")
         assert wait_until(lambda: collector.messages("kept") == ["marker"])
-        eventlet.sleep(0.05)
+        green.sleep(0.05)
         assert collector.messages("gone") == []
 
     def test_channels_subscribed_before_start_are_subscribed_by_start(
@@ -185,7 +184,7 @@ class TestSubscriptions:
         app_b.publish("news", "for b")
         assert wait_until(lambda: got_a.messages("news") == ["for a"])
         assert wait_until(lambda: got_b.messages("news") == ["for b"])
-        eventlet.sleep(0.05)
+        green.sleep(0.05)
         assert got_a.messages("news") == ["for a"]
         assert got_b.messages("news") == ["for b"]
 
@@ -280,7 +279,7 @@ class TestFailures:
         assert server.url.rsplit("/", 1)[0] in str(excinfo.value)
         # A channel subscribed during the outage is subscribed on reconnect.
         backend.subscribe("joined-late")
-        eventlet.sleep(0.3)
+        green.sleep(0.3)
         server.restart()
 
         publish_until_received(backend, collector, "live", "after")
@@ -299,7 +298,7 @@ class TestFailures:
         server = fresh_redis_server
         with server.client() as client:
             client.config_set("client-output-buffer-limit", "pubsub 65536 0 0")
-        unblock = eventlet.event.Event()
+        unblock = green.Event()
         collector = Collector()
 
         def slow_deliver(channel, message):
@@ -372,7 +371,7 @@ class TestPresence:
         alive.set_local_count("room", 1)
         dying.set_local_count("room", 4)
         # Heartbeats keep both entries alive well past the TTL...
-        eventlet.sleep(ttl * 2.5)
+        green.sleep(ttl * 2.5)
         assert alive.listener_count("room", 1) == 5
         assert dying.listener_count("room", 4) == 5
         # ...until a worker's heartbeat stops (as with a crashed process).

@@ -9,13 +9,13 @@ order, or missing with a gap reported for that channel (never silently).
 import collections
 import uuid
 
-import eventlet
 import pytest
 from redis.crc import key_slot
 
 from stargate.backends.redis import RedisBackend
 from stargate.exceptions import BackendError
 from stargate.testing.redis_server import RedisCluster, find_redis_server
+from tests import green
 from tests.backends.contract import Collector, ready, wait_until
 
 #: Seconds any one wait may take (a failover takes 2-3 s here).
@@ -55,7 +55,7 @@ class Run:
         self.published = {channel: [] for channel in channels}
         self.round = 0
         self.running = True
-        self.thread = eventlet.spawn(self._publish)
+        self.thread = green.spawn(self._publish)
 
     def slot(self, channel):
         return key_slot(f"{self.prefix}{channel}".encode())
@@ -69,7 +69,7 @@ class Run:
                     continue  # its node is down: not published
                 self.published[channel].append(self.round)
             self.round += 1
-            eventlet.sleep(0.005)
+            green.sleep(0.005)
 
     def numbers(self, channel):
         return [int(m) for m in self.collector.messages(channel)]
@@ -85,7 +85,7 @@ class Run:
 
     def stop(self):
         self.running = False
-        self.thread.wait()
+        green.wait(self.thread)
         last = {c: p[-1] for c, p in self.published.items() if p}
         # Everything published has had time to arrive once the last has.
         assert wait_until(

@@ -10,11 +10,11 @@ import os
 import signal
 import uuid
 
-import eventlet
 import pytest
 
 from stargate.backends import load_backend
 from stargate.backends.redis import DEFAULT_MAX_CONNECTIONS, RedisBackend
+from tests import green
 from tests.backends.contract import Collector, ready, started, wait_until
 
 
@@ -59,10 +59,7 @@ class TestConcurrentSends:
             except Exception as exc:  # counted: the test says which ones
                 errors.append((n, exc))
 
-        pool = eventlet.GreenPool(400)
-        for n in range(400):
-            pool.spawn(send, n)
-        pool.waitall()
+        green.run_all(*((send, n) for n in range(400)))
         assert errors == []
         assert wait_until(lambda: len(collector.messages("burst")) >= 400)
         assert sorted(numbered(collector, "burst")) == list(range(400))
@@ -179,7 +176,7 @@ class TestPresenceOffTheHotPath:
         first, second = workers(socket_timeout=60.0), workers()
         os.kill(fresh_redis_server.pid, signal.SIGSTOP)
         changes = [
-            eventlet.spawn(first.set_local_count, f"room{i}", 3) for i in range(5)
+            green.spawn(first.set_local_count, f"room{i}", 3) for i in range(5)
         ]
         assert wait_until(lambda: all(change.dead for change in changes))
         os.kill(fresh_redis_server.pid, signal.SIGCONT)
@@ -222,8 +219,8 @@ class TestSubscribingTogether:
         try:
             backend.start(collector)
             channels = [f"c{i}" for i in range(10)]
-            for thread in [eventlet.spawn(backend.subscribe, c) for c in channels]:
-                thread.wait()
+            for thread in [green.spawn(backend.subscribe, c) for c in channels]:
+                green.wait(thread)
             ready(backend, collector, *channels)
             with redis_server.client() as client:
                 mine = [
@@ -256,7 +253,7 @@ class TestSubscribingWhileRedisIsDown:
         try:
             backend.start(collector)
             fresh_redis_server.kill()
-            thread = eventlet.spawn(backend.subscribe, "late")
+            thread = green.spawn(backend.subscribe, "late")
             assert wait_until(lambda: thread.dead)
             fresh_redis_server.restart()
             other.start(lambda *args: None)

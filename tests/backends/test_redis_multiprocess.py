@@ -1,7 +1,8 @@
 """The Redis backend between real OS processes sharing one private Redis.
 
-Each worker is a separate ``python`` process running eventlet with a
-``RedisBackend``, as gunicorn or ``server_factory`` workers would.
+Each worker is a separate ``python`` process running the test process's
+runtime (eventlet or gevent) with a ``RedisBackend``, as gunicorn or
+``server_factory`` workers would.
 """
 
 import json
@@ -10,17 +11,19 @@ import subprocess
 import sys
 import uuid
 
-import eventlet
 import pytest
 
 import stargate
+from stargate import runtime
+from tests import green
 
 #: The workers import stargate from this checkout.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(stargate.__file__)))
 
 WORKER = r"""
-import eventlet
-eventlet.monkey_patch()
+from stargate import runtime
+green = runtime.current()  # STARGATE_RUNTIME, set by run()
+green.monkey_patch()
 import json, sys, time
 from stargate.backends.redis import RedisBackend
 
@@ -35,15 +38,16 @@ for i in range(count):
     backend.publish("mp", f"{name}-{i}" if i % 2 else f"{name}-{i}".encode())
 deadline = time.monotonic() + 20
 while len(received) < 2 * count and time.monotonic() < deadline:
-    eventlet.sleep(0.01)
+    green.sleep(0.01)
 backend.close()
 print(json.dumps([m if isinstance(m, str) else "bytes:" + m.decode()
                   for m in received]), flush=True)
 """
 
 FORK = r"""
-import eventlet
-eventlet.monkey_patch()
+from stargate import runtime
+green = runtime.current()  # STARGATE_RUNTIME, set by run()
+green.monkey_patch()
 import json, os, sys, time
 from stargate.backends.redis import RedisBackend
 
@@ -54,7 +58,7 @@ def wait_for(received, message, timeout=10):
     while message not in received:
         if time.monotonic() > deadline:
             return False
-        eventlet.sleep(0.01)
+        green.sleep(0.01)
     return True
 
 parent_got = []
@@ -83,6 +87,7 @@ print(json.dumps({"parent": parent_got, "child_status": status}), flush=True)
 def run(script, *args):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    env[runtime.RUNTIME_ENV] = runtime.current().NAME  # the workers run it too
     return subprocess.Popen(
         [sys.executable, "-c", script, *map(str, args)],
         stdin=subprocess.PIPE,
@@ -109,7 +114,7 @@ def test_two_processes_see_each_others_messages_in_one_order(redis_server, prefi
     workers = [run(WORKER, redis_server.url, prefix, name, count) for name in "AB"]
     try:
         for worker in workers:
-            with eventlet.Timeout(20, AssertionError("a worker never got ready")):
+            with green.Timeout(20, AssertionError("a worker never got ready")):
                 line = worker.stdout.readline()
             assert line.strip() == "ready", worker.stderr.read()
         for worker in workers:

@@ -18,6 +18,7 @@ from stargate.exceptions import (
     HistoryUnavailable,
     IncorrectlyConfigured,
 )
+from tests import green
 from tests.backends.contract import BackendContract, Collector, ready, wait_until
 
 FAST = {"reconnect_backoff": (0.05, 0.3), "socket_timeout": 2.0, "block": 0.2}
@@ -235,7 +236,7 @@ class TestRecovery:
         for i in range(500):
             other.publish("c", str(i), history=policy)
         with caplog.at_level(logging.WARNING, "stargate.backends.redis_streams"):
-            worker._receiver = __import__("eventlet").spawn(worker._run)
+            worker._receiver = green.spawn(worker._run)
             assert wait_until(lambda: got.messages("c")[-1:] == ["499"])
         received = [int(m) for m in got.messages("c")]
         assert received == sorted(received) and received[-1] == 499

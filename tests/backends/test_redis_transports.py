@@ -4,10 +4,9 @@ against real servers."""
 import subprocess
 import time
 
-import eventlet
-
 from stargate.backends.redis import RedisBackend
 from stargate.testing.redis_server import RedisServer, free_port
+from tests import green
 
 
 def test_unix_socket_url_publishes_and_delivers(tmp_path):
@@ -23,7 +22,7 @@ def test_unix_socket_url_publishes_and_delivers(tmp_path):
             backend.publish("/room", b"\x00binary")
             deadline = time.monotonic() + 5
             while len(received) < 2 and time.monotonic() < deadline:
-                eventlet.sleep(0.01)
+                green.sleep(0.01)
             assert received == ["over a unix socket", b"\x00binary"]
         finally:
             backend.close()
@@ -64,7 +63,7 @@ def test_rediss_url_speaks_tls(tmp_path):
             backend.publish("/room", "over TLS")
             deadline = time.monotonic() + 5
             while not received and time.monotonic() < deadline:
-                eventlet.sleep(0.01)
+                green.sleep(0.01)
             assert received == ["over TLS"]
         finally:
             backend.close()
