@@ -1,14 +1,22 @@
-/* Optional C speedup for stargate.frames.apply_mask.
+/* Optional C speedups, each with a pure Python fallback where it is used.
  *
- * Unmasking runs over every byte a client sends, so it is the one loop on
- * the receive path worth compiling. stargate.frames falls back to its pure
- * Python version when this module was not built.
+ * apply_mask (stargate.frames): unmasking runs over every byte a client
+ * sends, so it is the one loop on the receive path worth compiling.
+ *
+ * send_many (stargate.connection.SendGroup): a broadcast's walk over its
+ * listeners, one send() each, with the GIL released once for all of them
+ * instead of once per listener and no Python call per listener.
  */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#ifndef _WIN32
+#include <sys/socket.h>
+#include <sys/types.h>
+#endif
 
 static PyObject *
 apply_mask(PyObject *self, PyObject *args)
@@ -56,19 +64,191 @@ done:
     return result;
 }
 
+#ifndef _WIN32
+
+#ifndef MSG_NOSIGNAL
+#define MSG_NOSIGNAL 0
+#endif
+
+static PyObject *str_writable;       /* "_writable" */
+static PyObject *str_messages_sent;  /* "messages_sent" */
+static PyObject *one;               /* 1 */
+
+struct target {
+    PyObject *websocket;  /* a strong reference */
+    int fd;
+    int error;            /* errno when sent < 0 */
+    Py_ssize_t sent;
+};
+
+/* send_many(members, data) -> (sent, rest)
+ *
+ * members: {WebSocket: descriptor}. For every member whose _writable is
+ * True: messages_sent += 1 and one non-blocking send() of data (all of them
+ * with the GIL released). sent counts the members that took all of data;
+ * rest lists (websocket, what) for the others: None when it was not
+ * writable (nothing was done), the byte count of a partial write, or the
+ * OSError. SendGroup.send hands each of those to the connection's normal
+ * path, exactly as WebSocket.send_prepared does. */
+static PyObject *
+send_many(PyObject *self, PyObject *args)
+{
+    PyObject *members, *rest = NULL, *result = NULL;
+    Py_buffer data;
+    struct target *targets = NULL;
+    Py_ssize_t count = 0, ready = 0, sent = 0, i;
+
+    if (!PyArg_ParseTuple(args, "O!y*:send_many", &PyDict_Type, &members, &data)) {
+        return NULL;
+    }
+    rest = PyList_New(0);
+    if (rest == NULL) {
+        goto done;
+    }
+    count = PyDict_GET_SIZE(members);
+    targets = PyMem_Calloc(count ? count : 1, sizeof(struct target));
+    if (targets == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    /* Take the members first: nothing below may change the dict under a
+     * PyDict_Next walk. */
+    {
+        Py_ssize_t pos = 0, k = 0;
+        PyObject *key, *value;
+        while (k < count && PyDict_Next(members, &pos, &key, &value)) {
+            int fd = (int)PyLong_AsLong(value);
+            if (fd == -1 && PyErr_Occurred()) {
+                goto done;
+            }
+            Py_INCREF(key);
+            targets[k].websocket = key;
+            targets[k].fd = fd;
+            k++;
+        }
+        count = k;
+    }
+    /* Which are writable now; count the message for those. */
+    for (i = 0; i < count; i++) {
+        PyObject *websocket = targets[i].websocket;
+        PyObject *writable = PyObject_GetAttr(websocket, str_writable);
+        if (writable == NULL) {
+            goto done;
+        }
+        int yes = PyObject_IsTrue(writable);
+        Py_DECREF(writable);
+        if (yes < 0) {
+            goto done;
+        }
+        if (!yes || targets[i].fd < 0) {
+            targets[i].fd = -1;
+            continue;
+        }
+        PyObject *before = PyObject_GetAttr(websocket, str_messages_sent);
+        if (before == NULL) {
+            goto done;
+        }
+        PyObject *after = PyNumber_Add(before, one);
+        Py_DECREF(before);
+        if (after == NULL) {
+            goto done;
+        }
+        int failed = PyObject_SetAttr(websocket, str_messages_sent, after);
+        Py_DECREF(after);
+        if (failed) {
+            goto done;
+        }
+        ready++;
+    }
+    /* The system calls, without the GIL. */
+    {
+        const char *buf = (const char *)data.buf;
+        size_t len = (size_t)data.len;
+        Py_BEGIN_ALLOW_THREADS
+        for (i = 0; i < count; i++) {
+            ssize_t n;
+            if (targets[i].fd < 0) {
+                continue;
+            }
+            do {
+                n = send(targets[i].fd, buf, len, MSG_DONTWAIT | MSG_NOSIGNAL);
+            } while (n < 0 && errno == EINTR);
+            targets[i].sent = n;
+            targets[i].error = n < 0 ? errno : 0;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    for (i = 0; i < count; i++) {
+        PyObject *what;
+        if (targets[i].fd < 0) {
+            what = Py_NewRef(Py_None);
+        }
+        else if (targets[i].sent == data.len) {
+            sent++;
+            continue;
+        }
+        else if (targets[i].sent >= 0) {
+            what = PyLong_FromSsize_t(targets[i].sent);
+        }
+        else {
+            /* OSError(errno, strerror) is the matching subclass
+             * (BlockingIOError, BrokenPipeError...), as socket.send raises. */
+            what = PyObject_CallFunction(PyExc_OSError, "is", targets[i].error,
+                                         strerror(targets[i].error));
+        }
+        if (what == NULL) {
+            goto done;
+        }
+        PyObject *pair = PyTuple_Pack(2, targets[i].websocket, what);
+        Py_DECREF(what);
+        if (pair == NULL || PyList_Append(rest, pair) < 0) {
+            Py_XDECREF(pair);
+            goto done;
+        }
+        Py_DECREF(pair);
+    }
+    result = Py_BuildValue("nO", sent, rest);
+
+done:
+    if (targets != NULL) {
+        for (i = 0; i < count; i++) {
+            Py_XDECREF(targets[i].websocket);
+        }
+        PyMem_Free(targets);
+    }
+    Py_XDECREF(rest);
+    PyBuffer_Release(&data);
+    return result;
+}
+
+#endif  /* _WIN32 */
+
 static PyMethodDef speedups_methods[] = {
     {"apply_mask", apply_mask, METH_VARARGS,
      "apply_mask(data, mask) -> bytes: XOR data with the repeated 4-byte mask."},
+#ifndef _WIN32
+    {"send_many", send_many, METH_VARARGS,
+     "send_many(members, data) -> (sent, rest): a broadcast's send() walk."},
+#endif
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef speedups_module = {
     PyModuleDef_HEAD_INIT, "stargate._speedups",
-    "Optional C speedups for stargate.frames.", -1, speedups_methods,
+    "Optional C speedups for stargate.frames and stargate.connection.", -1,
+    speedups_methods,
 };
 
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
+#ifndef _WIN32
+    str_writable = PyUnicode_InternFromString("_writable");
+    str_messages_sent = PyUnicode_InternFromString("messages_sent");
+    one = PyLong_FromLong(1);
+    if (str_writable == NULL || str_messages_sent == NULL || one == NULL) {
+        return NULL;
+    }
+#endif
     return PyModule_Create(&speedups_module);
 }

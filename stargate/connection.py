@@ -49,7 +49,7 @@ from stargate import protocol as _protocol
 from stargate import runtime as _runtime
 from stargate.exceptions import ConnectionClosed
 
-__all__ = ["WebSocket", "SendResult", "open_websockets"]
+__all__ = ["WebSocket", "SendResult", "SendGroup", "open_websockets"]
 
 log = logging.getLogger("stargate.connection")
 
@@ -911,3 +911,135 @@ class WebSocket:
         peer = self.environ.get("REMOTE_ADDR", "?")
         state = "closed" if self.closed else "open"
         return f"<WebSocket {self.draft} {peer} {self.path or '/'} {state}>"
+
+
+# -- broadcasts: one walk over many connections ---------------------------------
+
+
+def _send_many_python(members, data):
+    """:class:`SendGroup`'s walk without the C speedup: one ``send()`` per
+    open connection with nothing queued. Returns the count sent in full and
+    ``(websocket, what happened)`` for the others: None (not writable now),
+    the bytes the kernel took, or the OSError."""
+    size = len(data)
+    sent = 0
+    rest = []
+    for websocket, send in members.items():
+        if not websocket._writable:
+            rest.append((websocket, None))
+            continue
+        websocket.messages_sent += 1
+        try:
+            taken = send(data)
+        except OSError as exc:
+            rest.append((websocket, exc))
+            continue
+        if taken == size:
+            sent += 1
+        else:
+            rest.append((websocket, taken))
+    return sent, rest
+
+
+try:
+    from stargate._speedups import send_many as _send_many_c
+except ImportError:  # not built: SendGroup walks in Python
+    _send_many_c = None
+
+
+class SendGroup:
+    """Connections of one wire format, ready for a broadcast's walk.
+
+    The hub keeps one per channel and wire format. Each connection's socket
+    is looked up once, when it joins, and :meth:`send` writes one encoded
+    frame to every member in a single loop, in C when the optional
+    ``stargate._speedups`` extension was built (the system calls then run
+    with the GIL released), else in Python. Either way a member gets what
+    :meth:`WebSocket.send_prepared` would do: one ``send()`` when it is
+    open with nothing queued, the normal path (queue, drop, close) for the
+    rest.
+
+    Only plain :class:`WebSocket` connections belong here (:meth:`accepts`):
+    a class that overrides ``send_prepared`` is written through its own.
+    """
+
+    __slots__ = ("wire_format", "_members", "_walk")
+
+    def __init__(self, wire_format: Any) -> None:
+        self.wire_format = wire_format
+        # websocket -> its descriptor (C walk) or its socket's send (Python)
+        self._members: "dict[WebSocket, Any]" = {}
+        self._walk = _send_many_c
+
+    @staticmethod
+    def accepts(websocket: object) -> bool:
+        """Whether ``websocket`` can be written by a group's walk."""
+        return (
+            isinstance(websocket, WebSocket)
+            and type(websocket).send_prepared is WebSocket.send_prepared
+        )
+
+    def add(self, websocket: WebSocket) -> None:
+        raw = websocket._raw
+        if self._walk is None:
+            self._members[websocket] = raw.send
+            return
+        try:
+            self._members[websocket] = raw.fileno()
+        except OSError:
+            self._members[websocket] = -1  # closed: never writable again
+
+    def discard(self, websocket: WebSocket) -> None:
+        self._members.pop(websocket, None)
+
+    def __contains__(self, websocket: object) -> bool:
+        return websocket in self._members
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __iter__(self):
+        return iter(list(self._members))
+
+    def snapshot(self) -> "SendGroup":
+        """A copy to walk while this group may change."""
+        copy = SendGroup.__new__(SendGroup)
+        copy.wire_format = self.wire_format
+        copy._members = self._members.copy()
+        copy._walk = self._walk
+        return copy
+
+    def send(
+        self, data: bytes
+    ) -> "tuple[int, list[tuple[WebSocket, SendResult | Exception]]]":
+        """Write ``data`` (encoded for :attr:`wire_format`) to every member.
+
+        Returns how many took it (written or queued) and, for the others,
+        ``(websocket, SendResult)`` (``DROPPED``, ``CLOSED_SLOW``, ``DEAD``)
+        or ``(websocket, exception)`` for an unexpected error. Never raises
+        for a member.
+        """
+        walk = self._walk
+        if walk is None:
+            sent, rest = _send_many_python(self._members, data)
+        else:
+            sent, rest = walk(self._members, data)
+        if not rest:
+            return sent, rest
+        outcomes: "list[tuple[WebSocket, SendResult | Exception]]" = []
+        for websocket, what in rest:
+            try:
+                if what is None:
+                    result = websocket.send_prepared(data)
+                elif isinstance(what, int):
+                    result = websocket._write_rest(memoryview(data)[what:])
+                else:
+                    result = websocket._send_failed(data, what)
+            except Exception as exc:
+                outcomes.append((websocket, exc))
+                continue
+            if result is _SENT or result is SendResult.QUEUED:
+                sent += 1
+            else:
+                outcomes.append((websocket, result))
+        return sent, outcomes

@@ -11,10 +11,11 @@ hub does the local part the same way for every backend:
 * :meth:`Hub.publish` hands a message to the backend, which calls
   :meth:`Hub.deliver` in every subscribed process.
 * :meth:`Hub.deliver` encodes the frame once per wire format (never once per
-  listener), walks a snapshot of the channel's set, writes with
-  ``send_prepared`` and prunes the listeners that are dead or were closed for
-  being slow. One bad listener never raises to the caller nor stops delivery
-  to the others.
+  listener), walks the channel's listeners as they were when it began
+  (grouped by wire format, ready since they were added), writes with one
+  ``send()`` each (the connection's own path for what does not fit) and
+  prunes the listeners that are dead or were closed for being slow. One
+  bad listener never raises to the caller nor stops delivery to the others.
 
 History and recovery
 --------------------
@@ -56,7 +57,7 @@ from stargate.backends.base import (
     keeps_history,
 )
 from stargate.config import get_hub
-from stargate.connection import SendResult
+from stargate.connection import SendGroup, SendResult
 from stargate.exceptions import BackendError, BackendUnavailable, HistoryUnavailable
 from stargate.frames import encode_message
 
@@ -210,6 +211,7 @@ class Hub:
         self.backend = load_backend(backend)
         self.name = name
         self._channels = {}
+        self._fanout = {}  # channel -> _Fanout, the same listeners ready to walk
         self._memberships = {}
         self._watched = weakref.WeakSet()
         self._started = 0  # the process id the backend was started in
@@ -262,6 +264,7 @@ class Hub:
         if self._started:
             logger.debug("hub %r used in a forked process: starting afresh", self)
             self._channels.clear()
+            self._fanout.clear()
             self._memberships.clear()
             self._subscribing.clear()
             self._watched = weakref.WeakSet()
@@ -294,6 +297,7 @@ class Hub:
             return
         self._closed = True
         self._channels.clear()
+        self._fanout.clear()
         self._memberships.clear()
         try:
             self.backend.close()
@@ -363,12 +367,14 @@ class Hub:
                 raise
             else:
                 listeners = self._channels[channel] = set()
+                self._fanout[channel] = _Fanout()
             finally:
                 del self._subscribing[channel]
                 subscribing.send(None)
         if ws in listeners:
             return
         listeners.add(ws)
+        self._fanout[channel].add(ws)
         self._memberships.setdefault(ws, set()).add(channel)
         self._watch(ws)
         self._count_changed(channel, len(listeners))
@@ -478,6 +484,7 @@ class Hub:
         if listeners is None or ws not in listeners:
             return False
         listeners.discard(ws)
+        self._fanout[channel].discard(ws)
         if channel in self._catching_up:
             self._end_recovery(channel, ws)
         channels = self._memberships.get(ws)
@@ -487,6 +494,7 @@ class Hub:
                 del self._memberships[ws]
         if not listeners:
             del self._channels[channel]
+            del self._fanout[channel]
             self._formatters.pop(channel, None)
             self._gap_hooks.pop(channel, None)
             if not self._closed:
@@ -611,12 +619,15 @@ class Hub:
     ) -> int:
         """Send ``message`` to this process's listeners on ``channel``.
 
-        Called by the backend. The frame is encoded once per wire format;
-        listeners are written in the order of a snapshot of the set, so
-        listeners added or removed meanwhile do not disturb the walk. What
-        ``send_prepared`` returns (a ``stargate.connection.SendResult``)
-        decides the rest: ``DEAD`` (or an exception) prunes the listener and
-        counts ``pruned_dead``, ``CLOSED_SLOW`` prunes it and counts
+        Called by the backend. The frame is encoded once per wire format and
+        written to that format's plain WebSockets in one walk (a
+        :class:`~stargate.connection.SendGroup`, kept ready by :meth:`add`
+        and :meth:`remove`), then to listeners of other kinds one by one;
+        the walk covers the listeners there were when it began, so listeners
+        added or removed meanwhile do not disturb it. What ``send_prepared``
+        returns (a ``stargate.connection.SendResult``) decides the rest:
+        ``DEAD`` (or an exception) prunes the listener and counts
+        ``pruned_dead``, ``CLOSED_SLOW`` prunes it and counts
         ``closed_slow``, ``DROPPED`` keeps it and counts ``dropped``. Never
         raises.
 
@@ -640,41 +651,44 @@ class Hub:
             except Exception:
                 logger.exception("formatting a message on %r failed", channel)
                 return 0
+        held = None
+        if catching_up:
+            held = set()
+            for ws in list(catching_up):
+                if ws not in listeners:
+                    continue
+                if catching_up[ws].holds(raw, position):
+                    held.add(ws)
+                else:
+                    self._end_recovery(channel, ws)  # past its floor: live again
+        groups, others = self._fanout[channel].walk(held)
         encoded = {}
         delivered = dead = slow = dropped = skipped = 0
-        for ws in list(listeners):
-            if catching_up and ws in catching_up:
-                if catching_up[ws].holds(raw, position):
-                    continue
-                self._end_recovery(channel, ws)  # past its floor: live again
+        failed = []  # (listener, outcome), counted and pruned below
+        for group in groups:
+            data = encoded.get(id(group.wire_format))
+            if data is None:
+                data = self._encode(message, group.wire_format, encoded)
+            if data is _UNENCODABLE:
+                skipped += len(group)
+                continue
+            sent, rest = group.send(data)
+            delivered += sent
+            failed += rest
+        for ws in others:
             try:
-                send_prepared = ws.send_prepared
-            except AttributeError:
-                send_prepared = None
-            try:
-                if send_prepared is None:
-                    outcome = self._send_unprepared(ws, message)
-                else:
-                    # Wire formats are canonical instances
-                    # (WireFormat.canonical): identity keys the cache, and
-                    # each format is encoded once per message.
-                    data = encoded.get(id(ws.wire_format))
-                    if data is None:
-                        data = self._encode(message, ws.wire_format, encoded)
-                    if data is _UNENCODABLE:
-                        skipped += 1
-                        continue
-                    result = send_prepared(data)
-                    if result is _SENT:
-                        delivered += 1
-                        continue
-                    outcome = _outcome(ws, result)
+                outcome = self._send_one(ws, message, encoded)
             except Exception as exc:
-                logger.debug("sending to %r failed: %r", ws, exc)
-                outcome = _DEAD
+                outcome = exc
             if outcome is _SENT:
                 delivered += 1
-            elif outcome is _DROPPED:
+            else:
+                failed.append((ws, outcome))
+        for ws, outcome in failed:
+            if isinstance(outcome, Exception):
+                logger.debug("sending to %r failed: %r", ws, outcome)
+                outcome = _DEAD
+            if outcome is _DROPPED:
                 dropped += 1
             elif outcome is _SKIPPED:
                 skipped += 1
@@ -776,6 +790,55 @@ class Hub:
             f"<Hub {self.name or ''}{' ' if self.name else ''}backend={self.backend!r} "
             f"channels={len(self._channels)}>"
         )
+
+
+class _Fanout:
+    """A channel's listeners as a broadcast walks them: one
+    :class:`~stargate.connection.SendGroup` per wire format (its frame is
+    encoded once, and written in one loop), and the listeners of other
+    kinds, written one by one. Kept in step with the channel's set by
+    :meth:`Hub.add` and :meth:`Hub.remove`."""
+
+    __slots__ = ("groups", "others")
+
+    def __init__(self):
+        self.groups = {}  # id(wire format) -> SendGroup (which holds it)
+        self.others = {}  # listener -> None, in the order they came
+
+    def add(self, ws):
+        if not SendGroup.accepts(ws):
+            self.others[ws] = None
+            return
+        wire_format = ws.wire_format
+        group = self.groups.get(id(wire_format))
+        if group is None:
+            group = self.groups[id(wire_format)] = SendGroup(wire_format)
+        group.add(ws)
+
+    def discard(self, ws):
+        if self.others.pop(ws, True) is None:
+            return
+        for key, group in self.groups.items():
+            if ws in group:
+                group.discard(ws)
+                if not group:
+                    del self.groups[key]
+                return
+
+    def walk(self, held):
+        """The groups and other listeners a delivery writes, minus ``held``
+        (listeners catching up). Copies unless one group is all there is:
+        then its walk is over before anything can change it."""
+        groups = list(self.groups.values())
+        if not held and not self.others and len(groups) == 1:
+            return groups, ()
+        groups = [group.snapshot() for group in groups]
+        if held:
+            for group in groups:
+                for ws in held:
+                    group.discard(ws)
+            return groups, [ws for ws in self.others if ws not in held]
+        return groups, list(self.others)
 
 
 class _Recovery:

@@ -25,6 +25,7 @@ from eventlet.green import subprocess
 from pyramid.config import Configurator
 from pyramid.registry import Registry
 
+import stargate.connection
 import stargate.hub
 from stargate.backends.base import (
     History,
@@ -34,7 +35,7 @@ from stargate.backends.base import (
 )
 from stargate.backends.memory import MemoryBackend
 from stargate.backends.redis import RedisBackend
-from stargate.connection import SendResult, WebSocket
+from stargate.connection import SendGroup, SendResult, WebSocket
 from stargate.exceptions import BackendUnavailable
 from stargate.frames import FrameParser, Opcode, WireFormat, encode_message
 from stargate.hub import Hub, HubStats, default_hub, get_hub
@@ -137,6 +138,20 @@ class Loopback:
 
     def close(self):
         self.listener.close()
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def walk(request, monkeypatch):
+    """Every test here runs with both broadcast walks of SendGroup: the C one
+    (stargate._speedups, built by ``pip install -e .``) and the pure Python
+    fallback used where it was not built."""
+    if request.param == "python":
+        monkeypatch.setattr(stargate.connection, "_send_many_c", None)
+    else:
+        assert stargate.connection._send_many_c is not None, (
+            "stargate._speedups was not built: pip install -e . with a C compiler"
+        )
+    return request.param
 
 
 @pytest.fixture
@@ -574,6 +589,119 @@ class TestChangesDuringASend:
         assert hub.listener_count("room") == 10
         for _, peer in pairs[1::2]:
             assert peer.messages(21)[-1] == "last"
+
+
+class TestSendGroup:
+    """The walk a broadcast makes over the plain WebSockets of one wire
+    format: one send() each, the rest handed to the connection's own path."""
+
+    def group_of(self, *websockets):
+        group = SendGroup(websockets[0].wire_format)
+        for ws in websockets:
+            group.add(ws)
+        return group
+
+    def test_every_member_takes_the_frame_and_counts_it(self, loopback):
+        pairs = [loopback.connect() for _ in range(5)]
+        group = self.group_of(*(ws for ws, _ in pairs))
+        assert len(group) == 5
+        assert group.send(encode_message("hello")) == (5, [])
+        for ws, peer in pairs:
+            assert peer.messages(1) == ["hello"]
+            assert ws.messages_sent == 1 and ws.buffered_amount == 0
+
+    def test_what_the_kernel_leaves_is_queued_and_follows_in_order(self):
+        lo = Loopback(sndbuf=4096)
+        ws, peer = lo.connect(rcvbuf=4096, max_send_buffer=2**22)
+        group = self.group_of(ws)
+        big = "b" * 300_000
+        assert group.send(encode_message(big)) == (1, [])
+        assert ws.buffered_amount > 0  # a partial write, the rest queued
+        assert group.send(encode_message("after")) == (1, [])  # behind it
+        assert peer.messages(2) == [big, "after"]
+        assert ws.messages_sent == 2
+        lo.close()
+
+    def test_a_full_kernel_buffer_queues_the_whole_frame(self):
+        lo = Loopback(sndbuf=4096)
+        ws, peer = lo.connect(rcvbuf=4096)
+        filled = 0
+        for size in (4096, 1):  # fill the kernel's buffers to the last byte
+            while True:
+                try:
+                    filled += ws._raw.send(b"\0" * size)
+                except BlockingIOError:
+                    break
+        frame = encode_message("queued")
+        assert self.group_of(ws).send(frame) == (1, [])
+        assert ws.buffered_amount == len(frame)  # EAGAIN: nothing was taken
+        peer.sock.settimeout(DEADLINE)
+        while filled:
+            filled -= len(peer.sock.recv(min(filled, 65536)))
+        assert peer.messages(1) == ["queued"]
+        lo.close()
+
+    def test_a_reset_peer_is_dead_and_closed(self, loopback):
+        (ws, peer), (other, other_peer) = loopback.connect(), loopback.connect()
+        group = self.group_of(ws, other)
+        peer.reset()  # no green thread runs: the send finds it
+        sent, rest = group.send(encode_message("x"))
+        assert (sent, rest) == (1, [(ws, SendResult.DEAD)])
+        assert ws.closed and other_peer.messages(1) == ["x"]
+
+    def test_a_closed_member_goes_through_send_prepared(self, loopback):
+        ws, _ = loopback.connect()
+        group = self.group_of(ws)
+        ws.abort()
+        assert group.send(encode_message("x")) == (0, [(ws, SendResult.DEAD)])
+        assert ws.messages_sent == 0
+
+    def test_a_slow_member_is_closed_or_dropped_as_by_send_prepared(self):
+        lo = Loopback(sndbuf=4096)
+        slow, _ = lo.connect(rcvbuf=4096, max_send_buffer=8192)
+        dropping, _ = lo.connect(
+            rcvbuf=4096, max_send_buffer=8192, slow_listener="drop"
+        )
+        group = self.group_of(slow, dropping)
+        frame = encode_message("s" * 100_000)
+        assert group.send(frame) == (2, [])  # queued
+        sent, rest = group.send(frame)
+        assert sent == 0
+        assert sorted(rest, key=lambda pair: pair[0] is slow) == [
+            (dropping, SendResult.DROPPED),
+            (slow, SendResult.CLOSED_SLOW),
+        ]
+        assert slow.close_code == 1013 and dropping.dropped == 1
+        lo.close()
+
+    def test_only_plain_websockets_join(self, loopback):
+        class Subclass(WebSocket):
+            pass
+
+        assert SendGroup.accepts(loopback.connect()[0])
+        assert SendGroup.accepts(loopback.connect(cls=Subclass)[0])
+        assert not SendGroup.accepts(loopback.connect(cls=RecordingWebSocket)[0])
+        assert not SendGroup.accepts(object())
+
+    def test_a_channel_mixing_kinds_and_formats_reaches_all(self, hub, loopback):
+        pairs = [loopback.connect() for _ in range(3)]
+        pairs += [loopback.connect(cls=RecordingWebSocket) for _ in range(2)]
+        hixie = [loopback.connect(draft="hixie-76") for _ in range(2)]
+        for ws, _ in pairs + hixie:
+            hub.add("room", ws)
+        hub.remove("room", pairs[0][0])
+        hub.publish("room", "all")
+        hub.publish("room", b"binary")
+        for _, peer in pairs[1:]:
+            assert peer.messages(2) == ["all", b"binary"]
+        assert pairs[0][1].nothing_pending()
+        for _, peer in hixie:
+            peer.sock.settimeout(DEADLINE)
+            data = b""
+            while len(data) < 13:
+                data += peer.sock.recv(100)
+            assert data == b"\x00all\xff\x80\x06binary"
+        assert hub.stats.delivered == 2 * 6
 
 
 # -- counters, lifecycle, lookup ------------------------------------------------
