@@ -601,6 +601,10 @@ def _close_going_away(websocket):
         websocket.abort()
 
 
+#: The signals that stop a server.
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def _supervise(server, app, sock, workers, worker_options):
     """Fork ``workers`` workers on one socket and keep that many alive;
     ``server`` is the module of :mod:`stargate.servers` each one runs."""
@@ -619,12 +623,20 @@ def _supervise(server, app, sock, workers, worker_options):
     signal.signal(signal.SIGINT, request_stop)
 
     def start_worker():
+        # SIGTERM/SIGINT stay blocked from before the fork until the parent
+        # recorded the child and the child reset its handlers: a signal in
+        # between would run request_stop in the parent while it does not
+        # know the child yet (its second signal kills only the children it
+        # knows, and exits: the new worker was left serving, an orphan), or
+        # run the parent's handler in the child.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 server.after_fork()
                 server.run_worker(app, sock, **worker_options)
             except BaseException:
@@ -634,9 +646,12 @@ def _supervise(server, app, sock, workers, worker_options):
                 logging.shutdown()
                 os._exit(code)
         children[pid] = time.monotonic()
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         log.info("started worker %d", pid)
 
     for _ in range(workers):
+        if stopping:
+            break
         start_worker()
     while not stopping:
         try:
