@@ -1,6 +1,7 @@
 """The demo pages in a real, headless Chromium, as a visitor uses them: no
-console error, the jobs example's buttons, the echo page at /echo, and a
-reconnect that backs off when a server accepts and closes at once.
+console error, the chat's WebSocket, the jobs example's buttons, the echo
+page at /echo (served by ``stargate demo`` and by ``gunicorn -k gevent``),
+and a reconnect that backs off when a server accepts and closes at once.
 
 The browser runs in a subprocess (this file run as a script), as in
 ``tests/test_browser.py``; so does the server that closes every connection.
@@ -96,14 +97,36 @@ def serve_closing(port):
     serve(app, "127.0.0.1", port)
 
 
-@pytest.mark.timeout(180)
-def test_demo_pages_without_console_errors():
-    require_chromium()
+def stargate_demo():
     from tests.clients import ServerProcess, stargate_command
 
     command = stargate_command("demo", "--port", "0", "--log-level", "warning")
-    with ServerProcess(command, url_pattern=r"stargate demo: (http://\S+)") as demo:
-        run_script(__file__, "pages", demo.wait_ready())
+    server = ServerProcess(command, url_pattern=r"stargate demo: (http://\S+)")
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def gunicorn_gevent():
+    """The demo as docs/howto/gunicorn.rst serves it with gevent."""
+    from tests.test_gunicorn import gunicorn_server
+
+    return gunicorn_server(
+        "-k", "gevent", "-c", "python:stargate.gunicorn", "stargate.demo:make_app()"
+    )
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(
+    "serve", [stargate_demo, gunicorn_gevent], ids=lambda f: f.__name__
+)
+def test_demo_pages_without_console_errors(serve):
+    require_chromium()
+    with serve() as demo:
+        run_script(__file__, "pages", demo.url)
 
 
 @pytest.mark.timeout(180)
