@@ -73,6 +73,12 @@ from redis.retry import Retry
 from stargate import runtime
 from stargate.backends import REDIS_SCHEMES
 from stargate.backends.base import Backend, Presence
+from stargate.backends.options import (
+    as_bool,
+    backoff_pair,
+    positive_float,
+    positive_int,
+)
 from stargate.backends.receiver import PubSubReceiver
 from stargate.exceptions import (
     BackendError,
@@ -201,31 +207,6 @@ def redact_url(url):
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{userinfo}@{host}"))
 
 
-def _positive_float(name, value):
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = float("nan")
-    if not number > 0:
-        raise IncorrectlyConfigured(
-            f"stargate.backend.{name} must be a positive number of seconds, "
-            f"not {value!r}"
-        )
-    return number
-
-
-def _positive_int(name, value):
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        number = 0
-    if isinstance(value, bool) or number <= 0:
-        raise IncorrectlyConfigured(
-            f"stargate.backend.{name} must be a positive whole number, not {value!r}"
-        )
-    return number
-
-
 def connect_client(
     url, *, cluster=False, max_connections, socket_timeout, client_name, **kwargs
 ):
@@ -256,32 +237,6 @@ def connect_client(
         )
     pool = BlockingConnectionPool.from_url(url, health_check_interval=0, **kwargs)
     return Redis(connection_pool=pool)
-
-
-def _backoff_pair(value):
-    if isinstance(value, str):
-        value = value.replace(",", " ").split()
-    try:
-        initial, maximum = value
-    except (TypeError, ValueError):
-        raise IncorrectlyConfigured(
-            "stargate.backend.reconnect_backoff must be two numbers of seconds, the "
-            f"first delay and the longest one (e.g. '0.1 10'), not {value!r}"
-        ) from None
-    initial = _positive_float("reconnect_backoff", initial)
-    maximum = _positive_float("reconnect_backoff", maximum)
-    if maximum < initial:
-        raise IncorrectlyConfigured(
-            "stargate.backend.reconnect_backoff: the longest delay must not be shorter "
-            f"than the first one, got {value!r}"
-        )
-    return initial, maximum
-
-
-def _as_bool(value):
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
 
 
 class RedisBackend(Presence, Backend):
@@ -354,7 +309,7 @@ class RedisBackend(Presence, Backend):
                 f"stargate.backend: unknown Redis URL scheme {scheme!r} in "
                 f"{redact_url(url)!r}; use one of {', '.join(self.schemes)}"
             )
-        self.cluster = _as_bool(cluster) or scheme.endswith("+cluster")
+        self.cluster = as_bool(cluster) or scheme.endswith("+cluster")
         scheme = scheme.removesuffix("+cluster")
         if self.cluster and scheme == "unix":
             raise IncorrectlyConfigured(
@@ -367,10 +322,10 @@ class RedisBackend(Presence, Backend):
                 f"stargate.backend.prefix must be a string, not {prefix!r}"
             )
         self.prefix = prefix
-        self.reconnect_backoff = _backoff_pair(reconnect_backoff)
-        self.socket_timeout = _positive_float("socket_timeout", socket_timeout)
-        self.presence_ttl = _positive_float("presence_ttl", presence_ttl)
-        self.max_connections = _positive_int("max_connections", max_connections)
+        self.reconnect_backoff = backoff_pair(reconnect_backoff)
+        self.socket_timeout = positive_float("socket_timeout", socket_timeout)
+        self.presence_ttl = positive_float("presence_ttl", presence_ttl)
+        self.max_connections = positive_int("max_connections", max_connections)
         self.process_id = _new_process_id()
         self.stats = {
             "published": 0,

@@ -86,15 +86,13 @@ from redis.retry import Retry
 from stargate import runtime
 from stargate.backends import STREAMS_SCHEMES
 from stargate.backends.base import Backend, History, HistoryPolicy, Position
+from stargate.backends.options import backoff_pair, positive_float, positive_int
 from stargate.backends.receiver import PubSubReceiver
 from stargate.backends.redis import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_PREFIX,
     DEFAULT_RECONNECT_BACKOFF,
     DEFAULT_SOCKET_TIMEOUT,
-    _backoff_pair,
-    _positive_float,
-    _positive_int,
     backoff_delay,
     connect_client,
     decode_message,
@@ -248,13 +246,13 @@ class RedisStreamsBackend(History, Backend):
                 f"{history_size!r}"
             )
         self.default_policy = HistoryPolicy(
-            size, _positive_float("history_ttl", history_ttl)
+            size, positive_float("history_ttl", history_ttl)
         )
-        self.reconnect_backoff = _backoff_pair(reconnect_backoff)
-        self.socket_timeout = _positive_float("socket_timeout", socket_timeout)
-        self.block = _positive_float("block", block)
+        self.reconnect_backoff = backoff_pair(reconnect_backoff)
+        self.socket_timeout = positive_float("socket_timeout", socket_timeout)
+        self.block = positive_float("block", block)
         self.read_count = int(read_count)
-        self.max_connections = _positive_int("max_connections", max_connections)
+        self.max_connections = positive_int("max_connections", max_connections)
         self.stats = dict.fromkeys(
             (
                 "published",
