@@ -194,6 +194,7 @@ def gevent_server_factory(
 ) -> Callable[[WSGIApplication], None]:
     """``use = egg:stargate#gevent``: :func:`server_factory` with
     ``runtime = gevent``."""
+    one_line_errors()
     runtime = str(options.pop("runtime", "gevent")).strip().lower()
     if runtime != "gevent":
         from stargate.exceptions import IncorrectlyConfigured

@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from tests.clients import ServerProcess, connect, http, wait_until
-from tests.test_config import pserve, write_ini
+from tests.test_config import SERVER_RUNTIMES, pserve, write_ini
 
 #: Seconds anything here may take: a server starting, a line being logged.
 DEADLINE = 30
@@ -19,16 +19,22 @@ DEADLINE = 30
 DATE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d|\d\d/\w{3}/\d{4}[ :]\d\d")
 
 
-def serve(tmp_path, app="", server=""):
-    ini = write_ini(tmp_path, app=app, server=server, logging=True)
+def serve(tmp_path, app="", server="", runtime="eventlet"):
+    ini = write_ini(tmp_path, app=app, server=server, logging=True, runtime=runtime)
     process = ServerProcess(pserve(ini), url_pattern=r"Serving on (http://\S+)")
     process.wait_ready(DEADLINE)
     return process
 
 
+@pytest.fixture(params=sorted(SERVER_RUNTIMES))
+def runtime(request):
+    """Each test runs on stargate's eventlet server and on its gevent one."""
+    return request.param
+
+
 @pytest.fixture
-def pserved(tmp_path):
-    server = serve(tmp_path)
+def pserved(tmp_path, runtime):
+    server = serve(tmp_path, runtime=runtime)
     yield server
     server.stop()
 
@@ -62,8 +68,8 @@ def test_a_websocket_session_is_logged_when_it_opens_and_closes(pserved):
     assert closed.endswith("s, 3 received, 3 sent"), closed
 
 
-def test_shutdown_says_nothing_about_wsgi_internals(tmp_path):
-    server = serve(tmp_path)
+def test_shutdown_says_nothing_about_wsgi_internals(tmp_path, runtime):
+    server = serve(tmp_path, runtime=runtime)
     http(server.url + "/jobs/x")
     line_with(server, "GET /jobs/x")
     server.signal(signal.SIGTERM)
@@ -73,11 +79,14 @@ def test_shutdown_says_nothing_about_wsgi_internals(tmp_path):
     assert "wsgi starting up" not in server.output
 
 
-def test_a_second_ctrl_c_exits_at_once(tmp_path):
+def test_a_second_ctrl_c_exits_at_once(tmp_path, runtime):
     """The first SIGINT waits for WebSockets to close (here, a client that
     never answers, with 600-second timeouts); the second one exits."""
     server = serve(
-        tmp_path, app="stargate.close_timeout = 600", server="shutdown_timeout = 600"
+        tmp_path,
+        app="stargate.close_timeout = 600",
+        server="shutdown_timeout = 600",
+        runtime=runtime,
     )
     try:
         host, port = server.url.removeprefix("http://").split(":")
@@ -101,10 +110,10 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path):
 
 
 @pytest.mark.timeout(240)
-def test_pserve_reload_reloads_without_a_traceback(tmp_path):
+def test_pserve_reload_reloads_without_a_traceback(tmp_path, runtime):
     """hupper's watcher thread predates monkey-patching: the old worker used
     to print "Exception ignored in thread started by ..." as it exited."""
-    ini = write_ini(tmp_path, logging=True)
+    ini = write_ini(tmp_path, logging=True, runtime=runtime)
     command = pserve(ini)
     command.insert(command.index(str(ini)), "--reload")
     server = ServerProcess(command, url_pattern=r"Serving on (http://\S+)")

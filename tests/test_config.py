@@ -87,9 +87,15 @@ format = %(asctime)s %(levelname)s [%(name)s] %(message)s
 """
 
 
-def write_ini(tmp_path, app="", server="", port=None, logging=False):
+#: The runtimes stargate's server runs on, and the entry point of each.
+SERVER_RUNTIMES = {"eventlet": "egg:stargate#main", "gevent": "egg:stargate#gevent"}
+
+
+def write_ini(tmp_path, app="", server="", port=None, logging=False, runtime=None):
     """The demo under ``pserve`` with extra ``app`` and ``server`` lines; with
-    ``logging``, the logging sections too (else pserve's default: WARNING)."""
+    ``logging``, the logging sections too (else pserve's default: WARNING).
+    ``runtime`` picks the entry point (:data:`SERVER_RUNTIMES`; eventlet's
+    by default)."""
     ini = tmp_path / "server.ini"
     ini.write_text(
         textwrap.dedent(
@@ -99,12 +105,17 @@ def write_ini(tmp_path, app="", server="", port=None, logging=False):
             {app}
 
             [server:main]
-            use = egg:stargate#main
+            use = {use}
             host = 127.0.0.1
             port = {port}
             {server}
             """
-        ).format(app=app, server=server, port=port or free_port())
+        ).format(
+            app=app,
+            server=server,
+            port=port or free_port(),
+            use=SERVER_RUNTIMES[runtime or "eventlet"],
+        )
         + (LOGGING if logging else ""),
         encoding="utf-8",
     )
@@ -143,12 +154,31 @@ def assert_one_line(status, err, expected):
     assert "secret" not in err  # a password in a URL stays out of the logs
 
 
+@pytest.mark.parametrize("runtime", sorted(SERVER_RUNTIMES))
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_pserve_refuses_a_bad_setting_in_one_line(tmp_path, case):
+def test_pserve_refuses_a_bad_setting_in_one_line(tmp_path, case, runtime):
     where, line, expected = BAD[case]
-    ini = write_ini(tmp_path, **{where: line})
+    ini = write_ini(tmp_path, runtime=runtime, **{where: line})
     status, _, err = run_refused(pserve(ini))
     assert_one_line(status, err, expected)
+
+
+def test_pserve_refuses_an_unknown_runtime_in_one_line(tmp_path):
+    ini = write_ini(tmp_path, server="runtime = tornado")
+    status, _, err = run_refused(pserve(ini))
+    assert_one_line(status, err, ["runtime", "'tornado'", "eventlet or gevent"])
+
+
+def test_the_gevent_entry_point_refuses_another_runtime_in_one_line(tmp_path):
+    ini = write_ini(tmp_path, server="runtime = eventlet", runtime="gevent")
+    status, _, err = run_refused(pserve(ini))
+    assert_one_line(status, err, ["runtime", "'eventlet'", "egg:stargate#main"])
+
+
+def test_stargate_demo_refuses_an_unknown_runtime():
+    status, _, err = run_refused(stargate_command("demo", "--runtime", "tornado"))
+    assert status == 2
+    assert "--runtime" in err and "tornado" in err
 
 
 def test_stargate_demo_refuses_a_bad_setting_in_one_line():
@@ -159,14 +189,15 @@ def test_stargate_demo_refuses_a_bad_setting_in_one_line():
     assert_one_line(status, err, BAD["compression"][2])
 
 
-def test_a_busy_port_is_one_line_naming_the_address(tmp_path):
+@pytest.mark.parametrize("runtime", sorted(SERVER_RUNTIMES))
+def test_a_busy_port_is_one_line_naming_the_address(tmp_path, runtime):
     import socket
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        ini = write_ini(tmp_path, port=port)
+        ini = write_ini(tmp_path, port=port, runtime=runtime)
         status, _, err = run_refused(pserve(ini))
         assert_one_line(status, err, [f"127.0.0.1:{port}", "in use"])
 
@@ -261,17 +292,22 @@ def serving_line(server):
     raise AssertionError(f"no startup line in:\n{server.output}")
 
 
-def test_pserve_says_where_and_how_it_serves_with_credentials_redacted(tmp_path):
+@pytest.mark.parametrize("runtime", sorted(SERVER_RUNTIMES))
+def test_pserve_says_where_and_how_it_serves_with_credentials_redacted(
+    tmp_path, runtime
+):
     """The ini has no logging sections, as production.ini did: the line must
     show all the same."""
     port = free_port()
     backend = f"redis://:s3cret@127.0.0.1:{free_port()}/0"
-    ini = write_ini(tmp_path, app=f"stargate.backend = {backend}", port=port)
+    ini = write_ini(
+        tmp_path, app=f"stargate.backend = {backend}", port=port, runtime=runtime
+    )
     with ServerProcess(pserve(ini), url_pattern=r"Serving on (http://\S+)") as server:
         assert server.wait_ready() == f"http://127.0.0.1:{port}"
         line = serving_line(server)
     assert "1 worker," in line
-    assert f"eventlet {importlib.metadata.version('eventlet')}" in line
+    assert f"{runtime} {importlib.metadata.version(runtime)}" in line
     assert f"backend redis://:***@127.0.0.1:{backend.rsplit(':', 1)[1]}" in line
     assert "s3cret" not in server.output
 

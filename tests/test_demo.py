@@ -17,10 +17,13 @@ from tests.clients import (
 URL_PATTERN = r"stargate demo: (http://\S+)"
 
 
-@pytest.fixture(scope="module")
-def demo():
+@pytest.fixture(scope="module", params=["eventlet", "gevent"])
+def demo(request):
+    """The demo on each runtime of stargate's server."""
     server = ServerProcess(
-        stargate_command("demo", "--port", "0", "--log-level", "warning"),
+        stargate_command(
+            "demo", "--port", "0", "--log-level", "warning", "--runtime", request.param
+        ),
         url_pattern=URL_PATTERN,
     )
     try:

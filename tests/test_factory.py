@@ -35,16 +35,40 @@ def pserve(*args):
     return [sys.executable, "-W", "ignore", "-m", "pyramid.scripts.pserve", *args]
 
 
-def start_pserve():
+#: The runtimes stargate's server runs on: each server test runs on both.
+RUNTIMES = ["eventlet", "gevent"]
+
+
+def runtime_ini(runtime, directory, text=None):
+    """The shipped development.ini (or ``text``) with the server section on
+    ``runtime``: its gevent entry point for gevent."""
+    text = Path(INI).read_text() if text is None else text
+    if runtime == "eventlet":
+        if text == Path(INI).read_text():
+            return INI
+    else:
+        text = text.replace("use = egg:stargate#main", f"use = egg:stargate#{runtime}")
+    ini = Path(directory) / f"{runtime}.ini"
+    ini.write_text(text)
+    return str(ini)
+
+
+def start_pserve(runtime="eventlet", directory=None):
     port = free_port()
-    server = ServerProcess(pserve(INI, f"http_port={port}"), port=port)
+    ini = INI if runtime == "eventlet" else runtime_ini(runtime, directory)
+    server = ServerProcess(pserve(ini, f"http_port={port}"), port=port)
     server.wait_ready()
     return server
 
 
+@pytest.fixture(params=RUNTIMES)
+def runtime(request):
+    return request.param
+
+
 @pytest.fixture
-def pserved():
-    server = start_pserve()
+def pserved(runtime, tmp_path):
+    server = start_pserve(runtime, tmp_path)
     try:
         yield server
     finally:
@@ -101,15 +125,17 @@ class TestPserve:
             message="access log",
         )
 
-    def test_max_clients_holds_a_connection_back_until_one_ends(self, tmp_path):
-        ini = tmp_path / "limited.ini"
-        ini.write_text(
-            Path(INI)
-            .read_text()
-            .replace("workers = 1\n", "workers = 1\nmax_clients = 2\n")
+    def test_max_clients_holds_a_connection_back_until_one_ends(
+        self, tmp_path, runtime
+    ):
+        text = Path(INI).read_text()
+        ini = runtime_ini(
+            runtime,
+            tmp_path,
+            text.replace("workers = 1\n", "workers = 1\nmax_clients = 2\n"),
         )
         port = free_port()
-        with ServerProcess(pserve(str(ini), f"http_port={port}"), port=port) as server:
+        with ServerProcess(pserve(ini, f"http_port={port}"), port=port) as server:
             server.wait_ready()
             first = connect(server.ws_url + "/echo")
             second = connect(server.ws_url + "/echo")
@@ -125,8 +151,10 @@ class TestPserve:
             assert second.recv(timeout=10) == "still served"
             second.close()
 
-    def test_sigterm_closes_open_websockets_with_1001_and_exits(self):
-        server = start_pserve()
+    def test_sigterm_closes_open_websockets_with_1001_and_exits(
+        self, runtime, tmp_path
+    ):
+        server = start_pserve(runtime, tmp_path)
         try:
             first = connect(server.ws_url + "/echo")
             second = connect(server.ws_url + "/rooms/shutdown")
@@ -145,8 +173,8 @@ class TestPserve:
         finally:
             server.stop(timeout=5)
 
-    def test_sigterm_on_an_idle_server_exits_at_once(self):
-        server = start_pserve()
+    def test_sigterm_on_an_idle_server_exits_at_once(self, runtime, tmp_path):
+        server = start_pserve(runtime, tmp_path)
         try:
             with connect(server.ws_url + "/echo") as ws:
                 ws.send("x")
@@ -186,10 +214,10 @@ class TestStargateDemoCommand:
         assert result.returncode != 0
         assert "carrier-pigeon" in result.stderr
 
-    def test_it_prints_the_url_it_serves(self):
+    def test_it_prints_the_url_it_serves(self, runtime):
         port = free_port()
         with ServerProcess(
-            stargate_command("demo", "--port", str(port)),
+            stargate_command("demo", "--port", str(port), "--runtime", runtime),
             url_pattern=r"stargate demo: (http://\S+)",
         ) as server:
             assert server.wait_ready() == f"http://127.0.0.1:{port}"
@@ -245,9 +273,11 @@ def two_workers(server, without=None):
 
 
 class TestWorkers:
-    def test_a_killed_worker_is_replaced_and_the_server_keeps_serving(self):
+    def test_a_killed_worker_is_replaced_and_the_server_keeps_serving(self, runtime):
         server = ServerProcess(
-            stargate_command("demo", "--port", "0", "--workers", "2"),
+            stargate_command(
+                "demo", "--port", "0", "--workers", "2", "--runtime", runtime
+            ),
             url_pattern=r"stargate demo: (http://\S+)",
         )
         try:
@@ -292,7 +322,6 @@ def marked_processes(mark):
     return found
 
 
-@pytest.mark.parametrize("runtime", ["eventlet", "gevent"])
 def test_a_signal_storm_while_workers_start_leaves_no_worker_behind(runtime):
     # SIGTERM after SIGTERM at a supervisor that is forking its workers: the
     # second one kills the workers it knows and exits. A signal handled

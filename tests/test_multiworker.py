@@ -86,18 +86,19 @@ class Server(ServerProcess):
         return self.process.returncode
 
 
-def demo_server(backend, workers=1):
+def demo_server(backend, workers=1, runtime="eventlet"):
     """``stargate demo --workers N --backend URL`` on a free port, serving."""
-    return demo_servers(backend, 1, workers)[0]
+    return demo_servers(backend, 1, workers, runtime)[0]
 
 
-def demo_servers(backend, count, workers=1):
+def demo_servers(backend, count, workers=1, runtime="eventlet"):
     """``count`` separate demo servers, started side by side, all serving."""
     command = stargate_command(
         "demo",
         "--port", "0",
         "--backend", backend,
         "--workers", str(workers),
+        "--runtime", runtime,
         "--log-level", "warning",
     )  # fmt: skip
     servers = [Server(command, url_pattern=DEMO_READY) for _ in range(count)]
@@ -362,11 +363,14 @@ def unique_room(name):
 # -- a room spans every worker -------------------------------------------------
 
 
-@pytest.mark.parametrize("workers", [2, 4])
-def test_a_room_spans_every_worker_in_one_order(redis_server, workers):
-    room = Room(unique_room(f"workers{workers}"))
+@pytest.mark.parametrize(
+    "runtime, workers", [("eventlet", 2), ("eventlet", 4), ("gevent", 2), ("gevent", 4)]
+)
+def test_a_room_spans_every_worker_in_one_order(redis_server, runtime, workers):
+    room = Room(unique_room(f"{runtime}{workers}"))
     messages_each = 5
-    with demo_server(redis_server.url, workers) as server, ExitStack() as stack:
+    server = demo_server(redis_server.url, workers, runtime)
+    with server, ExitStack() as stack:
         by_pid = spread_clients(stack, server, room)
         assert len(by_pid) == workers
         clients = [client for group in by_pid.values() for client in group]
