@@ -11,10 +11,11 @@ runtime provides them in one module of this package, with the same names:
   ``gunicorn -k gevent``.
 
 No other stargate module imports eventlet or gevent (only the servers built
-on one: :mod:`stargate.factory` on eventlet's, :mod:`stargate.gevent_server`
-on gevent's). :func:`current` tells which runtime this process runs: the
-one named by :func:`use` or ``STARGATE_RUNTIME``, else the library that
-monkey-patched the standard library, else eventlet. A process runs one
+on one: :mod:`stargate.servers.eventlet` on eventlet's,
+:mod:`stargate.servers.gevent` on gevent's). :func:`current` tells which
+runtime this process runs: the one named by :func:`use` or
+``STARGATE_RUNTIME``, else the library that monkey-patched the standard
+library, else eventlet. A process runs one
 runtime: both patch ``socket`` and ``threading``.
 """
 
