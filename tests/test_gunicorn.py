@@ -13,8 +13,8 @@ it with real WebSocket clients and stops it by PID.
   importing its hooks, SIGTERM and SIGINT close every WebSocket with 1001
   and the worker exits 0 (gunicorn alone would wait ``graceful_timeout``,
   then cut them: 1006).
-* gunicorn's sync and gthread workers and waitress cannot carry a
-  WebSocket: the upgrade is refused with 501 and a sentence naming the
+* gunicorn's sync, gthread and gevent_pywsgi workers and waitress cannot
+  carry a WebSocket: the upgrade is refused with 501 and a sentence naming the
   server and what to run instead, logged once (before: a bare 500 and a
   traceback).
 
@@ -145,7 +145,10 @@ def accepted(pid, client):
 
 @each_green_worker
 def test_echo_through_a_green_worker(worker):
-    with gunicorn_server("-k", worker, "stargate.demo:make_app()") as server:
+    # The how-to's 'myapp:main({})', with the demo's Paste Deploy factory.
+    with gunicorn_server(
+        "-k", worker, "-c", "python:stargate.gunicorn", "stargate.demo:main({})"
+    ) as server:
         with connect(server.ws_url + "/echo") as client:
             for message in ("hello", b"\x00\xff", "é" * 10_000):
                 client.send(message)
@@ -383,13 +386,21 @@ def test_paste_ini_and_the_access_log(worker):
 # -- servers that cannot carry WebSockets ---------------------------------------
 
 
-@pytest.mark.parametrize("worker", ["sync", "gthread"])
-def test_other_gunicorn_workers_refuse_with_a_reason(worker):
+@pytest.mark.parametrize(
+    "worker, why",
+    [
+        ("sync", "gunicorn's sync worker cannot carry a WebSocket"),
+        ("gthread", "gunicorn's gthread worker cannot carry a WebSocket"),
+        # It does not hand the application its socket.
+        ("gevent_pywsgi", "gunicorn/"),
+    ],
+)
+def test_other_gunicorn_workers_refuse_with_a_reason(worker, why):
     with gunicorn_server("-k", worker, "stargate.demo:make_app()") as server:
         response = refusal(server.ws_url + "/echo")
         assert response.status_code == 501
         reason = response.body.decode()
-        assert f"gunicorn's {worker} worker cannot carry a WebSocket" in reason
+        assert why in reason and "cannot carry a WebSocket" in reason, reason
         assert "gunicorn -k gevent" in reason
         logged(server, "cannot take a WebSocket over")
         # The worker is free again: a plain request is served at once.
