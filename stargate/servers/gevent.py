@@ -117,6 +117,7 @@ class Handler(gevent.pywsgi.WSGIHandler):
     """One client connection of :class:`Server` (see the module docstring)."""
 
     server: Server
+    environ: Any = None
     _refused: _Refused | None = None
     _deadline: gevent.Timeout | None = None
     _handed_over = False
@@ -127,6 +128,7 @@ class Handler(gevent.pywsgi.WSGIHandler):
         timeout = self.server.request_timeout
         deadline = self._deadline = gevent.Timeout(timeout) if timeout else None
         self._refused = None
+        self.environ = None  # the previous request's, on a kept-alive connection
         if deadline is not None:
             deadline.start()
         try:
@@ -234,16 +236,21 @@ class Handler(gevent.pywsgi.WSGIHandler):
     def log_request(self) -> None:
         if not self.server.log_output:
             return
-        status = (self._orig_status or "000").split()[0]
+        # gevent keeps the request's outcome in attributes of the handler:
+        # status is b"200 OK" once the application started its response,
+        # or "400" (a str) when gevent refused the request itself.
+        status = self.status or "000"
+        if isinstance(status, bytes):
+            status = status.decode("latin-1")
         finish = self.time_finish or time.time()
-        environ = getattr(self, "environ", None) or {}
+        environ = self.environ
         client = access_client(environ) if environ else self.client_address[0]
         access_log.info(
             ACCESS_LOG_FORMAT
             % {
                 "client_ip": client,
                 "request_line": self.requestline or "",
-                "status_code": status,
+                "status_code": status.split()[0],
                 "body_length": self.response_length,
                 "wall_seconds": finish - self.time_start,
             }
