@@ -43,6 +43,11 @@ worker_class = "gevent"
 #: SIGTERM (their upgrade requests were still arriving).
 LATE_SWEEP_INTERVAL = 0.2
 
+#: Seconds between looks at whether the worker is stopping by itself
+#: (``max_requests``), which gunicorn signals to no hook; gunicorn's own
+#: loop looks once a second.
+ALIVE_CHECK_INTERVAL = 1.0
+
 #: What the other workers' refusals tell a user to run instead.
 USE_INSTEAD = (
     "run gunicorn with its gevent worker (gunicorn -k gevent) or its eventlet "
@@ -116,15 +121,24 @@ def _worker_type(environ: dict[str, Any]) -> str:
 
 
 def post_worker_init(worker: Any) -> None:
-    """gunicorn hook: on SIGTERM (a graceful stop), this worker closes its
-    WebSockets with 1001 at once, within ``graceful_timeout``.
+    """gunicorn hook: on SIGTERM (a graceful stop), and when the worker
+    stops by itself (``max_requests``), it closes its WebSockets with 1001
+    at once, within ``graceful_timeout``.
 
-    gunicorn calls no hook on SIGTERM: it lets requests run until they end
-    or ``graceful_timeout`` passes, and a WebSocket would then be cut with
-    no close frame. gunicorn's own handler still runs first.
+    gunicorn calls no hook then: it lets requests run until they end or
+    ``graceful_timeout`` passes, and a WebSocket would then be cut with no
+    close frame. gunicorn's own SIGTERM handler still runs first.
     """
     if not _green_worker(worker):
         return
+    green = runtime.current()
+    stopping: list[bool] = []
+
+    def stop(why: str) -> None:
+        if not stopping:  # once, whichever notices first
+            stopping.append(True)
+            _stop(worker, why)
+
     previous = signal.getsignal(signal.SIGTERM)
 
     def going_away(signum: int, frame: Any) -> None:
@@ -132,8 +146,16 @@ def post_worker_init(worker: Any) -> None:
             previous(signum, frame)
         # A signal handler must not block: the closing handshakes run on a
         # green thread of their own.
-        runtime.current().spawn_n(_stop, worker)
+        green.spawn_n(stop, "SIGTERM")
 
+    def watch() -> None:
+        # gunicorn's Worker.alive turns False on SIGTERM and after
+        # max_requests; only the first has a signal to catch.
+        while worker.alive:
+            green.sleep(ALIVE_CHECK_INTERVAL)
+        stop("worker stopping")
+
+    green.spawn_n(watch)
     signal.signal(signal.SIGTERM, going_away)
     # gunicorn lets SIGTERM restart interrupted system calls; signal.signal()
     # has just undone that.
@@ -148,17 +170,17 @@ def worker_int(worker: Any) -> None:
         _close_all(worker, "SIGINT/SIGQUIT")
 
 
-def _stop(worker: Any) -> None:
+def _stop(worker: Any, why: str) -> None:
     """Close every WebSocket now, then, until the worker exits, those whose
     upgrade was under way at the first sweep: gunicorn still completes the
     requests it has begun reading."""
     from stargate.connection import open_websockets
 
-    _close_all(worker, "SIGTERM")
+    _close_all(worker, why)
     while True:
         runtime.current().sleep(LATE_SWEEP_INTERVAL)
         if open_websockets():
-            _close_all(worker, "SIGTERM, opened since")
+            _close_all(worker, f"{why}, opened since")
 
 
 def _close_all(worker: Any, why: str) -> None:

@@ -286,6 +286,35 @@ def test_stopping_closes_websockets_with_1001(worker, signum, config, tmp_path):
 
 
 @each_green_worker
+def test_a_worker_restarted_for_max_requests_closes_with_1001(worker):
+    """``--max-requests``: the worker stops by itself, with no signal and no
+    hook from gunicorn; its WebSockets are closed with 1001 too and it exits
+    0 (before: held until ``graceful_timeout``, then cut)."""
+    with gunicorn_server(
+        "-k", worker, "-c", "python:stargate.gunicorn",
+        "--max-requests", "1", "--graceful-timeout", "15",
+        "stargate.demo:make_app()",
+    ) as server:  # fmt: skip
+        (worker_pid,) = worker_pids(server)
+        with connect(server.ws_url + "/echo") as client:  # its one request
+            client.send("here")
+            assert client.recv(timeout=CLIENT_TIMEOUT) == "here"
+            with pytest.raises(ConnectionClosed) as closed:
+                client.recv(timeout=DEADLINE)
+            assert closed.value.rcvd is not None, "closed without a close frame"
+            assert closed.value.rcvd.code == 1001
+        logged(server, f"Worker exiting (pid: {worker_pid})")
+        assert "closing 1 WebSocket(s) with 1001" in server.output
+        # A new worker replaces it.
+        wait_until(
+            lambda: worker_pids(server) - {server.pid, worker_pid},
+            DEADLINE,
+            message="a new worker",
+        )
+    assert_worker_exited_0(server, worker_pid)
+
+
+@each_green_worker
 def test_an_upgrade_under_way_at_sigterm_is_closed_with_1001_too(worker):
     """A WebSocket whose upgrade request was still arriving when SIGTERM
     came opens after the first sweep; it is closed with 1001 too, not held
