@@ -12,6 +12,7 @@ import ssl
 import subprocess
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from tests.backends.test_redis_transports import _self_signed_certificate
 from tests.clients import ServerProcess, connect, free_port, wait_until
@@ -175,6 +176,30 @@ def test_a_bad_trusted_proxies_value_is_refused(tmp_path):
     ini = write_ini(tmp_path, server="trusted_proxies = proxy.example")
     status, _, err = run_refused(pserve(ini))
     assert_one_line(status, err, ["trusted_proxies", "'proxy.example'", "IP address"])
+
+
+@pytest.mark.parametrize("worker", ["gevent", "eventlet"])
+def test_gunicorn_behind_tls(nginx, worker):
+    """gunicorn's green workers behind the same nginx (docs/howto/gunicorn.rst):
+    gunicorn believes X-Forwarded-Proto from 127.0.0.1 by itself, so the
+    page's https origin is the application's own (not refused with 403),
+    and SIGTERM's 1001 reaches the client through the proxy."""
+    from tests.test_gunicorn import gunicorn_server
+
+    with gunicorn_server(
+        "-k", worker, "-c", "python:stargate.gunicorn", "stargate.demo:make_app()"
+    ) as server:  # fmt: skip
+        port = nginx(app_port(server))
+        url = f"wss://127.0.0.1:{port}/echo"
+        with connect(url, ssl=tls_context(), origin=f"https://127.0.0.1:{port}") as ws:
+            ws.send("through nginx")
+            assert ws.recv(timeout=DEADLINE) == "through nginx"
+            server.signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=DEADLINE)
+            assert closed.value.rcvd is not None, "closed without a close frame"
+            assert closed.value.rcvd.code == 1001
+        assert server.wait(DEADLINE) == 0
 
 
 def test_the_deploy_howto_has_the_proxy_lines_tested_here():
