@@ -33,6 +33,8 @@ import psutil
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from stargate.exceptions import IncorrectlyConfigured
+from stargate.gunicorn import client_socket
 from tests.clients import (
     CLIENT_TIMEOUT,
     ServerProcess,
@@ -423,6 +425,7 @@ def test_paste_ini_and_the_access_log(worker):
         # It does not hand the application its socket.
         ("gevent_pywsgi", "gunicorn/"),
     ],
+    ids=["sync", "gthread", "gevent_pywsgi"],
 )
 def test_other_gunicorn_workers_refuse_with_a_reason(worker, why):
     with gunicorn_server("-k", worker, "stargate.demo:make_app()") as server:
@@ -455,3 +458,29 @@ def test_waitress_refuses_with_a_reason():
         assert "egg:stargate#main" in reason
         logged(server, "cannot take a WebSocket over")
     assert not any("Traceback" in line for line in server.lines), server.output
+
+
+# -- the how-to ------------------------------------------------------------------
+
+
+def test_the_howto_shows_the_commands_tested_here():
+    """docs/howto/gunicorn.rst gives the commands, the gunicorn.conf.py and
+    the refusal these tests run and check (with ``-k gevent``)."""
+    howto = ROOT / "docs" / "howto" / "gunicorn.rst"
+    text = " ".join(howto.read_text(encoding="utf-8").split())
+    shown = [
+        'pip install "stargate[gevent]" gunicorn',
+        "gunicorn -k gevent -c python:stargate.gunicorn 'stargate.demo:main({})'",
+        "gunicorn -k gevent -w 2 -c python:stargate.gunicorn "
+        "\"stargate.demo:make_app({'stargate.backend': 'redis://",
+        "gunicorn -k gevent -w 2 -c python:stargate.gunicorn 'myapp:main({})'",
+        "-c python:stargate.gunicorn --bind 127.0.0.1:6543 --paste production.ini",
+    ]
+    shown += [line for line in CONF_PY.format(worker="gevent").splitlines() if line]
+    for piece in shown:
+        assert " ".join(piece.split()) in text, f"gunicorn.rst lacks {piece!r}"
+    # What the sync worker's request tells: a plain socket, one thread.
+    environ = {"gunicorn.socket": object(), "wsgi.multithread": False}
+    with pytest.raises(IncorrectlyConfigured) as refused:
+        client_socket(environ)
+    assert " ".join(str(refused.value).split()) in text
