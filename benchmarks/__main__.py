@@ -2,7 +2,7 @@
 
 NAME is ``all`` (the default) or any of ``broadcast``, ``memory``,
 ``fanout``, ``concurrency``, ``history``, ``prune``, ``receive``, ``floor``,
-``idle``, ``channels``.
+``uring``, ``idle``, ``channels``.
 With one NAME, options the suite does not know go to that benchmark
 (``python -m benchmarks memory --peers stargate,gunicorn-gevent,websockets``;
 ``python -m benchmarks.NAME --help`` lists them). Each benchmark prints its
@@ -57,6 +57,7 @@ BENCHMARKS = {
     "prune": _script("prune_dead.py", "--out", "{out}/prune_dead.png"),
     "receive": _script("bench_receive_path.py"),
     "floor": _module("send_floor"),
+    "uring": _module("uring_floor"),
     "idle": _module("idle_listeners"),
     "channels": _module("channels"),
 }

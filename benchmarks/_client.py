@@ -64,19 +64,26 @@ FAST_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_fastcli
 def build_fast_loop(build_dir):
     """Compile ``_fastclient.c`` into ``build_dir``; returns the library's
     path, or ``None`` when there is no working C compiler (callers then use
-    the Python loop). Built once per source version; safe to race."""
+    the Python loop)."""
+    return build_c_library(FAST_SOURCE, build_dir, "fastclient")
+
+
+def build_c_library(source, build_dir, name):
+    """Compile the C file ``source`` into a shared library in ``build_dir``
+    (for ctypes); returns its path, or ``None`` without a working C compiler
+    on Linux. Built once per source version; safe to race."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None or not sys.platform.startswith("linux"):
         return None
-    with open(FAST_SOURCE, "rb") as f:
+    with open(source, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:12]
-    target = os.path.join(build_dir, f"fastclient-{digest}.so")
+    target = os.path.join(build_dir, f"{name}-{digest}.so")
     if os.path.exists(target):
         return target
     os.makedirs(build_dir, exist_ok=True)
     fd, partial = tempfile.mkstemp(suffix=".so", dir=build_dir)
     os.close(fd)
-    command = [compiler, "-O2", "-shared", "-fPIC", "-o", partial, FAST_SOURCE]
+    command = [compiler, "-O2", "-shared", "-fPIC", "-o", partial, source]
     try:
         built = subprocess.run(command, capture_output=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired):

@@ -1,107 +1,197 @@
 """The floor under any broadcast: one kernel ``send()`` per listener.
 
-In one process, N loopback TCP listeners (their readers drain between
-rounds, so every send finds room): the time per listener of
+N loopback TCP listeners, whose client ends live in a child process that
+reads them dry between rounds (so every send finds room, and the child uses
+no CPU while a round runs). In this process, the CPU time per listener
+(``time.process_time``: this process only, system calls included) of
 
 ``hub``
     ``Hub.publish()`` on the memory backend to N stargate WebSockets (the
-    whole broadcast path: encode once, the listener walk, the write);
+    whole broadcast path: encode once, the listener walk, the write), with
+    the C walk (``stargate._speedups``);
+``hub, Python walk``
+    the same with the pure Python walk used where the extension was not
+    built;
 ``send loop``
     ``for sock in sockets: sock.send(frame)`` with the frame encoded
     beforehand: no WebSocket library at all, the least a Python server can
     do per listener.
 
-The two interleave, best of several rounds each. Their ratio is how close
-stargate is to the floor, and the most any broadcast in Python can gain on
-another: a peer's throughput divided by stargate's cannot exceed the peer's
-cost over the floor.
+The three interleave, best of several rounds each. A ratio to the send loop
+is how close stargate is to the floor, and the most any broadcast in Python
+can gain on another.
 
-Both ends of every connection live in this process, so N is at most half
-the open-file limit.
+The readers in a child process leave this process one descriptor per
+listener, so N can reach the hard open-file limit (less a few): about 19,900
+under a limit of 20,000.
 
-    python -m benchmarks floor            # N = 1,000 and 5,000
+    python -m benchmarks floor            # N = 1,000, 5,000 and 10,000
     python -m benchmarks floor --quick    # N = 200
+    python -m benchmarks.send_floor --listeners 1000,19000
 """
 
 import argparse
-import socket
+import os
+import subprocess
+import sys
 import time
 
 TITLE = "send floor: hub publish against a bare send() loop, per listener"
 
-
-def _connect(n):
-    import eventlet
-
-    from stargate.connection import WebSocket
-    from stargate.frames import WireFormat
-    from stargate.protocol import ServerProtocol
-
-    listener = eventlet.listen(("127.0.0.1", 0), backlog=min(n, 4096))
-    port = listener.getsockname()[1]
-    pairs = []
-    for _ in range(n):
-        reader = socket.socket()
-        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        reader.connect(("127.0.0.1", port))
-        reader.setblocking(False)
-        server, _ = listener.accept()
-        ws = WebSocket(
-            server, ServerProtocol(WireFormat("rfc6455")), ping_interval=None
-        )
-        pairs.append((ws, reader))
-    listener.close()
-    return pairs
-
-
-def _drain(pairs):
-    for _, reader in pairs:
+#: What the reader child runs: connect N sockets, then drain them all on
+#: each "d" line from stdin, answering "k"; exit at end of input.
+_READER = r"""
+import socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+readers = []
+for _ in range(n):
+    reader = socket.socket()
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    reader.connect(("127.0.0.1", port))
+    reader.setblocking(False)
+    readers.append(reader)
+sys.stdout.write("k\n")
+sys.stdout.flush()
+for line in sys.stdin:
+    for reader in readers:
         try:
             while reader.recv(1 << 20):
                 pass
         except BlockingIOError:
             pass
+    sys.stdout.write("k\n")
+    sys.stdout.flush()
+"""
+
+
+class Listeners:
+    """N server-side stargate WebSockets whose peers read in a child
+    process. :meth:`drain` empties every peer's socket."""
+
+    def __init__(self, n):
+        import eventlet
+
+        from stargate.connection import WebSocket
+        from stargate.frames import WireFormat
+        from stargate.protocol import ServerProtocol
+
+        listener = eventlet.listen(("127.0.0.1", 0), backlog=min(n, 4096))
+        port = listener.getsockname()[1]
+        env = dict(os.environ, PYTHONWARNINGS="ignore")
+        self.child = subprocess.Popen(
+            [sys.executable, "-c", _READER, str(port), str(n)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.websockets = []
+        try:
+            for _ in range(n):
+                server, _ = listener.accept()
+                self.websockets.append(
+                    WebSocket(
+                        server,
+                        ServerProtocol(WireFormat("rfc6455")),
+                        ping_interval=None,
+                    )
+                )
+            self._answer()
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            listener.close()
+
+    def _answer(self):
+        if self.child.stdout.readline() != "k\n":
+            raise RuntimeError("the reader process failed")
+
+    def drain(self):
+        self.child.stdin.write("d\n")
+        self.child.stdin.flush()
+        self._answer()
+
+    def close(self):
+        for ws in self.websockets:
+            ws.abort()
+        if self.child.stdin:
+            self.child.stdin.close()
+        try:
+            self.child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.child.kill()
+            self.child.wait()
+
+
+def hub_with_walk(websockets, walk):
+    """A memory-backend hub with every websocket on channel "floor", whose
+    groups use the C walk (``walk="c"``) or the pure Python one."""
+    from stargate import connection
+    from stargate.backends.memory import MemoryBackend
+    from stargate.hub import Hub
+
+    built = connection._send_many_c  # the groups read it when made
+    if walk == "python":
+        connection._send_many_c = None
+    elif built is None:
+        return None  # the extension was not built
+    try:
+        hub = Hub(MemoryBackend())
+        for ws in websockets:
+            hub.add("floor", ws)
+    finally:
+        connection._send_many_c = built
+    return hub
 
 
 def measure(n, *, messages, rounds, size=32):
-    """Microseconds per listener: ``{"hub": us, "send loop": us}``."""
-    from stargate.backends.memory import MemoryBackend
+    """CPU microseconds per listener, best of ``rounds``:
+    ``{"hub": us, "hub, Python walk": us, "send loop": us}`` ("hub" is
+    missing when the C extension was not built)."""
     from stargate.frames import encode_message
-    from stargate.hub import Hub
 
-    pairs = _connect(n)
-    hub = Hub(MemoryBackend())
-    for ws, _ in pairs:
-        hub.add("floor", ws)
-    message = "x" * size
-    frame = encode_message(message)
-    raw = [ws._raw for ws, _ in pairs]
-
-    def publish():
-        for _ in range(messages):
-            hub.publish("floor", message)
-
-    def send_loop():
-        for _ in range(messages):
-            for sock in raw:
-                sock.send(frame)
-
-    best = {"hub": float("inf"), "send loop": float("inf")}
+    listeners = Listeners(n)
+    hubs = {}
     try:
+        for name, walk in (("hub", "c"), ("hub, Python walk", "python")):
+            hub = hub_with_walk(listeners.websockets, walk)
+            if hub is not None:
+                hubs[name] = hub
+        message = "x" * size
+        frame = encode_message(message)
+        raw = [ws._raw for ws in listeners.websockets]  # plain sockets
+
+        def publisher(hub):
+            def publish():
+                for _ in range(messages):
+                    hub.publish("floor", message)
+
+            return publish
+
+        def send_loop():
+            for _ in range(messages):
+                for sock in raw:
+                    sock.send(frame)
+
+        sides = [(name, publisher(hub)) for name, hub in hubs.items()]
+        sides.append(("send loop", send_loop))
+        best = {name: float("inf") for name, _ in sides}
         for r in range(rounds):
-            order = [("hub", publish), ("send loop", send_loop)]
-            for name, run in order if r % 2 == 0 else order[::-1]:
-                _drain(pairs)
-                start = time.perf_counter()
+            shift = r % len(sides)
+            for name, run in sides[shift:] + sides[:shift]:
+                listeners.drain()
+                start = time.process_time()
                 run()
-                elapsed = time.perf_counter() - start
+                elapsed = time.process_time() - start
                 best[name] = min(best[name], elapsed / messages / n * 1e6)
-        assert hub.stats.pruned_dead == 0, "a listener died during the benchmark"
+        for hub in hubs.values():
+            assert hub.stats.pruned_dead == 0, "a listener died during the benchmark"
+            assert hub.stats.delivered == hub.stats.messages * n
     finally:
-        hub.close()
-        for ws, reader in pairs:
-            ws.abort()
-            reader.close()
+        for hub in hubs.values():
+            hub.close()
+        listeners.close()
     return best
 
 
@@ -113,27 +203,51 @@ def main(argv=None):
         "--listeners",
         type=lambda s: [int(x) for x in s.split(",")],
         default=None,
-        help="comma-separated listener counts (1000,5000)",
+        help="comma-separated listener counts (1000,5000,10000)",
     )
+    parser.add_argument("--rounds", type=int, default=None)
     args = parser.parse_args(argv)
     import eventlet
 
     eventlet.monkey_patch()
     from benchmarks._harness import print_table, raise_nofile
 
-    most = (raise_nofile() - 100) // 2  # two sockets a listener
-    counts = args.listeners or ([200] if args.quick else [1000, 5000])
+    most = raise_nofile() - 100  # one descriptor a listener here
+    counts = args.listeners or ([200] if args.quick else [1000, 5000, 10000])
     if max(counts) > most:
         parser.error(f"at most {most:,} listeners under this open-file limit")
     rounds, messages = (3, 5) if args.quick else (9, 20)
+    rounds = args.rounds or rounds
     rows = []
     for n in counts:
         best = measure(n, messages=messages, rounds=rounds)
-        hub, floor = best["hub"], best["send loop"]
-        rows.append([f"{n:,}", f"{hub:.2f}", f"{floor:.2f}", f"{hub / floor:.2f}x"])
-    columns = ["N", "hub us/listener", "send loop us/listener", "hub/floor"]
+        floor = best["send loop"]
+        hub = best.get("hub")
+        python = best["hub, Python walk"]
+        rows.append(
+            [
+                f"{n:,}",
+                "-" if hub is None else f"{hub:.2f}",
+                f"{python:.2f}",
+                f"{floor:.2f}",
+                "-" if hub is None else f"{hub / floor:.2f}x",
+                f"{python / floor:.2f}x",
+            ]
+        )
+    columns = [
+        "N",
+        "hub us",
+        "hub (Python walk) us",
+        "send loop us",
+        "hub/floor",
+        "Python walk/floor",
+    ]
     print_table(TITLE, columns, rows)
-    print("(32-byte text frames; best of interleaved rounds; readers drained between)")
+    print(
+        "(CPU time of this process per listener, 32-byte text frames; best of"
+        f" {rounds} interleaved rounds of {messages} messages; readers in a"
+        " child process, drained between rounds)"
+    )
 
 
 if __name__ == "__main__":

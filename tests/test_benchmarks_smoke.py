@@ -26,6 +26,7 @@ HEADERS = {
     "prune": "prune_dead:",
     "receive": "apply_mask throughput",
     "floor": "send floor: hub publish against a bare send() loop",
+    "uring": "below the floor: io_uring batched sends against a send() loop",
     "channels": "channels: delivery latency with many channels subscribed",
 }
 NEEDS_REDIS = {"fanout", "concurrency", "history", "channels"}
