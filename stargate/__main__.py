@@ -26,7 +26,7 @@ def _runtime_from_argv(argv):
             return argv[i + 1]
         if arg.startswith("--runtime="):
             return arg.partition("=")[2]
-    return os.environ.get("STARGATE_RUNTIME", "eventlet")
+    return os.environ.get("STARGATE_RUNTIME", "").strip().lower() or "eventlet"
 
 
 def _patch(name):

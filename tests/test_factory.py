@@ -222,6 +222,15 @@ class TestStargateDemoCommand:
         ) as server:
             assert server.wait_ready() == f"http://127.0.0.1:{port}"
 
+    def test_stargate_runtime_picks_the_runtime_when_no_option_does(self):
+        with ServerProcess(
+            stargate_command("demo", "--port", "0"),
+            url_pattern=r"stargate demo: (http://\S+)",
+            env={**os.environ, "STARGATE_RUNTIME": " Gevent "},
+        ) as server:
+            server.wait_ready()
+            assert "worker(s), gevent;" in server.output
+
     def test_set_passes_any_stargate_setting(self):
         port = free_port()
         with ServerProcess(
