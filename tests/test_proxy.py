@@ -133,8 +133,14 @@ def app_port(server):
     return int(server.url.rsplit(":", 1)[1])
 
 
-def test_behind_tls_the_app_believes_a_trusted_proxy(tmp_path, nginx):
-    server = serve(tmp_path, server="trusted_proxies = 127.0.0.1")
+@pytest.fixture(params=["eventlet", "gevent"])
+def runtime(request):
+    """stargate's server on each runtime."""
+    return request.param
+
+
+def test_behind_tls_the_app_believes_a_trusted_proxy(tmp_path, nginx, runtime):
+    server = serve(tmp_path, server="trusted_proxies = 127.0.0.1", runtime=runtime)
     try:
         port = nginx(app_port(server))
         assert hixie75_location(port) == f"wss://127.0.0.1:{port}/echo"
@@ -150,8 +156,8 @@ def test_behind_tls_the_app_believes_a_trusted_proxy(tmp_path, nginx):
         server.stop()
 
 
-def test_an_untrusted_peer_cannot_claim_https(tmp_path):
-    server = serve(tmp_path, server="trusted_proxies = 192.0.2.1")
+def test_an_untrusted_peer_cannot_claim_https(tmp_path, runtime):
+    server = serve(tmp_path, server="trusted_proxies = 192.0.2.1", runtime=runtime)
     try:
         port = app_port(server)
         raw = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
@@ -170,10 +176,10 @@ def test_an_untrusted_peer_cannot_claim_https(tmp_path):
         server.stop()
 
 
-def test_a_bad_trusted_proxies_value_is_refused(tmp_path):
+def test_a_bad_trusted_proxies_value_is_refused(tmp_path, runtime):
     from tests.test_config import assert_one_line, pserve, run_refused, write_ini
 
-    ini = write_ini(tmp_path, server="trusted_proxies = proxy.example")
+    ini = write_ini(tmp_path, server="trusted_proxies = proxy.example", runtime=runtime)
     status, _, err = run_refused(pserve(ini))
     assert_one_line(status, err, ["trusted_proxies", "'proxy.example'", "IP address"])
 
