@@ -138,8 +138,11 @@ def test_a_server_close_delivers_its_code_every_time(live):
     assert codes == [4000] * TRIES
 
 
-def test_shutdown_delivers_1001_to_every_client():
-    server = start_pserve()
+def test_shutdown_delivers_1001_to_every_client(tmp_path):
+    from stargate import runtime
+
+    # the server on the runtime this suite runs (--runtime)
+    server = start_pserve(runtime.current().NAME, tmp_path)
     try:
         with contextlib.ExitStack() as stack:
             url = server.ws_url + "/echo"
