@@ -291,9 +291,7 @@ class PubSubReceiver:
                     continue
                 attempt = 0
             try:
-                message = shard.pubsub.get_message(timeout=self.read_timeout)
-                if message is not None:
-                    self._handle(shard, message)
+                self._read(shard)
             except AskError as exc:  # MOVED or ASK: the slot is elsewhere
                 self._moved(shard, exc)
             except _NETWORK_ERRORS as exc:
@@ -305,6 +303,58 @@ class PubSubReceiver:
             except Exception:
                 log.exception("unexpected error reading %s", self.describe(shard.key))
                 self._lost(shard, None)
+
+    def _read(self, shard):
+        """Wait up to ``read_timeout`` for a reply on the shard's connection
+        and handle it.
+
+        ``PubSub.get_message`` costs more than the rest of a message's way to
+        its listeners: it goes through ``parse_response`` (a retry wrapper
+        and two closures per call) and builds a dictionary per message. Once
+        subscribed, this reads the connection itself, with redis-py's public
+        ``Connection.can_read`` and ``read_response`` (its parser: hiredis
+        when installed), and does what ``parse_response`` does around them:
+        the health-check ``PING`` when due, and its reply skipped.
+        """
+        pubsub = shard.pubsub
+        if not pubsub.subscribed:
+            # No SUBSCRIBE sent yet, or every channel left: get_message waits
+            # for one (and reads nothing it should not meanwhile).
+            message = pubsub.get_message(timeout=self.read_timeout)
+            if message is not None:
+                self._handle(shard, message)
+            return
+        connection = pubsub.connection
+        pubsub.check_health()
+        if connection.can_read(timeout=self.read_timeout):
+            response = connection.read_response(
+                disconnect_on_error=False, push_request=True
+            )
+            self._dispatch(shard, response)
+
+    def _dispatch(self, shard, response):
+        """One reply read from the shard's connection. A published message
+        (RESP2: ``[b"message", channel, data]``) goes straight to
+        ``on_message``: ``PubSub.get_message`` would build a dictionary for
+        it and look for a per-channel handler, which this receiver never
+        registers. Anything else goes through ``PubSub.handle_message``,
+        which keeps redis-py's record of subscriptions."""
+        kind = response[0]
+        if kind == b"message" or kind == b"smessage":
+            name = response[1]
+            if self.routes.get(name, _MISSING) == shard.key:
+                self.on_message(name, response[2])
+            return
+        pubsub = shard.pubsub
+        if pubsub.is_health_check_response(response):
+            # What parse_response does with it: PubSub counts the PINGs it
+            # sent (check_health) and reads back those still unanswered
+            # before its next command while unsubscribed.
+            pubsub.health_check_response_counter -= 1
+            return
+        message = pubsub.handle_message(response)
+        if message is not None:
+            self._handle(shard, message)
 
     def _handle(self, shard, message):
         kind = message["type"]  # a str, as redis-py decodes it

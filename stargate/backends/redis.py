@@ -58,6 +58,7 @@ channel lives on the node that owns its hash slot.
 import logging
 import os
 import socket
+import struct
 import time
 import urllib.parse
 import uuid
@@ -117,7 +118,8 @@ BINARY_TAG = b"b"
 #: process's sequence for the channel: a receiver that sees a number skipped
 #: reports a gap (pub/sub has no history to fill it from).
 SEQUENCED_TAG = b"#"
-_SEQUENCE_HEADER = 1 + 8 + 8
+_SEQUENCE = struct.Struct(">8sQ")  # publisher tag, number
+_SEQUENCE_HEADER = 1 + _SEQUENCE.size
 
 #: Channels sent per SUBSCRIBE command when resubscribing.
 _SUBSCRIBE_BATCH = 500
@@ -174,13 +176,15 @@ def encode_message(message):
     )
 
 
-def decode_message(data):
-    """Undo :func:`encode_message`; ``ValueError`` for anything else."""
-    tag, payload = data[:1], data[1:]
+def decode_message(data, start=0):
+    """Undo :func:`encode_message` on ``data[start:]`` (``start`` skips a
+    header without copying the message first); ``ValueError`` for anything
+    else."""
+    tag = data[start : start + 1]
     if tag == TEXT_TAG:
-        return payload.decode("utf-8")
+        return data[start + 1 :].decode("utf-8")
     if tag == BINARY_TAG:
-        return bytes(payload)
+        return bytes(data[start + 1 :])
     raise ValueError(f"not a stargate message (tag {tag!r})")
 
 
@@ -353,6 +357,7 @@ class RedisBackend(Presence, Backend):
         self._stopping = runtime.current().Event()
         # Channels with local listeners; the receiver keeps Redis in step.
         self._channels = set()
+        self._names = {}  # Redis channel name (bytes) -> channel, for those
         self._local_counts = {}
         self._publisher_tag = os.urandom(8)
         self._sequence = {}  # channel -> number of the last message published
@@ -489,7 +494,7 @@ class RedisBackend(Presence, Backend):
             runtime.current().kill(presence)
         self._dirty = set()
         self._client = self._write_presence = self._read_presence = None
-        self._channels, self._local_counts = set(), {}
+        self._channels, self._names, self._local_counts = set(), {}, {}
         self._publisher_tag, self._sequence, self._seen = os.urandom(8), {}, {}
         self.process_id = _new_process_id()
 
@@ -504,6 +509,7 @@ class RedisBackend(Presence, Backend):
         if channel in self._channels:
             return
         self._channels.add(channel)
+        self._names[self._redis_channel(channel)] = channel
         if self._receiver is None or self._closed:
             return
         confirmed = self._receiver.subscribe(self._redis_channel(channel))
@@ -522,6 +528,7 @@ class RedisBackend(Presence, Backend):
         if channel not in self._channels:
             return
         self._channels.discard(channel)
+        self._names.pop(self._redis_channel(channel), None)
         self._seen.pop(channel, None)
         if self._receiver is not None:
             self._receiver.unsubscribe(self._redis_channel(channel))
@@ -666,14 +673,24 @@ class RedisBackend(Presence, Backend):
     # -- what the receiver reports ---------------------------------------------
 
     def _on_message(self, name, data):
-        channel = name[len(self._prefix_bytes) :].decode("utf-8", "replace")
-        if channel not in self._channels:
+        # Once per message on every worker: no copies, no per-message decoding
+        # of the channel's name, no log call on the way to the hub.
+        channel = self._names.get(name)
+        if channel is None:
             return  # in flight when we unsubscribed
+        start = 0
         if data[:1] == SEQUENCED_TAG and len(data) >= _SEQUENCE_HEADER:
-            self._check_sequence(channel, data[1:9], int.from_bytes(data[9:17], "big"))
-            data = data[_SEQUENCE_HEADER:]
+            publisher, number = _SEQUENCE.unpack_from(data, 1)
+            seen = self._seen.get(channel)
+            if seen is None:
+                seen = self._seen[channel] = {}
+            last = seen.get(publisher)
+            seen[publisher] = number
+            if last is not None and number > last + 1:
+                self._missed(channel, number - last - 1)
+            start = _SEQUENCE_HEADER
         try:
-            message = decode_message(data)
+            message = decode_message(data, start)
         except ValueError as exc:
             self.stats["undecodable"] += 1
             log.warning("skipped a message on %r: %s", channel, exc)
@@ -685,13 +702,10 @@ class RedisBackend(Presence, Backend):
             self.stats["delivery_errors"] += 1
             log.exception("delivering a message on %r failed", channel)
 
-    def _check_sequence(self, channel, publisher, number):
-        seen = self._seen.setdefault(channel, {})
-        last = seen.get(publisher)
-        seen[publisher] = number
-        if last is not None and number > last + 1:
-            self.stats["missed"] += number - last - 1
-            self._gap(channel, f"{number - last - 1} messages missing")
+    def _missed(self, channel, count):
+        """A publisher's numbers on ``channel`` skipped ``count`` messages."""
+        self.stats["missed"] += count
+        self._gap(channel, f"{count} messages missing")
 
     def _on_gap(self, name, reason):
         channel = name[len(self._prefix_bytes) :].decode("utf-8", "replace")

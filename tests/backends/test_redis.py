@@ -61,6 +61,11 @@ def numsub(server, name):
         return dict(client.pubsub_numsub(name))[name.encode()]
 
 
+def ping_calls(server):
+    with server.client() as client:
+        return client.info("commandstats")["cmdstat_ping"]["calls"]
+
+
 def pubsub_clients(server):
     with server.client() as client:
         return client.client_list(_type="pubsub")
@@ -187,6 +192,27 @@ class TestSubscriptions:
         green.sleep(0.05)
         assert got_a.messages("news") == ["for a"]
         assert got_b.messages("news") == ["for b"]
+
+    def test_health_check_replies_are_read_and_counted_off(
+        self, redis_server, make_backend
+    ):
+        """The receiver reads its connection itself, not through
+        ``get_message``: the health-check PINGs redis-py sends on an idle
+        subscription are answered, and each reply must be counted off as
+        ``PubSub.parse_response`` would (a PING left counted makes redis-py
+        wait ``socket_timeout`` for its reply before its next SUBSCRIBE)."""
+        backend = make_backend(redis_server.url, presence_ttl=0.3)  # PING per 0.1 s
+        collector = started(backend, "quiet")
+        pubsub = backend._receiver.shards[None].pubsub
+        pings = ping_calls(redis_server)
+        assert wait_until(lambda: ping_calls(redis_server) >= pings + 3)
+        assert wait_until(lambda: pubsub.health_check_response_counter == 0)
+        backend.unsubscribe("quiet")
+        assert wait_until(lambda: not pubsub.subscribed)
+        backend.subscribe("next")
+        backend.publish("next", "after")
+        assert wait_until(lambda: collector.messages("next") == ["after"])
+        assert collector.messages("quiet") == []
 
     def test_close_unsubscribes_and_is_idempotent(
         self, redis_server, make_backend, prefix
