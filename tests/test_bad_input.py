@@ -646,6 +646,32 @@ def test_a_slowloris_trickling_the_handshake_is_dropped_after_request_timeout():
         assert_still_serves(live)
 
 
+def test_a_stalled_request_body_is_dropped_after_request_timeout():
+    # request_timeout covers the body too: a client that announces 100
+    # bytes and stops after 10 must not hold an application's read forever.
+    read = []
+
+    def app(environ, start_response):
+        try:
+            read.append(environ["wsgi.input"].read(100))
+        except OSError as exc:  # the read timed out
+            read.append(exc)
+            raise
+        start_response("200 OK", [("Content-Length", "0")])
+        return [b""]
+
+    with LiveServer(app, request_timeout=0.5) as live:
+        with socket.create_connection(("127.0.0.1", live.port), timeout=5) as sock:
+            sock.sendall(
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+                + b"0123456789"
+            )
+            data, closed = read_until_closed(sock, deadline=30)
+        assert closed, data
+        assert not data.startswith(b"HTTP/1.1 200"), data
+        assert len(read) == 1 and isinstance(read[0], OSError), read
+
+
 def test_a_deflate_bomb_is_stopped_at_max_message_size_with_bounded_memory():
     # 256 MiB of zeros in 64 fragments of about 4 KiB each (each frame far
     # under the limit): the server must stop inflating at 1 MiB.

@@ -8,11 +8,12 @@ and operators rely on, as :mod:`stargate.servers.eventlet` gives eventlet's.
   (``TAKEN_OVER_KEY``), the server writes no response and leaves the
   socket to the WebSocket;
 * ``SERVER_PROTOCOL`` is the request's own version (gevent's is already);
-* the request head must arrive within ``request_timeout`` in total, and is
-  bounded as eventlet bounds it: a request line of 8192 bytes or more gets
-  414, a header line over 8192 bytes 400 "Header Line Too Long", more than
-  65536 bytes of headers 400 "Headers Too Large", more than 100 header
-  lines 431;
+* the request head must arrive within ``request_timeout`` in total, and
+  each later wait for the client (for its body) within ``request_timeout``
+  too; the head is bounded as eventlet bounds it: a request line of 8192
+  bytes or more gets 414, a header line over 8192 bytes 400 "Header Line
+  Too Long", more than 65536 bytes of headers 400 "Headers Too Large",
+  more than 100 header lines 431;
 * access log lines and WebSocket sessions on ``stargate.access``, in the
   format of eventlet's server; trusted proxies; the generic 500 page.
 """
@@ -121,6 +122,16 @@ class Handler(gevent.pywsgi.WSGIHandler):
     _refused: _Refused | None = None
     _deadline: gevent.Timeout | None = None
     _handed_over = False
+
+    def handle(self) -> None:
+        timeout = self.server.request_timeout
+        sock = self.socket
+        if timeout and sock is not None:
+            # Each wait for the client (its body, a response it does not
+            # read) is bounded by request_timeout, as eventlet's socket
+            # timeout bounds it; the view lifts it from an upgraded socket.
+            sock.settimeout(timeout)
+        super().handle()
 
     def handle_one_request(self) -> Any:
         # One deadline for the request line and headers (gevent has none: a
