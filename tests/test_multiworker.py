@@ -36,6 +36,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from tests.clients import ServerProcess, connect, free_port, stargate_command
+from tests.test_config import SERVER_RUNTIMES
 
 DEMO_READY = r"stargate demo: (http://\S+)"
 SERVING = r"Serving on (http://\S+)"
@@ -148,12 +149,12 @@ format = %(asctime)s %(levelname)s [%(name)s:%(process)d] %(message)s
 """
 
 
-def pserve_server(directory, backend, workers, backend_options):
+def pserve_server(directory, backend, workers, backend_options, runtime="eventlet"):
     """The demo under ``pserve`` with an ``.ini`` that sets backend options.
 
     ``stargate demo`` has no option for ``stargate.backend.*`` settings;
     an ``.ini`` file has: each ``stargate.backend.<name>`` line becomes a
-    keyword argument of the backend.
+    keyword argument of the backend. ``runtime`` is the server's.
     """
     ini = directory / "multiworker.ini"
     ini.write_text(
@@ -165,7 +166,7 @@ def pserve_server(directory, backend, workers, backend_options):
             ),
             port=free_port(),
             workers=workers,
-        )
+        ).replace("egg:stargate#main", SERVER_RUNTIMES[runtime])
     )
     server = Server(
         [sys.executable, "-W", "ignore", "-m", "pyramid.scripts.pserve", str(ini)],
@@ -612,12 +613,13 @@ def report(text):
 # -- a worker killed ------------------------------------------------------------
 
 
+@pytest.mark.parametrize("runtime", ["eventlet", "gevent"])
 def test_a_killed_worker_is_replaced_and_the_others_keep_talking(
-    tmp_path, redis_server
+    tmp_path, redis_server, runtime
 ):
-    room = Room(unique_room("worker-killed"))
+    room = Room(unique_room(f"worker-killed-{runtime}"))
     with (
-        pserve_server(tmp_path, redis_server.url, 3, FAST_BACKEND) as server,
+        pserve_server(tmp_path, redis_server.url, 3, FAST_BACKEND, runtime) as server,
         ExitStack() as stack,
         redis_server.client() as r,
     ):
