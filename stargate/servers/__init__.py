@@ -9,5 +9,9 @@ page) lives in :mod:`stargate.factory`, whose :func:`~stargate.factory.
 server_factory` and :func:`~stargate.factory.serve` pick one of them.
 
 Every module here provides ``listen(host, port)``, ``run_worker(app, sock,
-**options)`` and ``after_fork()``.
+**options)`` and ``after_fork()`` for :func:`~stargate.factory.serve`, and
+``serve_in_background(sock, app, request_timeout=...)`` and
+``serve_connection(app, sock, address)`` for the testing helpers
+(:class:`~stargate.testing.server.LiveServer`,
+:func:`~stargate.testing.client.connect_app`).
 """
