@@ -5,7 +5,7 @@
   and stops it with a signal.
 * :func:`connect` opens a WebSocket with the ``websockets`` sync client.
   The test process is monkey-patched by ``tests/conftest.py``; the sync
-  client's thread and socket then are eventlet's green ones, which it runs
+  client's thread and socket then are the runtime's green ones, which it runs
   on unchanged, and the server it talks to is always another process.
 * :func:`raw_request` sends bytes on a plain socket and reads the HTTP
   response, for requests no well-behaved client would send.

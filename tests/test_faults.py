@@ -1,8 +1,9 @@
 """Faults: Redis dying mid-stream, clients that vanish, stall or never read.
 
-Everything runs in this process (an in-process hub behind a live eventlet
-server) except the misbehaving clients, which are subprocesses so they can
-be SIGKILLed or SIGSTOPped like a crashed or frozen machine. After each
+Everything runs in this process (an in-process hub behind a live server on
+the process's runtime) except the misbehaving clients, which are
+subprocesses so they can be SIGKILLed or SIGSTOPped like a crashed or frozen
+machine. After each
 fault, nothing crashed, no listener leaked (``hub.stats.listeners`` and
 ``open_websockets()`` are back where they should be), memory stayed bounded
 and every client still connected received every message.
@@ -15,7 +16,6 @@ import sys
 import textwrap
 import time
 
-import eventlet
 import psutil
 import pytest
 
@@ -27,6 +27,7 @@ from stargate.exceptions import BackendUnavailable
 from stargate.hub import Hub
 from stargate.testing.client import connect
 from stargate.testing.server import LiveServer
+from tests import green
 
 CHANNEL = "/rooms/faults"
 # Pings often, so a frozen peer is found within seconds; a ping_timeout
@@ -68,7 +69,7 @@ def wait_until(predicate, timeout=10.0, interval=0.02):
     while time.monotonic() < deadline:
         if predicate():
             return True
-        eventlet.sleep(interval)
+        green.sleep(interval)
     return predicate()
 
 
@@ -87,7 +88,7 @@ class RawClient:
 
     def wait_ready(self):
         line = b""
-        with eventlet.Timeout(10):
+        with green.Timeout(10):
             line = self.proc.stdout.readline()
         assert line.strip() == b"ready", line
         return self
@@ -179,7 +180,7 @@ class TestVanishingClients:
             assert wait_until(lambda: len(websockets_of(room)) == 3, timeout=20)
             # The healthy clients answer pings and stay, for longer than a
             # client that does not answer would last.
-            eventlet.sleep(1.0 + 0.3 + 1.5)
+            green.sleep(1.0 + 0.3 + 1.5)
             assert room.hub.stats.listeners == 3
             assert_everyone_receives(
                 room, healthy, [f"after stop {i}" for i in range(5)]
@@ -258,7 +259,7 @@ class TestRedisFaults:
                     room.hub.publish(CHANNEL, "while down")
                 # The WebSockets do not depend on Redis: they stay open and
                 # keep answering pings through the outage.
-                eventlet.sleep(1.0)
+                green.sleep(1.0)
                 assert room.hub.stats.listeners == 5
                 for client in clients:
                     client.ping(timeout=5)
@@ -277,7 +278,7 @@ class TestRedisFaults:
                         return False
 
                 assert wait_until(one_through, timeout=15, interval=0.1)
-                eventlet.sleep(0.3)
+                green.sleep(0.3)
                 for client in clients:
                     drain_probes(client)
                 assert_everyone_receives(
@@ -308,7 +309,7 @@ class SlowSubscribe(MemoryBackend):
     """A memory backend whose subscribe waits on I/O, as Redis's does."""
 
     def subscribe(self, channel):
-        eventlet.sleep(0.05)
+        green.sleep(0.05)
         return super().subscribe(channel)
 
 
@@ -317,10 +318,7 @@ def test_concurrent_first_listeners_of_a_channel_are_all_kept():
     # hub.stats.listeners at 4, the lost one open but never receiving.
     hub = Hub(SlowSubscribe())
     first, second = object(), object()
-    pool = eventlet.GreenPool()
-    pool.spawn(hub.add, "race", first)
-    pool.spawn(hub.add, "race", second)
-    pool.waitall()
+    green.run_all((hub.add, "race", first), (hub.add, "race", second))
     try:
         assert hub.listener_count("race") == 2
     finally:
@@ -349,7 +347,7 @@ class TestIdleTimeout:
                 while time.monotonic() - opened < 2 * idle_timeout:
                     client.send("m")
                     assert client.receive() == "m"
-                    eventlet.sleep(0.1)
+                    green.sleep(0.1)
                 # ...answered pings do not: silence closes it, and not before
                 # idle_timeout has passed since the last message.
                 last_message = time.monotonic()

@@ -11,13 +11,12 @@ import json
 import os
 import pathlib
 import signal
+import subprocess
 import sys
 import time
 import uuid
 
-import eventlet
 import pytest
-from eventlet.green import subprocess as green_subprocess
 from pyramid.config import Configurator
 
 from stargate.backends.base import HistoryPolicy, Position
@@ -27,6 +26,7 @@ from stargate.config import parse_settings
 from stargate.exceptions import HistoryUnavailable, IncorrectlyConfigured
 from stargate.hub import Hub
 from stargate.resource import WebSocketAwareResource
+from tests import green
 
 #: Seconds any single wait may take.
 DEADLINE = 20.0
@@ -59,7 +59,7 @@ def wait_until(predicate, timeout=DEADLINE, interval=0.01):
     while not predicate():
         if time.monotonic() >= deadline:
             return False
-        eventlet.sleep(interval)
+        green.sleep(interval)
     return True
 
 
@@ -386,10 +386,10 @@ class Worker:
         self.errors = open(tmp_path / f"{name}.stderr", "w+")
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
         url = server.url.replace("redis://", "redis+streams://")
-        self.process = green_subprocess.Popen(
+        self.process = subprocess.Popen(
             [sys.executable, str(WORKER), url, prefix, channel, str(listeners)],
-            stdin=green_subprocess.PIPE,
-            stdout=green_subprocess.PIPE,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
             stderr=self.errors,
             cwd=ROOT,
             env=env,
@@ -399,7 +399,7 @@ class Worker:
 
     def read(self, timeout):
         line = b""
-        with eventlet.Timeout(timeout, False):
+        with green.Timeout(timeout, False):
             line = self.process.stdout.readline()
         if not line:
             self.errors.seek(0)
@@ -422,7 +422,7 @@ class Worker:
                 pass
             try:
                 self.process.wait(10)
-            except green_subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired:
                 os.kill(self.process.pid, signal.SIGKILL)
                 self.process.wait(10)
         self.errors.close()
@@ -498,7 +498,7 @@ def test_a_paused_worker_catches_up_after_sigcont(workers):
     os.kill(paused.pid, signal.SIGSTOP)
     try:
         publisher.call(cmd="publish", start=0, count=1000)
-        eventlet.sleep(1.0)  # longer than a block: Redis answered into the void
+        green.sleep(1.0)  # longer than a block: Redis answered into the void
     finally:
         os.kill(paused.pid, signal.SIGCONT)
     report = paused.call(cmd="wait", count=1000, timeout=60, _timeout=90)

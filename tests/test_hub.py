@@ -3,8 +3,9 @@
 Listeners are real :class:`stargate.connection.WebSocket` objects on TCP
 connections to 127.0.0.1; their peers are raw sockets that read RFC 6455
 frames, reset (``SO_LINGER`` 0, then close), close, or stop reading. The
-end-to-end tests run a Pyramid application in eventlet's WSGI server and
-connect ``websockets`` clients from a subprocess.
+end-to-end tests run a Pyramid application in stargate's server on the
+process's runtime (:class:`~stargate.testing.server.LiveServer`) and connect
+``websockets`` clients from a subprocess.
 """
 
 import base64
@@ -13,15 +14,12 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import textwrap
 import time
 
-import eventlet
-import eventlet.event
-import eventlet.wsgi
 import pytest
-from eventlet.green import subprocess
 from pyramid.config import Configurator
 from pyramid.registry import Registry
 
@@ -41,6 +39,8 @@ from stargate.frames import FrameParser, Opcode, WireFormat, encode_message
 from stargate.hub import Hub, HubStats, default_hub, get_hub
 from stargate.protocol import ServerProtocol
 from stargate.resource import WebSocketAwareResource
+from stargate.testing.server import LiveServer
+from tests import green
 from tests.backends.test_memory import CustomBackend
 
 #: Seconds any single wait in these tests may take.
@@ -52,7 +52,7 @@ def wait_until(predicate, timeout=DEADLINE, interval=0.005):
     while not predicate():
         if time.monotonic() >= deadline:
             return False
-        eventlet.sleep(interval)
+        green.sleep(interval)
     return True
 
 
@@ -120,7 +120,7 @@ class Loopback:
 
     def __init__(self, sndbuf=None):
         self.peers = []
-        self.listener = eventlet.listen(("127.0.0.1", 0))
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=50)
         if sndbuf is not None:
             self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         self.port = self.listener.getsockname()[1]
@@ -511,17 +511,17 @@ class TestPruning:
 
 def test_waiters_behind_a_reader_wake_when_the_connection_ends(loopback):
     ws, peer = loopback.connect()
-    reader = eventlet.spawn(ws.wait)
-    eventlet.sleep(0.05)  # the reader is in recv
-    second = eventlet.spawn(ws.wait)
-    closer = eventlet.spawn(ws.close)
-    eventlet.sleep(0.05)
+    reader = green.spawn(ws.wait)
+    green.sleep(0.05)  # the reader is in recv
+    second = green.spawn(ws.wait)
+    closer = green.spawn(ws.close)
+    green.sleep(0.05)
     assert not (reader.dead or second.dead or closer.dead)
     peer.close()
-    with eventlet.Timeout(DEADLINE):
-        assert reader.wait() is None
-        assert second.wait() is None
-        closer.wait()
+    with green.Timeout(DEADLINE):
+        assert green.wait(reader) is None
+        assert green.wait(second) is None
+        green.wait(closer)
         assert ws.closed
         assert ws._wait_closed(1.0)  # made after the end: already sent
         assert ws.wait() is None
@@ -540,7 +540,7 @@ class TestChangesDuringASend:
             def send_prepared(self, data):
                 hub.remove("room", victim)
                 hub.add("room", newcomer)
-                eventlet.sleep(0)  # let other green threads run mid-send
+                green.sleep(0)  # let other green threads run mid-send
                 return super().send_prepared(data)
 
         meddler, meddler_peer = loopback.connect(cls=Meddling)
@@ -578,13 +578,13 @@ class TestChangesDuringASend:
         def end_some():
             for ws, _ in pairs[::2]:
                 ws.abort()
-                eventlet.sleep(0)
+                green.sleep(0)
 
-        ender = eventlet.spawn(end_some)
+        ender = green.spawn(end_some)
         for i in range(20):
             hub.publish("room", f"message {i}")
-            eventlet.sleep(0)
-        ender.wait()
+            green.sleep(0)
+        green.wait(ender)
         hub.publish("room", "last")
         assert hub.listener_count("room") == 10
         for _, peer in pairs[1::2]:
@@ -867,7 +867,7 @@ class SignallingRedisBackend(RedisBackend):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.subscribing = eventlet.event.Event()
+        self.subscribing = green.Event()
 
     def subscribe(self, channel):
         if not self.subscribing.ready():
@@ -919,8 +919,8 @@ class TestInterruptedFirstSubscribe:
     @staticmethod
     def interrupted_add(hub, channel, ws, how):
         if how == "timeout":
-            with pytest.raises(eventlet.Timeout):
-                with eventlet.Timeout(0.2):
+            with pytest.raises(green.Timeout):
+                with green.Timeout(0.2):
                     hub.add(channel, ws)
             return "interrupted"
         return hub.add(channel, ws)  # killed by the test
@@ -934,7 +934,7 @@ class TestInterruptedFirstSubscribe:
         first_ws, first_peer = loopback.connect()
         waiting = [loopback.connect() for _ in range(2)]
         pause()
-        first = eventlet.spawn(self.interrupted_add, hub, "room", first_ws, how)
+        first = green.spawn(self.interrupted_add, hub, "room", first_ws, how)
         assert backend.subscribing.wait(DEADLINE) == "room"
         outcomes = []
 
@@ -945,15 +945,15 @@ class TestInterruptedFirstSubscribe:
             except BaseException as exc:  # any exception is the defect
                 outcomes.append(exc)
 
-        waiters = [eventlet.spawn(wait_behind, ws) for ws, _ in waiting]
-        eventlet.sleep(0)  # both now wait behind the first subscribe
+        waiters = [green.spawn(wait_behind, ws) for ws, _ in waiting]
+        green.sleep(0)  # both now wait behind the first subscribe
         if how == "kill":
-            first.kill()
+            green.kill(first)
         else:
-            assert first.wait() == "interrupted"
+            assert green.wait(first) == "interrupted"
         resume()
         for waiter in waiters:
-            waiter.wait()
+            green.wait(waiter)
         assert outcomes == ["added", "added"]
         assert hub.listeners("room") == {ws for ws, _ in waiting}
         hub.publish("room", "after")
@@ -970,12 +970,12 @@ class TestInterruptedFirstSubscribe:
         hub, backend = self.make_hub(server)
         ws, _ = loopback.connect()
         pause()
-        first = eventlet.spawn(self.interrupted_add, hub, "room", ws, how)
+        first = green.spawn(self.interrupted_add, hub, "room", ws, how)
         assert backend.subscribing.wait(DEADLINE) == "room"
         if how == "kill":
-            first.kill()
+            green.kill(first)
         else:
-            assert first.wait() == "interrupted"
+            assert green.wait(first) == "interrupted"
         resume()
         assert hub.channels() == set()
         # A subscription confirmed on the same connection: Redis has handled
@@ -1009,7 +1009,7 @@ class TestInterruptedStart:
         ws, peer = loopback.connect()
         os.kill(server.pid, signal.SIGSTOP)
         try:
-            first = eventlet.spawn(
+            first = green.spawn(
                 TestInterruptedFirstSubscribe.interrupted_add,
                 hub,
                 "room",
@@ -1026,12 +1026,12 @@ class TestInterruptedStart:
                 except BaseException as exc:  # any exception is the defect
                     outcome.append(exc)
 
-            waiter = eventlet.spawn(wait_behind)
-            eventlet.sleep(0)
-            assert first.wait() == "interrupted"
+            waiter = green.spawn(wait_behind)
+            green.sleep(0)
+            assert green.wait(first) == "interrupted"
         finally:
             os.kill(server.pid, signal.SIGCONT)
-        waiter.wait()
+        green.wait(waiter)
         assert outcome == ["added"]
         hub.publish("room", "started")
         assert peer.messages(1) == ["started"]
@@ -1076,7 +1076,7 @@ class TestGapsReachTheApplication:
         hub.close()
 
 
-# -- end to end: a Pyramid app in eventlet's server, websockets clients -------
+# -- end to end: a Pyramid app in stargate's server, websockets clients -------
 
 #: The clients: websockets' sync client, in a process of their own (real
 #: threads, no monkey-patching). Prints "ready" once connected, then one JSON
@@ -1125,7 +1125,10 @@ CLIENTS = textwrap.dedent(
 
 
 class Server:
-    """A Pyramid app with a stargate WebSocketView in eventlet's WSGI server."""
+    """A Pyramid app with a stargate WebSocketView, served by LiveServer.
+
+    ``sndbuf`` sets each WebSocket's kernel send buffer (the handler sets it
+    on the connection's socket, as soon as the upgrade is done)."""
 
     def __init__(self, settings, sndbuf=None):
         from stargate.view import WebSocketView
@@ -1135,6 +1138,10 @@ class Server:
 
         class Listen(WebSocketView):
             def handler(self, websocket):
+                if sndbuf is not None:
+                    websocket.socket.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf
+                    )
                 sockets[self.request.params.get("name", "")] = websocket
                 self.request.hub.add(self.request.matchdict["room"], websocket)
                 while websocket.wait() is not None:
@@ -1146,7 +1153,7 @@ class Server:
         config.add_view(Listen, route_name="listen")
         self.hub = config.registry.stargate_hub
         config.add_request_method(lambda request: self.hub, "hub", reify=True)
-        self._serve(config.make_wsgi_app(), sndbuf)
+        self._serve(config.make_wsgi_app())
 
     @classmethod
     def for_app(cls, app, hub):
@@ -1157,14 +1164,9 @@ class Server:
         server._serve(app)
         return server
 
-    def _serve(self, app, sndbuf=None):
-        self.listener = eventlet.listen(("127.0.0.1", 0))
-        if sndbuf is not None:
-            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-        self.port = self.listener.getsockname()[1]
-        self.thread = eventlet.spawn(
-            eventlet.wsgi.server, self.listener, app, log_output=False
-        )
+    def _serve(self, app):
+        self.live = LiveServer(app).start()
+        self.port = self.live.port
 
     def raw_client(self, path):
         """An RFC 6455 handshake by hand; returns a :class:`Peer`."""
@@ -1201,13 +1203,12 @@ class Server:
         )
 
     def close(self):
-        self.thread.kill()
-        self.listener.close()
+        self.live.stop()
         self.hub.close()
 
 
 def read_line(process, timeout=DEADLINE * 3):
-    with eventlet.Timeout(timeout):
+    with green.Timeout(timeout):
         return process.stdout.readline().strip()
 
 

@@ -9,7 +9,7 @@ import time
 import pytest
 from pyramid.config import Configurator
 
-from stargate import WebSocketView
+from stargate import WebSocketView, runtime
 from stargate.testing.client import (
     ReceiveTimeout,
     UnexpectedMessage,
@@ -115,8 +115,12 @@ def test_live_server_leaves_no_port_behind():
 
 
 def test_a_raising_handler_fails_the_test_with_its_traceback(tmp_path):
-    """Run pytest on a user's test file: the handler's error must surface."""
-    (tmp_path / "conftest.py").write_text("import eventlet\neventlet.monkey_patch()\n")
+    """Run pytest on a user's test file: the handler's error must surface.
+    The user's conftest.py patches for this process's runtime, as the
+    plugin's docstring says to."""
+    patch_call = runtime.current().PATCH_CALL  # e.g. "gevent.monkey.patch_all()"
+    module = patch_call.rsplit(".", 1)[0]
+    (tmp_path / "conftest.py").write_text(f"import {module}\n{patch_call}\n")
     test_file = tmp_path / "test_user.py"
     test_file.write_text(
         textwrap.dedent(
