@@ -51,6 +51,14 @@ log = logging.getLogger("stargate.backends.redis")
 
 _NETWORK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
+#: Seconds a shard's thread waits at a time while its PubSub has no
+#: subscription yet: redis-py's ``get_message`` then waits for a first
+#: subscription, deaf to a subscribe that failed meanwhile (Redis down), so a
+#: whole read timeout (the heartbeat interval) would pass before the shard
+#: reconnects. (An idle worker, no channel subscribed, wakes 5 times a
+#: second for it.)
+UNSUBSCRIBED_POLL = 0.2
+
 
 class _Shard:
     """One pub/sub connection and the green thread that reads it."""
@@ -319,8 +327,11 @@ class PubSubReceiver:
         pubsub = shard.pubsub
         if not pubsub.subscribed:
             # No SUBSCRIBE sent yet, or every channel left: get_message waits
-            # for one (and reads nothing it should not meanwhile).
-            message = pubsub.get_message(timeout=self.read_timeout)
+            # for one (and reads nothing it should not meanwhile), in short
+            # turns (UNSUBSCRIBED_POLL) so a failed subscribe is acted upon.
+            message = pubsub.get_message(
+                timeout=min(self.read_timeout, UNSUBSCRIBED_POLL)
+            )
             if message is not None:
                 self._handle(shard, message)
             return
