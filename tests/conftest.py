@@ -50,13 +50,13 @@ os.environ.pop(_runtime.RUNTIME_ENV, None)
 
 import pytest  # noqa: E402
 
-#: Test modules the gevent run leaves out, and why: eventlet's own server,
-#: or tests whose servers run in processes of their own (or that read files)
-#: and so run the same whatever this process runs: the eventlet run covers
+#: Test modules the gevent run leaves out, and why: tests whose servers run
+#: in processes of their own (each picks its runtime, whatever this process
+#: runs) or that read files run the same on both, so the eventlet run covers
 #: them.
 NOT_ON_GEVENT = {
-    "test_factory.py": "eventlet only: stargate.factory is eventlet's server",
-    "test_access_log.py": "pserve processes (stargate.factory, eventlet)",
+    "test_factory.py": "pserve and stargate demo processes, on either runtime",
+    "test_access_log.py": "pserve processes, on either runtime",
     "test_config.py": "pserve and stargate demo processes; configuration",
     "test_multiworker.py": "worker processes of stargate demo and pserve",
     "test_gunicorn.py": "gunicorn and waitress processes, each its own worker",
@@ -72,7 +72,7 @@ NOT_ON_GEVENT = {
     "test_packaging.py": "package metadata and the stargate command",
     "test_module_boundaries.py": "reads stargate's source files",
     "test_docs.py": "builds the documentation (its examples use eventlet)",
-    "test_demo.py": "stargate demo processes",
+    "test_demo.py": "stargate demo processes (one in-process test)",
 }
 
 #: What pytest leaves out of collection (paths relative to this file).

@@ -115,11 +115,14 @@ class Loopback:
 
     No handler runs, but each connection's reader does (a hub callback): a
     peer that resets or closes is found by it, without a send. The peers are
-    kept here, so a peer a test does not use stays connected.
+    kept here, so a peer a test does not use stays connected; ``close()``
+    ends every connection it made (left to the garbage collector, they would
+    warn as unclosed sockets).
     """
 
     def __init__(self, sndbuf=None):
         self.peers = []
+        self.websockets = []
         self.listener = socket.create_server(("127.0.0.1", 0), backlog=50)
         if sndbuf is not None:
             self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
@@ -133,11 +136,16 @@ class Loopback:
         server, _ = self.listener.accept()
         options.setdefault("ping_interval", None)
         ws = cls(server, ServerProtocol(WireFormat(draft)), **options)
+        self.websockets.append(ws)
         self.peers.append(Peer(client))
         return ws, self.peers[-1]
 
     def close(self):
         self.listener.close()
+        for ws in self.websockets:
+            ws.abort()
+        for peer in self.peers:
+            peer.close()
 
 
 @pytest.fixture(autouse=True, params=["c", "python"])
