@@ -32,7 +32,13 @@ from stargate.environ_keys import WEBSOCKET_OPENED_KEY
 from stargate.exceptions import IncorrectlyConfigured
 from stargate.factory import close_websockets, websocket_opened
 
-__all__ = ["client_socket", "end_request", "post_worker_init", "worker_int"]
+__all__ = [
+    "check_runtime",
+    "client_socket",
+    "end_request",
+    "post_worker_init",
+    "worker_int",
+]
 
 # gunicorn reads every module-level name that is one of its settings from a
 # configuration module (``-c python:stargate.gunicorn``): ``worker_class`` is
@@ -75,6 +81,7 @@ def client_socket(environ: dict[str, Any]) -> socket.socket | None:
         return None
     worker = _worker_type(environ)
     if worker in runtime.RUNTIMES:
+        check_runtime(worker)
         # stargate's server logs each WebSocket session and counts it for
         # stargate.metrics through this key; gunicorn logs none of them.
         environ.setdefault(WEBSOCKET_OPENED_KEY, websocket_opened)
@@ -85,6 +92,27 @@ def client_socket(environ: dict[str, Any]) -> socket.socket | None:
         f"gunicorn's {worker} worker cannot carry a WebSocket "
         f"({_WHY_NOT.get(worker, 'it does not run green threads')}); {USE_INSTEAD}"
     )
+
+
+def check_runtime(worker_runtime: str) -> None:
+    """Raise :class:`~stargate.exceptions.IncorrectlyConfigured` unless
+    stargate runs on ``worker_runtime``, the library gunicorn's worker
+    patched the process with.
+
+    stargate chooses its runtime on first use. With ``--preload`` the
+    application is loaded in gunicorn's master, before the worker patches
+    anything; if loading it needed the runtime (the Redis backend does),
+    stargate chose eventlet there, which fails in a gevent worker.
+    """
+    chosen = runtime.current().NAME
+    if chosen != worker_runtime:
+        raise IncorrectlyConfigured(
+            f"gunicorn's {worker_runtime} worker runs an application that "
+            f"chose stargate's {chosen} runtime before the worker patched the "
+            f"process (loaded in gunicorn's master: --preload); set "
+            f"{runtime.RUNTIME_ENV}={worker_runtime} in gunicorn's environment, "
+            "or drop --preload"
+        )
 
 
 def end_request(environ: dict[str, Any]) -> None:
@@ -129,8 +157,12 @@ def post_worker_init(worker: Any) -> None:
     ``graceful_timeout`` passes, and a WebSocket would then be cut with no
     close frame. gunicorn's own SIGTERM handler still runs first.
     """
-    if not _green_worker(worker):
+    worker_runtime = _worker_runtime(worker)
+    if worker_runtime is None:
         return
+    # Refuse to boot (gunicorn stops, saying why) rather than fail every
+    # WebSocket.
+    check_runtime(worker_runtime)
     green = runtime.current()
     stopping: list[bool] = []
 
@@ -166,7 +198,7 @@ def worker_int(worker: Any) -> None:
     """gunicorn hook, run on SIGINT and SIGQUIT (a quick stop) before the
     worker exits: close its WebSockets with 1001, within
     ``graceful_timeout``."""
-    if _green_worker(worker):
+    if _worker_runtime(worker) is not None:
         _close_all(worker, "SIGINT/SIGQUIT")
 
 
@@ -197,10 +229,18 @@ def _close_all(worker: Any, why: str) -> None:
 
 
 #: gunicorn's modules of the workers that run a green-thread hub, which
-#: the closing handshakes need.
-_GREEN_WORKER_MODULES = ("gunicorn.workers.geventlet", "gunicorn.workers.ggevent")
+#: the closing handshakes need, and the runtime each patches the process with.
+_GREEN_WORKER_MODULES = {
+    "gunicorn.workers.ggevent": "gevent",
+    "gunicorn.workers.geventlet": "eventlet",
+}
 
 
-def _green_worker(worker: Any) -> bool:
-    """Is ``worker`` gunicorn's gevent or eventlet worker?"""
-    return any(cls.__module__ in _GREEN_WORKER_MODULES for cls in type(worker).__mro__)
+def _worker_runtime(worker: Any) -> str | None:
+    """The runtime of gunicorn's gevent or eventlet ``worker``; None for
+    its other workers."""
+    for cls in type(worker).__mro__:
+        name = _GREEN_WORKER_MODULES.get(cls.__module__)
+        if name is not None:
+            return name
+    return None

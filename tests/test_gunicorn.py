@@ -21,6 +21,7 @@ it with real WebSocket clients and stops it by PID.
 Every wait is bounded by a deadline.
 """
 
+import os
 import pathlib
 import re
 import signal
@@ -35,6 +36,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from stargate.exceptions import IncorrectlyConfigured
 from stargate.gunicorn import client_socket
+from stargate.runtime import RUNTIME_ENV
 from tests.clients import (
     CLIENT_TIMEOUT,
     ServerProcess,
@@ -66,9 +68,9 @@ GREEN_WORKERS = ["gevent", "eventlet"]
 each_green_worker = pytest.mark.parametrize("worker", GREEN_WORKERS)
 
 
-def gunicorn_server(*arguments, workers=1):
+def gunicorn_server(*arguments, workers=1, env=None):
     """``gunicorn ARGUMENTS`` (options, then the application) on a free
-    port, its workers booted."""
+    port, its workers booted; ``env``: variables added to the environment."""
     command = [
         sys.executable, "-W", "ignore", "-m", "gunicorn",
         "--bind", f"127.0.0.1:{free_port()}",
@@ -76,7 +78,7 @@ def gunicorn_server(*arguments, workers=1):
         *_no_control_socket(),
         *arguments,
     ]  # fmt: skip
-    server = Server(command, url_pattern=LISTENING)
+    server = Server(command, url_pattern=LISTENING, env={**os.environ, **(env or {})})
     try:
         server.wait_ready()
         wait_until(
@@ -239,6 +241,36 @@ def test_a_room_spans_two_gunicorn_workers_through_redis(worker, redis_server):
             for i in range(len(clients)):
                 own = [m for m in received if m.startswith(f"client {i} ")]
                 assert own == [f"client {i} message {k}" for k in (0, 1)]
+
+
+def test_preload_with_the_gevent_worker(redis_server):
+    """``--preload`` loads the application in gunicorn's master, before the
+    gevent worker patches: the Redis backend made stargate choose its
+    runtime there, eventlet, and every room failed in the worker (a
+    traceback per WebSocket, clients left waiting). Now the worker refuses
+    to boot with one line naming STARGATE_RUNTIME=gevent, and with it set
+    rooms work across 2 workers."""
+    app = f"stargate.demo:make_app({{'stargate.backend': '{redis_server.url}'}})"
+    options = ["-k", "gevent", "-c", "python:stargate.gunicorn", "--preload", app]
+    command = [
+        sys.executable, "-W", "ignore", "-m", "gunicorn",
+        "--bind", f"127.0.0.1:{free_port()}", *_no_control_socket(), *options,
+    ]  # fmt: skip
+    env = {key: value for key, value in os.environ.items() if key != RUNTIME_ENV}
+    with Server(command, url_pattern=LISTENING, env=env) as refused:
+        assert refused.wait(DEADLINE) != 0
+    assert f"set {RUNTIME_ENV}=gevent" in refused.output, refused.output
+
+    room = Room(f"/rooms/preload-{uuid.uuid4().hex[:8]}")
+    with (
+        gunicorn_server(*options, workers=2, env={RUNTIME_ENV: "gevent"}) as server,
+        ExitStack() as stack,
+    ):
+        by_pid = spread_clients(stack, server, room, per_worker=1, max_clients=60)
+        clients = [client for group in by_pid.values() for client in group]
+        clients[0].send("preloaded")
+        for client in clients:
+            assert receive(client, 1) == ["preloaded"]
 
 
 #: docs/howto/gunicorn.rst's gunicorn.conf.py, the hooks imported; the
@@ -475,6 +507,8 @@ def test_the_howto_shows_the_commands_tested_here():
         "\"stargate.demo:make_app({'stargate.backend': 'redis://",
         "gunicorn -k gevent -w 2 -c python:stargate.gunicorn 'myapp:main({})'",
         "-c python:stargate.gunicorn --bind 127.0.0.1:6543 --paste production.ini",
+        f"{RUNTIME_ENV}=gevent gunicorn -k gevent -w 2 -c python:stargate.gunicorn "
+        "--preload",
     ]
     shown += [line for line in CONF_PY.format(worker="gevent").splitlines() if line]
     for piece in shown:
