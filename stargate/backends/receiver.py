@@ -320,9 +320,9 @@ class PubSubReceiver:
         its listeners: it goes through ``parse_response`` (a retry wrapper
         and two closures per call) and builds a dictionary per message. Once
         subscribed, this reads the connection itself, with redis-py's public
-        ``Connection.can_read`` and ``read_response`` (its parser: hiredis
-        when installed), and does what ``parse_response`` does around them:
-        the health-check ``PING`` when due, and its reply skipped.
+        ``Connection.read_response`` (its parser: hiredis when installed),
+        and does what ``parse_response`` does around it: the health-check
+        ``PING`` when due, and its reply skipped.
         """
         pubsub = shard.pubsub
         if not pubsub.subscribed:
@@ -335,13 +335,20 @@ class PubSubReceiver:
             if message is not None:
                 self._handle(shard, message)
             return
-        connection = pubsub.connection
         pubsub.check_health()
-        if connection.can_read(timeout=self.read_timeout):
-            response = connection.read_response(
-                disconnect_on_error=False, push_request=True
+        try:
+            # Not can_read(timeout) first: with hiredis it waits in a green
+            # select() (a selector made, registered and torn down per
+            # wake-up); a read with a timeout waits in the socket's own recv.
+            # A timeout leaves the parser as it was (hiredis keeps a partial
+            # reply, the pure-Python parser rewinds), so it only means
+            # nothing came.
+            response = pubsub.connection.read_response(
+                timeout=self.read_timeout, disconnect_on_error=False
             )
-            self._dispatch(shard, response)
+        except RedisTimeoutError:
+            return
+        self._dispatch(shard, response)
 
     def _dispatch(self, shard, response):
         """One reply read from the shard's connection. A published message
