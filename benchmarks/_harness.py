@@ -520,6 +520,21 @@ def measure_interleaved(servers, pools, peers, *, rounds, burst, paced, size):
     return summarize(samples)
 
 
+#: Seconds every server is left idle, before a measurement, to learn the CPU
+#: it uses when no message flows.
+IDLE_SECONDS = 2.0
+
+
+def idle_cpu(servers, peers, seconds=IDLE_SECONDS):
+    """``{peer: CPU seconds per second}`` each server uses while idle (all
+    listeners connected, no message), measured together over ``seconds``."""
+    before = {peer: servers[peer].cpu_seconds() for peer in peers}
+    time.sleep(seconds)
+    return {
+        peer: (servers[peer].cpu_seconds() - before[peer]) / seconds for peer in peers
+    }
+
+
 def measure_across_workers(
     workers_list, n, peers, start_server, *, rounds, burst, paced, size
 ):
@@ -538,7 +553,9 @@ def measure_across_workers(
                 if not warm_up(servers[peer], pools[peer]):
                     print(f"  {peer}: not every listener reached after warm-up")
             row = {"workers": workers, "n": n}
+            idle = idle_cpu(servers, peers)
             cpu = {peer: servers[peer].cpu_seconds() for peer in peers}
+            started = time.monotonic()
             row.update(
                 measure_interleaved(
                     servers,
@@ -551,11 +568,18 @@ def measure_across_workers(
                 )
             )
             # Server CPU per message published, per worker (every worker
-            # receives and delivers every message).
+            # receives and delivers every message), less what the server
+            # spends idle over the same time (timers, supervision): the
+            # paced phases are mostly waiting, and an idle wake-up several
+            # times a second would otherwise count as a cost per message.
+            elapsed = time.monotonic() - started
             messages = rounds * (burst + paced)
             for peer in peers:
                 used = servers[peer].cpu_seconds() - cpu[peer]
-                row[peer]["cpu_per_message"] = used / messages / workers
+                net = max(used - idle[peer] * elapsed, 0.0)
+                row[peer]["cpu_per_message"] = net / messages / workers
+                row[peer]["cpu_per_message_gross"] = used / messages / workers
+                row[peer]["idle_cpu"] = idle[peer] / workers
             results.append(row)
         finally:
             for pool in pools.values():

@@ -19,8 +19,10 @@ N listeners (raw-socket clients, :mod:`benchmarks._client`) spread over the
 workers by the kernel. A burst of M messages gives deliveries per second; a
 paced phase (same interval for both peers) gives latency from publish to
 the last listener, p50 and p99. Each server's CPU time (its process and its
-workers, from ``psutil``) over the measurement, per message and per worker,
-says what every added worker costs each message.
+workers, in nanoseconds from ``/proc``) over the measurement, less what it
+spends idle over the same time (measured for 2 s before, and shown beside
+it), per message and per worker, says what every added worker costs each
+message.
 
     python -m benchmarks fanout            # N = 2,000; W = 1, 2, 4
     python -m benchmarks fanout --quick    # N = 20
@@ -88,6 +90,8 @@ def report(results, peers=PEERS):
     columns += [f"rate {p}/ws" for p in compared]
     columns += [f"p99 {p}/ws" for p in compared] + ["delivered"]
     columns += [f"{p} CPU us/msg/worker" for p in peers]
+    columns += [f"CPU {p}/ws" for p in compared]
+    columns += [f"{p} idle ms/s/worker" for p in peers]
     rows = []
     for r in results:
         row = [r["workers"], f"{r['n']:,}"]
@@ -96,7 +100,12 @@ def report(results, peers=PEERS):
         row += [ratio(r[p]["rate"], r[base]["rate"]) for p in compared]
         row += [ratio(r[p]["p99"], r[base]["p99"]) for p in compared]
         row.append(f"{min(r[p]['delivered'] for p in peers):.0%}")
-        row += [f"{r[p].get('cpu_per_message', 0) * 1e6:,.0f}" for p in peers]
+        row += [f"{r[p].get('cpu_per_message', 0) * 1e6:,.1f}" for p in peers]
+        row += [
+            ratio(r[p].get("cpu_per_message", 0), r[base].get("cpu_per_message", 0))
+            for p in compared
+        ]
+        row += [f"{r[p].get('idle_cpu', 0) * 1e3:.2f}" for p in peers]
         rows.append(row)
     print_table(f"{TITLE} ({SIZE} B text messages)", columns, rows)
 
