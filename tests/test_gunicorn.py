@@ -388,6 +388,36 @@ def test_an_upgrade_under_way_at_sigterm_is_closed_with_1001_too(worker):
         assert_worker_exited_0(server, worker_pid)
 
 
+@each_green_worker
+def test_max_connections_answers_503_before_worker_connections_is_full(worker):
+    """A worker holding ``--worker-connections`` connections stops
+    accepting: a further client waits unanswered. With
+    ``stargate.max_connections`` below it, the client is told 503 at once
+    (the how-to's advice), and served once a WebSocket closes."""
+    app = "stargate.demo:make_app({'stargate.max_connections': '1'})"
+    with gunicorn_server(
+        "-k", worker, "-c", "python:stargate.gunicorn",
+        "--worker-connections", "3", app,
+    ) as server:  # fmt: skip
+        url = server.ws_url + "/echo"
+        with connect(url) as first:
+            first.send("one")
+            assert first.recv(timeout=CLIENT_TIMEOUT) == "one"
+            assert refusal(url).status_code == 503
+        wait_until(
+            lambda: _echoes(url), DEADLINE, message="a WebSocket once the first closed"
+        )
+
+
+def _echoes(url):
+    try:
+        with connect(url) as client:
+            client.send("again")
+            return client.recv(timeout=CLIENT_TIMEOUT) == "again"
+    except InvalidStatus:
+        return False  # the first one's close is still being counted
+
+
 KEEP_OPEN_APP = """\
 from pyramid.config import Configurator
 
