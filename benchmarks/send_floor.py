@@ -28,6 +28,13 @@ under a limit of 20,000.
     python -m benchmarks floor            # N = 1,000, 5,000 and 10,000
     python -m benchmarks floor --quick    # N = 200
     python -m benchmarks.send_floor --listeners 1000,19000
+
+``--only SIDE`` runs one side's broadcasts without timing them, for an
+instruction count: the difference between two callgrind runs with
+different ``--messages`` is that side's cost per delivery, in user space::
+
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+        python -m benchmarks.send_floor --only hub --listeners 500 --messages 30
 """
 
 import argparse
@@ -195,6 +202,39 @@ def measure(n, *, messages, rounds, size=32):
     return best
 
 
+def run_only(side, n, messages):
+    """Broadcast ``messages`` times with one side only (draining every 10)."""
+    from stargate.frames import encode_message
+
+    listeners = Listeners(n)
+    hub = None
+    try:
+        if side == "loop":
+            frame = encode_message("x" * 32)
+            raw = [ws._raw for ws in listeners.websockets]
+
+            def once():
+                for sock in raw:
+                    sock.send(frame)
+
+        else:
+            hub = hub_with_walk(listeners.websockets, side)
+            if hub is None:
+                raise SystemExit("stargate._speedups was not built")
+
+            def once():
+                hub.publish("floor", "x" * 32)
+
+        for i in range(messages):
+            once()
+            if i % 10 == 9:
+                listeners.drain()
+    finally:
+        if hub is not None:
+            hub.close()
+        listeners.close()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=TITLE)
     parser.add_argument("--quick", action="store_true", help="N = 200, few rounds")
@@ -206,10 +246,20 @@ def main(argv=None):
         help="comma-separated listener counts (1000,5000,10000)",
     )
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--messages", type=int, default=None)
+    parser.add_argument(
+        "--only",
+        choices=["hub", "python", "loop"],
+        help="run one side untimed (hub: C walk, python: Python walk)",
+    )
     args = parser.parse_args(argv)
     import eventlet
 
     eventlet.monkey_patch()
+    if args.only:
+        n = (args.listeners or [500])[0]
+        run_only("c" if args.only == "hub" else args.only, n, args.messages or 20)
+        return
     from benchmarks._harness import print_table, raise_nofile
 
     most = raise_nofile() - 100  # one descriptor a listener here
@@ -217,7 +267,7 @@ def main(argv=None):
     if max(counts) > most:
         parser.error(f"at most {most:,} listeners under this open-file limit")
     rounds, messages = (3, 5) if args.quick else (9, 20)
-    rounds = args.rounds or rounds
+    rounds, messages = args.rounds or rounds, args.messages or messages
     rows = []
     for n in counts:
         best = measure(n, messages=messages, rounds=rounds)
