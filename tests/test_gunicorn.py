@@ -518,6 +518,7 @@ def test_waitress_refuses_with_a_reason():
         reason = response.body.decode()
         assert re.search(r"waitress cannot carry a WebSocket", reason), reason
         assert "egg:stargate#main" in reason
+        assert "gunicorn -k gevent" in reason
         logged(server, "cannot take a WebSocket over")
     assert not any("Traceback" in line for line in server.lines), server.output
 
