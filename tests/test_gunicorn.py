@@ -320,6 +320,39 @@ def test_stopping_closes_websockets_with_1001(worker, signum, config, tmp_path):
 
 
 @each_green_worker
+def test_a_reload_replaces_the_worker_and_closes_its_websockets_with_1001(worker):
+    """SIGHUP to the master (a rolling restart): it starts a new worker and
+    sends the old one SIGTERM; the old one's WebSockets get 1001, it exits
+    0, and the client reconnects to the new one."""
+    with gunicorn_server(
+        "-k", worker, "-c", "python:stargate.gunicorn", "stargate.demo:make_app()"
+    ) as server:  # fmt: skip
+        (old,) = worker_pids(server)
+        with connect(server.ws_url + "/echo") as client:
+            client.send("before")
+            assert client.recv(timeout=CLIENT_TIMEOUT) == "before"
+            server.signal(signal.SIGHUP)
+            with pytest.raises(ConnectionClosed) as closed:
+                client.recv(timeout=DEADLINE)
+            assert closed.value.rcvd is not None, "closed without a close frame"
+            assert closed.value.rcvd.code == 1001
+        logged(server, f"Worker exiting (pid: {old})")
+        with connect(server.ws_url + "/echo") as client:
+            client.send("after")
+            assert client.recv(timeout=CLIENT_TIMEOUT) == "after"
+        # The master reaps the old worker: one worker left, a new one.
+        wait_until(
+            lambda: (
+                len(worker_pids(server) - {server.pid, old}) == 1
+                and old not in worker_pids(server)
+            ),
+            DEADLINE,
+            message="the old worker reaped",
+        )
+    assert_worker_exited_0(server, old)
+
+
+@each_green_worker
 def test_a_worker_restarted_for_max_requests_closes_with_1001(worker):
     """``--max-requests``: the worker stops by itself, with no signal and no
     hook from gunicorn; its WebSockets are closed with 1001 too and it exits
