@@ -55,6 +55,16 @@ def test_a_request_line_has_one_timestamp(pserved):
     assert len(DATE.findall(line)) == 1, line
 
 
+def test_a_request_line_counts_the_bytes_sent_with_the_headers(pserved):
+    host, port = pserved.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=DEADLINE) as sock:
+        sock.sendall(b"GET /jobs/counted HTTP/1.1\r\nHost: x\r\n\r\n")
+        sent = read_response(sock)
+    line = line_with(pserved, "GET /jobs/counted")
+    status, length = line.rsplit('" ', 1)[1].split()[:2]
+    assert (status, int(length)) == ("200", len(sent)), line
+
+
 def read_response(sock):
     """One whole response with a Content-Length, off a kept-alive socket."""
     data = b""
