@@ -102,6 +102,15 @@ def _no_control_socket():
     return []
 
 
+def assert_going_away(client):
+    """The server closes ``client``'s WebSocket with a close frame saying
+    1001 (going away), within ``DEADLINE``."""
+    with pytest.raises(ConnectionClosed) as closed:
+        client.recv(timeout=DEADLINE)
+    assert closed.value.rcvd is not None, "closed without a close frame"
+    assert closed.value.rcvd.code == 1001
+
+
 def assert_worker_exited_0(server, pid):
     """gunicorn's master reaped worker ``pid`` with exit code 0 (it logs any
     other code, and any signal), before ``graceful_timeout`` ran out."""
@@ -309,10 +318,7 @@ def test_stopping_closes_websockets_with_1001(worker, signum, config, tmp_path):
                 assert client.recv(timeout=CLIENT_TIMEOUT) == "here"
             server.signal(signum)
             for client in clients:
-                with pytest.raises(ConnectionClosed) as closed:
-                    client.recv(timeout=DEADLINE)
-                assert closed.value.rcvd is not None, "closed without a close frame"
-                assert closed.value.rcvd.code == 1001
+                assert_going_away(client)
         assert server.wait(DEADLINE) == 0
         assert f"Using worker: {worker}" in server.output
         assert "closing 2 WebSocket(s) with 1001" in server.output
@@ -332,10 +338,7 @@ def test_a_reload_replaces_the_worker_and_closes_its_websockets_with_1001(worker
             client.send("before")
             assert client.recv(timeout=CLIENT_TIMEOUT) == "before"
             server.signal(signal.SIGHUP)
-            with pytest.raises(ConnectionClosed) as closed:
-                client.recv(timeout=DEADLINE)
-            assert closed.value.rcvd is not None, "closed without a close frame"
-            assert closed.value.rcvd.code == 1001
+            assert_going_away(client)
         logged(server, f"Worker exiting (pid: {old})")
         with connect(server.ws_url + "/echo") as client:
             client.send("after")
@@ -366,10 +369,7 @@ def test_a_worker_restarted_for_max_requests_closes_with_1001(worker):
         with connect(server.ws_url + "/echo") as client:  # its one request
             client.send("here")
             assert client.recv(timeout=CLIENT_TIMEOUT) == "here"
-            with pytest.raises(ConnectionClosed) as closed:
-                client.recv(timeout=DEADLINE)
-            assert closed.value.rcvd is not None, "closed without a close frame"
-            assert closed.value.rcvd.code == 1001
+            assert_going_away(client)
         logged(server, f"Worker exiting (pid: {worker_pid})")
         assert "closing 1 WebSocket(s) with 1001" in server.output
         # A new worker replaces it.
@@ -404,9 +404,7 @@ def test_an_upgrade_under_way_at_sigterm_is_closed_with_1001_too(worker):
             early.send("here")
             assert early.recv(timeout=CLIENT_TIMEOUT) == "here"
             server.signal(signal.SIGTERM)
-            with pytest.raises(ConnectionClosed) as closed:
-                early.recv(timeout=DEADLINE)
-            assert closed.value.rcvd.code == 1001
+            assert_going_away(early)
             late.sendall(last_line)
             late.settimeout(DEADLINE)
             data = b""
@@ -488,10 +486,7 @@ def test_keep_open_views_under_gunicorn(worker, tmp_path):
                 client.send(message)
                 assert client.recv(timeout=CLIENT_TIMEOUT) == message
             server.signal(signal.SIGTERM)
-            with pytest.raises(ConnectionClosed) as closed:
-                client.recv(timeout=DEADLINE)
-            assert closed.value.rcvd is not None, "closed without a close frame"
-            assert closed.value.rcvd.code == 1001
+            assert_going_away(client)
         assert server.wait(DEADLINE) == 0
 
 
