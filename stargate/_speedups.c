@@ -10,6 +10,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
@@ -74,6 +75,89 @@ static PyObject *str_writable;       /* "_writable" */
 static PyObject *str_messages_sent;  /* "messages_sent" */
 static PyObject *one;               /* 1 */
 
+/* Where instances of one class keep _writable and messages_sent, when both
+ * are plain __slots__ slots (as on stargate.connection.WebSocket): read and
+ * written there directly, without CPython's generic attribute lookup, which
+ * was most of the walk's own cost. -1: not a slot; use getattr/setattr. */
+struct layout {
+    PyTypeObject *type;
+    Py_ssize_t writable;
+    Py_ssize_t counter;
+};
+
+static Py_ssize_t
+slot_offset(PyTypeObject *type, PyObject *name)
+{
+    /* A slot is a member descriptor on the class: getattr(cls, name). A
+     * subclass that shadows it (a property) is not a member descriptor. */
+    PyObject *descr = PyObject_GetAttr((PyObject *)type, name);
+    Py_ssize_t offset = -1;
+    if (descr == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    if (Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
+        PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
+        if (member->type == T_OBJECT_EX && !(member->flags & READONLY)) {
+            offset = member->offset;
+        }
+    }
+    Py_DECREF(descr);
+    return offset;
+}
+
+static PyObject *
+get_field(PyObject *obj, Py_ssize_t offset, PyObject *name)
+{
+    if (offset >= 0) {
+        PyObject *value = *(PyObject **)((char *)obj + offset);
+        if (value != NULL) {
+            return Py_NewRef(value);
+        }
+    }
+    return PyObject_GetAttr(obj, name);  /* unset: raises AttributeError */
+}
+
+/* 1 if `websocket` is writable, after counting the message it is about to
+ * be sent (messages_sent += 1); 0 if it is not; -1 on error. */
+static int
+count_if_writable(PyObject *websocket, struct layout *layout)
+{
+    if (Py_TYPE(websocket) != layout->type) {
+        layout->type = Py_TYPE(websocket);
+        layout->writable = slot_offset(layout->type, str_writable);
+        layout->counter = slot_offset(layout->type, str_messages_sent);
+    }
+    PyObject *writable = get_field(websocket, layout->writable, str_writable);
+    if (writable == NULL) {
+        return -1;
+    }
+    int yes = writable == Py_True ? 1 : PyObject_IsTrue(writable);
+    Py_DECREF(writable);
+    if (yes <= 0) {
+        return yes;
+    }
+    PyObject *before = get_field(websocket, layout->counter, str_messages_sent);
+    if (before == NULL) {
+        return -1;
+    }
+    PyObject *after = PyNumber_Add(before, one);
+    Py_DECREF(before);
+    if (after == NULL) {
+        return -1;
+    }
+    if (layout->counter >= 0) {
+        PyObject **slot = (PyObject **)((char *)websocket + layout->counter);
+        PyObject *old = *slot;
+        *slot = after;  /* the slot takes our reference */
+        Py_XDECREF(old);
+        return 1;
+    }
+    int failed = PyObject_SetAttr(websocket, str_messages_sent, after);
+    Py_DECREF(after);
+    return failed ? -1 : 1;
+}
+
 struct target {
     PyObject *websocket;  /* a strong reference */
     int fd;
@@ -96,7 +180,7 @@ send_many(PyObject *self, PyObject *args)
     PyObject *members, *rest = NULL, *result = NULL;
     Py_buffer data;
     struct target *targets = NULL;
-    Py_ssize_t count = 0, ready = 0, sent = 0, i;
+    Py_ssize_t count = 0, sent = 0, i;
 
     if (!PyArg_ParseTuple(args, "O!y*:send_many", &PyDict_Type, &members, &data)) {
         return NULL;
@@ -129,36 +213,15 @@ send_many(PyObject *self, PyObject *args)
         count = k;
     }
     /* Which are writable now; count the message for those. */
+    struct layout layout = {NULL, -1, -1};
     for (i = 0; i < count; i++) {
-        PyObject *websocket = targets[i].websocket;
-        PyObject *writable = PyObject_GetAttr(websocket, str_writable);
-        if (writable == NULL) {
-            goto done;
-        }
-        int yes = PyObject_IsTrue(writable);
-        Py_DECREF(writable);
+        int yes = count_if_writable(targets[i].websocket, &layout);
         if (yes < 0) {
             goto done;
         }
         if (!yes || targets[i].fd < 0) {
             targets[i].fd = -1;
-            continue;
         }
-        PyObject *before = PyObject_GetAttr(websocket, str_messages_sent);
-        if (before == NULL) {
-            goto done;
-        }
-        PyObject *after = PyNumber_Add(before, one);
-        Py_DECREF(before);
-        if (after == NULL) {
-            goto done;
-        }
-        int failed = PyObject_SetAttr(websocket, str_messages_sent, after);
-        Py_DECREF(after);
-        if (failed) {
-            goto done;
-        }
-        ready++;
     }
     /* The system calls, without the GIL. */
     {

@@ -682,6 +682,25 @@ class TestSendGroup:
         assert slow.close_code == 1013 and dropping.dropped == 1
         lo.close()
 
+    def test_a_subclass_with_properties_for_its_fields_is_counted(self, loopback):
+        # The C walk reads _writable and messages_sent straight from their
+        # slots; a class that makes them properties is read through them.
+        class Counting(WebSocket):
+            @property
+            def messages_sent(self):
+                return self.__dict__.get("counted", 0)
+
+            @messages_sent.setter
+            def messages_sent(self, value):
+                self.__dict__["counted"] = value
+
+        ws, peer = loopback.connect(cls=Counting)
+        plain, plain_peer = loopback.connect()
+        assert SendGroup.accepts(ws)
+        assert self.group_of(ws, plain).send(encode_message("x")) == (2, [])
+        assert ws.messages_sent == 1 and plain.messages_sent == 1
+        assert peer.messages(1) == ["x"] and plain_peer.messages(1) == ["x"]
+
     def test_only_plain_websockets_join(self, loopback):
         class Subclass(WebSocket):
             pass
