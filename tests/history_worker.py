@@ -18,17 +18,20 @@ with a test hook, for the browser test: ``GET /_test/kick?room=R&name=N&hold=S``
 closes (1012) the WebSockets of room R whose URL says ``name=N`` and
 refuses their reconnection (503) for S seconds. It prints
 ``history demo: http://...`` once it serves.
+
+It runs on the runtime ``STARGATE_RUNTIME`` names (the history tests pass
+theirs on), else eventlet.
 """
 
-import eventlet
+from stargate import runtime
 
-eventlet.monkey_patch()
+green = runtime.current()
+green.monkey_patch()
 
 import json  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-
-import eventlet.tpool  # noqa: E402
 
 from stargate.backends.redis_streams import RedisStreamsBackend  # noqa: E402
 from stargate.hub import Hub  # noqa: E402
@@ -41,6 +44,26 @@ class Listener:
 
     def send(self, message):
         self.received.append(int(message))
+
+
+def commands():
+    """The lines of stdin, each read in a thread of the runtime's pool: a
+    blocking ``readline`` would stop delivery while the worker waits for a
+    command (and eventlet's green ``select`` never reports a pipe on fd 0
+    readable)."""
+    if green.NAME == "gevent":
+        import gevent
+
+        def read_line():
+            return gevent.get_hub().threadpool.apply(sys.stdin.readline)
+    else:
+        import eventlet.tpool
+
+        def read_line():
+            return eventlet.tpool.execute(sys.stdin.readline)
+
+    while line := read_line():
+        yield line
 
 
 def reply(**fields):
@@ -68,11 +91,8 @@ def main(url, prefix, channel, count):
             "stats": backend.stats,
         }
 
-    reply(ready=True, pid=__import__("os").getpid(), process_id=backend.process_id)
-    while True:
-        line = eventlet.tpool.execute(sys.stdin.readline)
-        if not line:
-            break
+    reply(ready=True, pid=os.getpid(), process_id=backend.process_id)
+    for line in commands():
         command = json.loads(line)
         if command["cmd"] == "publish":
             start = command["start"]
@@ -84,7 +104,7 @@ def main(url, prefix, channel, count):
             while time.monotonic() < deadline and any(
                 len(listener.received) < command["count"] for listener in listeners
             ):
-                eventlet.sleep(0.02)
+                green.sleep(0.02)
             reply(**report())
         elif command["cmd"] == "report":
             reply(**report())
@@ -110,7 +130,7 @@ def kickable(app):
             for ws in list(hub.listeners(f"/rooms/{room}")):
                 query = parse_qs(ws.environ.get("QUERY_STRING", ""))
                 if query.get("name") == [name]:
-                    eventlet.spawn(ws.close, 1012, "kicked by the test")
+                    green.spawn(ws.close, 1012, "kicked by the test")
                     kicked += 1
             start_response("200 OK", [("Content-Type", "text/plain")])
             return [str(kicked).encode()]

@@ -19,6 +19,7 @@ import uuid
 import pytest
 from pyramid.config import Configurator
 
+from stargate import runtime
 from stargate.backends.base import HistoryPolicy, Position
 from stargate.backends.memory import MemoryBackend
 from stargate.backends.redis_streams import RedisStreamsBackend
@@ -379,12 +380,14 @@ WORKER = ROOT / "tests" / "history_worker.py"
 
 
 class Worker:
-    """A hub on the streams backend in its own OS process (history_worker.py)."""
+    """A hub on the streams backend in its own OS process (history_worker.py),
+    on this process's runtime."""
 
     def __init__(self, server, prefix, channel, listeners, tmp_path, name):
         self.prefix, self.channel = prefix, channel
         self.errors = open(tmp_path / f"{name}.stderr", "w+")
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
+        env[runtime.RUNTIME_ENV] = runtime.current().NAME  # the worker runs it too
         url = server.url.replace("redis://", "redis+streams://")
         self.process = subprocess.Popen(
             [sys.executable, str(WORKER), url, prefix, channel, str(listeners)],
