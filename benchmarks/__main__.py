@@ -2,7 +2,7 @@
 
 NAME is ``all`` (the default) or any of ``broadcast``, ``memory``,
 ``fanout``, ``concurrency``, ``history``, ``prune``, ``receive``, ``floor``,
-``uring``, ``idle``, ``channels``.
+``uring``, ``idle``, ``channels``, ``redis-receive``.
 With one NAME, options the suite does not know go to that benchmark
 (``python -m benchmarks memory --peers stargate,gunicorn-gevent,websockets``;
 ``python -m benchmarks.NAME --help`` lists them). Each benchmark prints its
@@ -60,6 +60,7 @@ BENCHMARKS = {
     "uring": _module("uring_floor"),
     "idle": _module("idle_listeners"),
     "channels": _module("channels"),
+    "redis-receive": _module("redis_receive"),
 }
 
 

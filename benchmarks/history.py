@@ -16,7 +16,8 @@ in the same run, interleaved (each round alternates which goes first):
 N listeners (raw-socket clients, :mod:`benchmarks._client`) spread over the
 workers by the kernel. A burst of M messages gives deliveries per second; a
 paced phase (same interval for both) gives the fan-out latency from publish
-to the last listener, p50 and p99.
+to the last listener, p50 and p99; each server's CPU per message and per
+worker, net of its idle CPU, is measured as in :mod:`benchmarks.fanout`.
 
     python -m benchmarks.history            # N = 1,000; W = 1, 2; 3 rounds
     python -m benchmarks.history --quick    # N = 20; W = 1; 1 round
@@ -77,6 +78,7 @@ def report(results):
     for p in PEERS:
         columns += [f"{p} /s", "p50 ms", "p99 ms"]
     columns += ["rate st/ps", "p50 st/ps", "p99 st/ps", "delivered"]
+    columns += [f"{p} CPU us/msg/worker" for p in PEERS] + ["CPU st/ps"]
     rows = []
     for r in results:
         row = [r["workers"], f"{r['n']:,}"]
@@ -88,6 +90,13 @@ def report(results):
             ratio(r["streams"]["p99"], r["pubsub"]["p99"]),
             f"{min(r[p]['delivered'] for p in PEERS):.0%}",
         ]
+        row += [f"{r[p].get('cpu_per_message', 0) * 1e6:,.1f}" for p in PEERS]
+        row.append(
+            ratio(
+                r["streams"].get("cpu_per_message", 0),
+                r["pubsub"].get("cpu_per_message", 0),
+            )
+        )
         rows.append(row)
     print_table(f"{TITLE} ({SIZE} B text messages)", columns, rows)
 

@@ -28,8 +28,9 @@ HEADERS = {
     "floor": "send floor: hub publish against a bare send() loop",
     "uring": "below the floor: io_uring batched sends against a send() loop",
     "channels": "channels: delivery latency with many channels subscribed",
+    "redis-receive": "redis-receive: worker CPU per message",
 }
-NEEDS_REDIS = {"fanout", "concurrency", "history", "channels"}
+NEEDS_REDIS = {"fanout", "concurrency", "history", "channels", "redis-receive"}
 
 
 def _have_redis():
