@@ -82,6 +82,23 @@ def open_websockets() -> "list[WebSocket]":
     return [websocket for websocket in list(_open) if not websocket._finished]
 
 
+_shutting_down = False
+
+
+def begin_shutdown() -> None:
+    """Say that this process is stopping: from now on
+    :func:`shutting_down` is true, and ``WebSocketView`` closes every
+    WebSocket it opens with 1001 at once (an upgrade whose request was
+    still arriving when the worker's closing sweep ran)."""
+    global _shutting_down
+    _shutting_down = True
+
+
+def shutting_down() -> bool:
+    """Whether :func:`begin_shutdown` was called in this process."""
+    return _shutting_down
+
+
 _DEAD_ERRNOS = {
     errno.EPIPE,
     errno.ECONNRESET,

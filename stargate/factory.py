@@ -401,9 +401,12 @@ CLOSERS = 1000
 def close_websockets(timeout: float) -> None:
     """Close every WebSocket of this process with 1001 (going away), in
     parallel; drop those still open ``timeout`` seconds later. Used when a
-    worker stops (here, and by :mod:`stargate.gunicorn`'s hooks)."""
-    from stargate.connection import open_websockets
+    worker stops (here, and by :mod:`stargate.gunicorn`'s hooks). A
+    WebSocket opened after this started is closed with 1001 at once by the
+    view (:func:`stargate.connection.begin_shutdown`)."""
+    from stargate.connection import begin_shutdown, open_websockets
 
+    begin_shutdown()
     green = _runtime.current()
     closing = open_websockets()
     if closing:

@@ -32,7 +32,7 @@ from pyramid.threadlocal import manager as threadlocal_manager
 from stargate import handshake as _handshake
 from stargate import runtime
 from stargate.config import get_settings
-from stargate.connection import WebSocket
+from stargate.connection import WebSocket, shutting_down
 from stargate.environ_keys import (
     RELEASE_BUFFERS_KEY,
     TRUE_PROTOCOL_KEY,
@@ -202,6 +202,13 @@ class WebSocketView:
         opened = environ.get(WEBSOCKET_OPENED_KEY)  # stargate's server logs it
         if opened is not None:
             opened(websocket)
+        if shutting_down():
+            # The worker's closing sweep ran while this request was still
+            # arriving: this connection goes away with the others.
+            websocket.close(1001, "server shutting down")
+            if not self._handed_over:
+                websocket.finish(websocket.close_timeout)
+            return self._taken_over()
         return self.handle_websocket(websocket)
 
     def handle_websocket(self, websocket):

@@ -68,14 +68,32 @@ def _parse(data):
 class RawClient:
     """An RFC 6455 client on a plain socket that reads frames one by one."""
 
-    def __init__(self, port, path="/", *, extra=b"", rcvbuf=None):
+    def __init__(self, port, path="/", *, extra=b"", rcvbuf=None, hold_back=False):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.settimeout(5)
         self.sock.connect(("127.0.0.1", port))
-        self.sock.sendall(upgrade_request(port, path) + extra)
         self.buffer = b""
+        self.status = None
+        request = upgrade_request(port, path) + extra
+        if hold_back:
+            # All but the blank line that ends the head: the server waits for
+            # it until finish_upgrade().
+            self._rest = request[len(request) - len(extra) - 2 :]
+            self.sock.sendall(request[: len(request) - len(extra) - 2])
+        else:
+            self._rest = b""
+            self.sock.sendall(request)
+            self._read_status()
+
+    def finish_upgrade(self):
+        """Send what ``hold_back`` kept and read the response's head."""
+        self.sock.sendall(self._rest)
+        self._rest = b""
+        self._read_status()
+
+    def _read_status(self):
         head = self._read_until(b"\r\n\r\n")
         self.status = head.split(b"\r\n", 1)[0]
 

@@ -162,3 +162,27 @@ def test_shutdown_delivers_1001_to_every_client(tmp_path):
         assert server.wait(timeout=STOP_TIMEOUT + CLIENT_TIMEOUT) == 0
     finally:
         server.stop(timeout=5)
+
+
+def test_an_upgrade_completed_during_shutdown_gets_1001(tmp_path):
+    # The worker's closing sweep runs at SIGTERM; an upgrade whose request
+    # was still arriving completes after it. It must hear 1001 too, not run
+    # its handler until the worker exits under it.
+    from stargate import runtime
+
+    server = start_pserve(runtime.current().NAME, tmp_path)
+    try:
+        # A never answers the close frame, so the worker waits for it (up to
+        # the ini's shutdown_timeout of 10 s) after the sweep.
+        with RawClient(server.port, "/echo") as held, RawClient(
+            server.port, "/echo", hold_back=True
+        ) as late:
+            assert held.status == b"HTTP/1.1 101 Switching Protocols"
+            server.signal(signal.SIGTERM)
+            assert held.close_code() == 1001  # the sweep has run
+            late.finish_upgrade()
+            assert late.status == b"HTTP/1.1 101 Switching Protocols"
+            assert late.close_code(timeout=8.0) == 1001
+    finally:
+        server.stop(timeout=STOP_TIMEOUT + 10)
+
