@@ -620,8 +620,15 @@ class RedisStreamsBackend(History, Backend):
 
     def _read_pending(self):
         """One XREAD (per 500 channels) of the channels with entries to
-        read: only those, so quiet channels cost nothing. A channel stays
-        pending until a read returns nothing new for it."""
+        read: only those, so quiet channels cost nothing.
+
+        A channel stays pending while a read may have left entries behind:
+        it returned ``read_count`` of them, or its handling stopped short
+        (a new epoch). Otherwise the read returned everything the stream
+        held then, and anything added later is notified after it (the
+        publish script adds and notifies at once), which marks the channel
+        again: no second XREAD to learn that nothing is new, which was a
+        round trip and a wake-up more per message for every worker."""
         batch = [c for c in self._pending if self._cursors.get(c) is not None]
         self._pending = set()
         for channel in batch:
@@ -648,7 +655,12 @@ class RedisStreamsBackend(History, Backend):
                 channel = by_key.get(_text(key))
                 if channel is not None and entries:
                     self._handle(channel, entries)
-                    self._pending.add(channel)  # read on until nothing is new
+                    cursor = self._cursors.get(channel)
+                    if cursor is not None and (
+                        len(entries) >= self.read_count
+                        or cursor[1] < _offset(entries[-1][0])
+                    ):
+                        self._pending.add(channel)  # more may be there
             if response:
                 runtime.current().sleep(0)
 

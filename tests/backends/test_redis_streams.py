@@ -334,6 +334,32 @@ class TestRecovery:
 # -- many channels ----------------------------------------------------------------
 
 
+def xread_calls(server):
+    with server.client() as client:
+        return client.info("commandstats").get("cmdstat_xread", {}).get("calls", 0)
+
+
+class TestReading:
+    def test_one_xread_per_message_published_one_at_a_time(
+        self, redis_server, make_backend
+    ):
+        """A read that returns fewer than ``read_count`` entries returned all
+        the stream held: the next entry is notified after it, so the reader
+        waits for that instead of asking again (it did: two XREADs, two
+        round trips and wake-ups per message, for every worker)."""
+        backend = make_backend(redis_server, block=30.0)  # no sweep meanwhile
+        collector = started(backend, "one")
+        before = xread_calls(redis_server)
+        for i in range(10):
+            backend.publish("one", f"m{i}")
+            assert wait_until(lambda: collector.messages("one")[-1:] == [f"m{i}"])
+        # Published and delivered one at a time: each needs its own XREAD,
+        # and none more (a last empty one may still be on its way).
+        assert wait_until(lambda: xread_calls(redis_server) - before >= 10)
+        assert xread_calls(redis_server) - before <= 11
+        assert collector.messages("one") == [f"m{i}" for i in range(10)]
+
+
 class TestManyQuietChannels:
     """Defect 7: reading costs grow with the channels that are active, not
     with those subscribed: a worker with 1,000 quiet channels sends Redis
