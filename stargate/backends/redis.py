@@ -123,8 +123,6 @@ _SEQUENCE_HEADER = 1 + _SEQUENCE.size
 
 #: Channels sent per SUBSCRIBE command when resubscribing.
 _SUBSCRIBE_BATCH = 500
-#: Messages handled before the receiver yields to other green threads.
-_YIELD_EVERY = 100
 
 
 # Presence scripts. Values are "<count>:<expires at, ms on the Redis clock>".

@@ -126,6 +126,10 @@ _SCHEMES = {"redis+streams": "redis", "rediss+streams": "rediss"}
 _NETWORK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 #: Streams named in one XREAD.
 _READ_BATCH = 500
+#: Entries delivered from one XREAD after which the reader yields to the
+#: rest of the process before reading on. A smaller read does not: yielding
+#: costs a turn of the hub, once per message when messages come one by one.
+_YIELD_AFTER = 100
 #: Marks a channel that is not subscribed.
 _GONE = object()
 
@@ -651,9 +655,11 @@ class RedisStreamsBackend(History, Backend):
                 self._pending.update(chunk)
                 raise
             by_key = {self._stream_key(c): c for c in chunk}
+            read = 0
             for key, entries in response or ():
                 channel = by_key.get(_text(key))
                 if channel is not None and entries:
+                    read += len(entries)
                     self._handle(channel, entries)
                     cursor = self._cursors.get(channel)
                     if cursor is not None and (
@@ -661,7 +667,7 @@ class RedisStreamsBackend(History, Backend):
                         or cursor[1] < _offset(entries[-1][0])
                     ):
                         self._pending.add(channel)  # more may be there
-            if response:
+            if read >= _YIELD_AFTER:
                 runtime.current().sleep(0)
 
     def _epoch_changed(self, channel, cursor, epoch):
