@@ -693,6 +693,45 @@ def _supervise(server, app, sock, workers, worker_options):
     sock.close()
 
 
+def stop_event() -> Any:
+    """An event that SIGTERM and SIGINT send their number to, from now on
+    in this process; a second one while stopping exits at once
+    (:func:`exit_now`). A worker waits on it with :func:`wait_for_stop`."""
+    stopping = _runtime.current().Event()
+
+    def request_stop(signum: int, frame: Any) -> None:
+        if stopping.ready():
+            exit_now(signum)
+        stopping.send(signum)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    return stopping
+
+
+def wait_for_stop(stopping: Any) -> int | None:
+    """Wait until :func:`stop_event`'s event is sent and return the signal
+    number (None: the server ended by itself).
+
+    A signal handler runs while the hub waits, but the hub only notices
+    what the handler did when it next wakes: poll, so a SIGTERM is acted on
+    within a fraction of a second.
+    """
+    from stargate.connection import open_websockets
+
+    green = _runtime.current()
+    while not stopping.ready():
+        green.sleep(SIGNAL_POLL_INTERVAL)
+    signum = stopping.wait()
+    log.info(
+        "worker %d stopping (%s); closing %d WebSocket(s)",
+        os.getpid(),
+        signal.Signals(signum).name if signum else "server ended",
+        len(open_websockets()),
+    )
+    return signum
+
+
 def exit_now(signum: int) -> None:
     """A second SIGINT or SIGTERM while stopping: the operator will not wait
     for WebSockets to close, so exit at once (128 + the signal number, as a

@@ -50,8 +50,6 @@ from tests.rawws import RawClient, upgrade_request
 from tests.test_hixie_live import hixie76_request
 from tests.test_multiworker import Room, Server, receive, spread_clients, worker_pids
 
-gunicorn = pytest.importorskip("gunicorn")
-
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 #: Seconds anything a test waits for may take.
@@ -532,7 +530,6 @@ def test_other_gunicorn_workers_refuse_with_a_reason(worker, why):
 
 
 def test_waitress_refuses_with_a_reason():
-    pytest.importorskip("waitress")
     port = free_port()
     command = [
         sys.executable, "-W", "ignore", "-m", "waitress",

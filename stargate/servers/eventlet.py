@@ -11,8 +11,6 @@ lives in :mod:`stargate.factory`.
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import sys
 from typing import Any
@@ -30,15 +28,14 @@ from stargate.environ_keys import (
 )
 from stargate.factory import (
     ACCESS_LOG_FORMAT,
-    SIGNAL_POLL_INTERVAL,
     GenericErrorPage,
     believe_proxy,
     close_websockets,
     counted_websocket,
-    exit_now,
-    log,
     logged_websocket,
     read_ahead,
+    stop_event,
+    wait_for_stop,
 )
 from stargate.factory import access_log as _log_to_access
 
@@ -69,20 +66,8 @@ def run_worker(
     trusted_proxies: frozenset[str] = frozenset(),
 ) -> None:
     """Serve in this process until told to stop; then close WebSockets (1001)."""
-    from stargate.connection import open_websockets
-
     HttpProtocol = http_protocol_class(trusted_proxies)
-
-    stopping = eventlet.Event()
-
-    def request_stop(signum, frame):
-        if not stopping.ready():
-            stopping.send(signum)
-        else:
-            exit_now(signum)
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    stopping = stop_event()
     server = eventlet.spawn(
         eventlet.wsgi.server,
         sock,
@@ -97,18 +82,7 @@ def run_worker(
         debug=False,
     )
     server.link(lambda gt: stopping.ready() or stopping.send(None))
-    # A signal handler runs while the hub waits in epoll, but the hub only
-    # notices what the handler scheduled when it next wakes: poll, so a
-    # SIGTERM is acted on within a fraction of a second.
-    while not stopping.ready():
-        eventlet.sleep(SIGNAL_POLL_INTERVAL)
-    signum = stopping.wait()
-    log.info(
-        "worker %d stopping (%s); closing %d WebSocket(s)",
-        os.getpid(),
-        signal.Signals(signum).name if signum else "server ended",
-        len(open_websockets()),
-    )
+    wait_for_stop(stopping)
     server.kill()
     try:
         sock.close()

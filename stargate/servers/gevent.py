@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-import signal
 import socket
 import sys
 import time
@@ -45,17 +43,17 @@ from stargate.environ_keys import (
 from stargate.factory import (
     ACCESS_LOG_FORMAT,
     ERROR_PAGE,
-    SIGNAL_POLL_INTERVAL,
     GenericErrorPage,
     access_client,
     access_log,
     believe_proxy,
     close_websockets,
     counted_websocket,
-    exit_now,
     log,
     logged_websocket,
     read_ahead,
+    stop_event,
+    wait_for_stop,
 )
 
 __all__ = [
@@ -333,8 +331,6 @@ def run_worker(
 ) -> None:
     """Serve in this process until SIGTERM or SIGINT; then close every
     WebSocket with 1001 (a second signal exits at once)."""
-    from stargate.connection import open_websockets
-
     server = Server(
         sock,
         GenericErrorPage(app),
@@ -343,27 +339,9 @@ def run_worker(
         log_output=access_log,
         max_clients=max_clients,
     )
-    stopping = gevent.event.AsyncResult()
-
-    def request_stop(signum: int, frame: Any = None) -> None:
-        if stopping.ready():
-            exit_now(signum)
-        stopping.set(signum)
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    stopping = stop_event()
     server.start()
-    # A Python signal handler runs when the main greenlet next runs
-    # bytecode: poll, so a SIGTERM is acted on within a fraction of a second.
-    while not stopping.ready():
-        gevent.sleep(SIGNAL_POLL_INTERVAL)
-    signum = stopping.get()
-    log.info(
-        "worker %d stopping (%s); closing %d WebSocket(s)",
-        os.getpid(),
-        signal.Signals(signum).name,
-        len(open_websockets()),
-    )
+    wait_for_stop(stopping)
     server.close()  # stop accepting
     close_websockets(shutdown_timeout)
     server.stop(timeout=0)  # what is left: idle keep-alive HTTP connections
