@@ -152,10 +152,6 @@ def green_socket(raw: socket.socket) -> Any:
     return GreenSocket(raw)
 
 
-def is_green_socket(sock: Any) -> bool:
-    return isinstance(sock, GreenSocket)
-
-
 # -- eventlet's WSGI server --------------------------------------------------
 
 

@@ -195,10 +195,6 @@ def green_socket(raw: socket.socket) -> Any:
     )
 
 
-def is_green_socket(sock: Any) -> bool:
-    return isinstance(sock, gevent.socket.socket)
-
-
 # -- gevent's WSGI server ------------------------------------------------------
 
 
