@@ -17,6 +17,14 @@ those collections cost delivery.
 
     python -m benchmarks channels            # N = 4,000 against 10; 15 s each
     python -m benchmarks channels --quick    # N = 400 against 10; 3 s each
+    python -m benchmarks channels --backend streams -n 10000
+
+``--backend streams`` runs the same on ``redis+streams://``, which keeps no
+presence: its periodic work is the read of every subscribed channel's head
+once per ``block`` seconds (``--block``, 1 s here against 10 s by default),
+and a notification per message followed by an ``XREAD`` of the channels
+that were notified. It shows whether reading grows with subscribed channels
+or only with active ones.
 """
 
 import argparse
@@ -37,7 +45,9 @@ from benchmarks._harness import (
     ratio,
 )
 
-TITLE = "channels: delivery latency with many channels subscribed (redis://)"
+TITLE = "channels: delivery latency with many channels subscribed"
+BACKENDS = ("redis", "streams")
+BLOCK = 1.0
 BUSY = "/c0"
 PRESENCE_TTL = 3.0
 SLOW = 0.020  # seconds: a delivery slower than this counts as stalled
@@ -50,14 +60,27 @@ def _prefix(n):
 # -- the listening worker (a child process) ---------------------------------
 
 
-def listen(url, n, seconds, presence_ttl=PRESENCE_TTL, freeze=False):
+def _backend(kind, url, n, presence_ttl=PRESENCE_TTL, block=BLOCK):
+    """The backend under test, on the private Redis at ``url``."""
+    if kind == "streams":
+        from stargate.backends.redis_streams import RedisStreamsBackend
+
+        streams_url = url.replace("redis://", "redis+streams://", 1)
+        return RedisStreamsBackend(streams_url, prefix=_prefix(n), block=block)
+    from stargate.backends.redis import RedisBackend
+
+    return RedisBackend(url, presence_ttl=presence_ttl, prefix=_prefix(n))
+
+
+def listen(
+    url, n, seconds, presence_ttl=PRESENCE_TTL, freeze=False, kind="redis", block=BLOCK
+):
     import eventlet
 
     eventlet.monkey_patch()
     import eventlet.event
     import redis
 
-    from stargate.backends.redis import RedisBackend
     from stargate.hub import Hub
 
     class Recorder:
@@ -81,7 +104,7 @@ def listen(url, n, seconds, presence_ttl=PRESENCE_TTL, freeze=False):
         def send(self, message):
             pass
 
-    backend = RedisBackend(url, presence_ttl=presence_ttl, prefix=_prefix(n))
+    backend = _backend(kind, url, n, presence_ttl, block)
     hub = Hub(backend)
     recorder = Recorder()
     start = time.monotonic()
@@ -98,7 +121,7 @@ def listen(url, n, seconds, presence_ttl=PRESENCE_TTL, freeze=False):
             raise SystemExit(f"{n} channels not subscribed within 120 s")
         eventlet.sleep(0.05)
     subscribed = time.monotonic() - start
-    heartbeats = backend.stats["heartbeats"]
+    heartbeats = backend.stats.get("heartbeats", 0)
     if freeze:
         # What is alive now (the channels' objects) is left out of every
         # later collection: CPython's full collections walk every tracked
@@ -110,8 +133,9 @@ def listen(url, n, seconds, presence_ttl=PRESENCE_TTL, freeze=False):
     result = {
         "n": n,
         "subscribe_s": subscribed,
-        "heartbeats": backend.stats["heartbeats"] - heartbeats,
-        "presence_failures": backend.stats["presence_failures"],
+        "heartbeats": backend.stats.get("heartbeats", 0) - heartbeats,
+        "presence_failures": backend.stats.get("presence_failures", 0),
+        "kind": kind,
         "latencies": recorder.latencies,
     }
     print(json.dumps(result), flush=True)
@@ -122,13 +146,11 @@ def listen(url, n, seconds, presence_ttl=PRESENCE_TTL, freeze=False):
 # -- the publisher (a child process) ------------------------------------------
 
 
-def publish(url, n, rate, seconds):
+def publish(url, n, rate, seconds, kind="redis"):
     import eventlet
 
     eventlet.monkey_patch()
-    from stargate.backends.redis import RedisBackend
-
-    backend = RedisBackend(url, prefix=_prefix(n))
+    backend = _backend(kind, url, n)
     backend.start(lambda *args: None)
     interval = 1.0 / rate
     begin = time.monotonic()
@@ -155,10 +177,13 @@ def _child(*args):
     )
 
 
-def measure(url, n, rate, seconds, presence_ttl, freeze=False):
+def measure(
+    url, n, rate, seconds, presence_ttl, freeze=False, kind="redis", block=BLOCK
+):
     listener = _child(
         "--role", "listen", "--url", url, "-n", n, "--seconds", seconds,
-        "--presence-ttl", presence_ttl, *(["--gc-freeze"] if freeze else []),
+        "--presence-ttl", presence_ttl, "--backend", kind, "--block", block,
+        *(["--gc-freeze"] if freeze else []),
     )  # fmt: skip
     try:
         line = listener.stdout.readline().strip()
@@ -166,7 +191,7 @@ def measure(url, n, rate, seconds, presence_ttl, freeze=False):
             raise RuntimeError(f"the listening worker for N={n} said {line!r}")
         publisher = _child(
             "--role", "publish", "--url", url, "-n", n, "--rate", rate,
-            "--seconds", seconds,
+            "--seconds", seconds, "--backend", kind,
         )  # fmt: skip
         publisher.wait(timeout=seconds + 60)
         result = json.loads(listener.stdout.readline())
@@ -190,23 +215,27 @@ def measure(url, n, rate, seconds, presence_ttl, freeze=False):
     return result
 
 
-def run(sizes, rate, seconds, out, presence_ttl=PRESENCE_TTL):
+def run(
+    sizes, rate, seconds, out, presence_ttl=PRESENCE_TTL, kind="redis", block=BLOCK
+):
     from stargate.testing.redis_server import RedisServer
 
     raise_nofile()
     with RedisServer() as redis_server:
         results = [
-            measure(redis_server.url, n, rate, seconds, presence_ttl, freeze)
+            measure(
+                redis_server.url, n, rate, seconds, presence_ttl, freeze, kind, block
+            )
             for n, freeze in sizes
         ]
-    report(results, rate, seconds, presence_ttl)
+    report(results, rate, seconds, presence_ttl, kind, block)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "channels.json"), "w") as f:
         json.dump(results, f, indent=1)
     return results
 
 
-def report(results, rate, seconds, presence_ttl):
+def report(results, rate, seconds, presence_ttl, kind="redis", block=BLOCK):
     peer = results[0]
     columns = ["channels", "subscribe s", "received", "heartbeats", "p50 ms"]
     columns += ["p99 ms", "p99.9 ms", "max ms", f">{SLOW * 1e3:.0f} ms"]
@@ -227,9 +256,13 @@ def report(results, rate, seconds, presence_ttl):
         ]
         for r in results
     ]
+    if kind == "streams":
+        periodic = f"every channel's head read every {block:g} s"
+    else:
+        periodic = f"presence heartbeat every {presence_ttl / 3:g} s"
+    scheme = "redis+streams://" if kind == "streams" else "redis://"
     print_table(
-        f"{TITLE}: {rate}/s on one channel for {seconds} s, presence heartbeat "
-        f"every {presence_ttl / 3:g} s",
+        f"{TITLE} ({scheme}): {rate}/s on one channel for {seconds} s, {periodic}",
         columns,
         rows,
     )
@@ -246,17 +279,26 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=None, help="(15)")
     parser.add_argument("--presence-ttl", type=float, default=PRESENCE_TTL)
     parser.add_argument("--gc-freeze", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--backend", choices=BACKENDS, default="redis", help="(redis)")
+    parser.add_argument(
+        "--block", type=float, default=BLOCK, help="streams: head reads every (1 s)"
+    )
     args = parser.parse_args(argv)
     seconds = args.seconds or (3.0 if args.quick else 15.0)
     if args.role == "listen":
-        listen(args.url, args.n, seconds, args.presence_ttl, args.gc_freeze)
+        listen(
+            args.url, args.n, seconds, args.presence_ttl, args.gc_freeze,
+            args.backend, args.block,
+        )  # fmt: skip
         return 0
     if args.role == "publish":
-        publish(args.url, args.n, args.rate, seconds)
+        publish(args.url, args.n, args.rate, seconds, args.backend)
         return 0
     n = args.n or (400 if args.quick else 4000)
     sizes = [(10, False), (n, False), (n, True)]
-    run(sizes, args.rate, seconds, args.out, args.presence_ttl)
+    run(
+        sizes, args.rate, seconds, args.out, args.presence_ttl, args.backend, args.block
+    )
     return 0
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from stargate.backends import load_backend
 from stargate.backends.base import HistoryPolicy, Position
+from stargate.backends.redis import encode_message
 from stargate.backends.redis_streams import RedisStreamsBackend
 from stargate.exceptions import (
     BackendUnavailable,
@@ -391,3 +392,52 @@ class TestManyQuietChannels:
         # Each XREAD used to name all 1,001 streams (about 50 KB a message).
         assert sent < 100 * 2048, sent
         assert unblocks == 0  # subscribing does not restart a blocked read
+
+    def test_the_sweep_reads_no_quiet_stream(self, fresh_redis_server, make_backend):
+        """Every ``block`` seconds the reader checks every channel's head
+        (the safety net for a lost notification). It used to follow each
+        check with an XREAD of every subscribed stream (one per 500
+        channels): a periodic cost that grew with the channels subscribed,
+        and with 2,000 of them held delivery on a busy one for about 100 ms
+        (``python -m benchmarks channels --backend streams``). A stream whose
+        head has not moved is read no more."""
+        worker = make_backend(fresh_redis_server, block=0.2)
+        got = started(worker, "busy")
+        for i in range(1000):
+            worker.subscribe(f"quiet {i}")
+        ready(worker, got, "busy")
+
+        def calls(command):
+            with fresh_redis_server.client() as r:
+                stats = r.info("commandstats")
+            return stats.get(f"cmdstat_{command}", {}).get("calls", 0)
+
+        heads, reads = calls("hmget"), calls("xread")
+        # Three sweeps of the 1,001 heads, by Redis's own count.
+        assert wait_until(lambda: calls("hmget") - heads >= 3 * 1001, timeout=30)
+        assert calls("xread") - reads == 0
+
+    def test_the_sweep_still_finds_an_entry_never_notified(
+        self, fresh_redis_server, make_backend
+    ):
+        """The sweep reads a stream whose head moved without a notification
+        (an entry added while the notification was lost)."""
+        worker = make_backend(fresh_redis_server, block=0.2)
+        publisher = make_backend(fresh_redis_server)
+        got = started(worker, "lost", *(f"quiet {i}" for i in range(300)))
+        start(publisher)
+        position = publisher.publish("lost", "first")
+        assert wait_until(lambda: got.messages("lost")[-1:] == ["first"])
+        # What the publishing script does, but for the notification: the
+        # meta hash's offset and the entry with that offset as its ID.
+        prefix = worker.prefix
+        with fresh_redis_server.client() as r:
+            offset = r.hincrby(f"{prefix}meta:lost", "offset", 1)
+            assert offset == position.offset + 1
+            r.xadd(
+                f"{prefix}stream:lost",
+                {"e": position.epoch, "d": encode_message("never notified")},
+                id=f"{offset}-0",
+            )
+        assert wait_until(lambda: got.messages("lost")[-1:] == ["never notified"])
+        assert got.messages("lost") == ["first", "never notified"]
