@@ -9,10 +9,16 @@ It does the RFC 6455 handshake by hand on non-blocking sockets, then parses
 only frame headers: a data frame is counted when its last byte arrives, and
 its payload is skipped, never copied nor decompressed. Pings are answered.
 
-The k-th data frame on a connection (after its first, the server's
-``ready``) is message k of the current phase. The process keeps, per message,
-the latest arrival time (``time.time_ns()``) over its connections, so the
-parent can find when the *last* listener got each message.
+A phase expects ``count`` messages numbered from ``first``: the benchmark
+servers put each message's number at its head
+(:func:`benchmarks._servers.make_message`), so message k of the phase is the
+one numbered ``first + k`` whatever the order it comes in, and a message of
+an earlier phase that arrives late is not counted. A data frame whose
+number cannot be read (compressed, or sent by another server) is the next in
+order on its connection (after its first frame, the server's ``ready``), as
+is every frame of a phase started without ``first``. The process keeps, per
+message, the latest arrival time (``time.time_ns()``) over its connections,
+so the parent can find when the *last* listener got each message.
 
 With ``--fast LIB`` the handshakes are done here and every open connection
 is then handed to the same receive loop written in C (``_fastclient.c``,
@@ -24,9 +30,10 @@ It talks to its parent in JSON lines: commands on stdin, replies on stdout.
 ``{"op": "connect", "timeout": s}``
     open the connections; reply ``{"open": n, "failed": f, "cpu": s}`` once
     every connection got its ``ready`` frame (or the timeout passed).
-``{"op": "expect", "count": m, "timeout": s}``
-    start a phase: reply ``{"ok": true}`` at once, then, when every open
-    connection has received ``m`` messages (or at the timeout),
+``{"op": "expect", "count": m, "timeout": s, "first": k}``
+    start a phase of ``m`` messages numbered from ``k`` (optional): reply
+    ``{"ok": true}`` at once, then, when every open connection has received
+    ``m`` messages (or at the timeout),
     ``{"last": [ns...], "first": ns, "received": n, "complete": c, "cpu": s}``.
 ``{"op": "quit"}``
     close everything and exit.
@@ -57,6 +64,9 @@ CONNECT_WINDOW = 512
 RECV_SIZE = 262144
 
 HANDSHAKING, WAIT_READY, OPEN, CLOSED = range(4)
+
+#: A numbered message starts ``<20-digit ns timestamp>:<8-digit number>:``.
+HEAD_LEN = 30
 
 FAST_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_fastclient.c")
 
@@ -106,6 +116,7 @@ class FastLoop:
         lib.fc_add.argtypes += [ctypes.c_uint64, ctypes.c_char_p, ctypes.c_int]
         lib.fc_add.argtypes += [ctypes.c_char_p, ctypes.c_int]
         lib.fc_start.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+        lib.fc_start.argtypes += [ctypes.c_int64]
         lib.fc_stats.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         lib.fc_poll.argtypes = [ctypes.c_void_p, ctypes.c_int]
         lib.fc_close_all.argtypes = [ctypes.c_void_p]
@@ -122,9 +133,9 @@ class FastLoop:
             ):
                 os.close(fd)
 
-    def start(self, count):
+    def start(self, count, first=None):
         self.last = (ctypes.c_int64 * max(count, 1))()
-        self.lib.fc_start(self.ctx, count, self.last)
+        self.lib.fc_start(self.ctx, count, self.last, -1 if first is None else first)
 
     def poll(self, timeout):
         """Handle events for up to ``timeout`` s; True if stdin is readable."""
@@ -140,8 +151,29 @@ class FastLoop:
         self.lib.fc_close_all(self.ctx)
 
 
+def message_number(head):
+    """The number at the head of a benchmark message, or -1 if it has none."""
+    if len(head) < HEAD_LEN or head[20:21] != b":" or head[29:30] != b":":
+        return -1
+    stamp, number = head[:20], head[21:29]
+    if not (stamp.isdigit() and number.isdigit()):
+        return -1
+    return int(number)
+
+
 class Conn:
-    __slots__ = ("sock", "state", "buf", "skip", "opcode", "ctl", "count", "hdr")
+    __slots__ = (
+        "sock",
+        "state",
+        "buf",
+        "skip",
+        "opcode",
+        "compressed",
+        "ctl",
+        "count",
+        "got",
+        "hdr",
+    )
 
     def __init__(self, sock):
         self.sock = sock
@@ -150,8 +182,12 @@ class Conn:
         self.hdr = b""  # a partial frame header
         self.skip = 0  # payload bytes of the current frame still to come
         self.opcode = -1  # opcode of the current frame; -1 between frames
-        self.ctl = None  # payload of a control frame being collected
+        self.compressed = False  # the current frame has RSV1 set
+        # Payload of a control frame being collected, or the first HEAD_LEN
+        # bytes of a data frame's (its number).
+        self.ctl = None
         self.count = 0  # data frames received in this phase
+        self.got = 0  # of them, messages of this phase
 
 
 def raise_nofile():
@@ -167,6 +203,7 @@ class Client:
         self.sel = selectors.DefaultSelector()
         self.conns = []
         self.expected = 0
+        self.first_number = None  # number of the phase's first message
         self.last = []
         self.first = 0
         self.received = 0
@@ -313,7 +350,11 @@ class Client:
             if conn.opcode >= 0:
                 take = conn.skip if conn.skip <= n - pos else n - pos
                 if conn.ctl is not None:
-                    conn.ctl += data[pos : pos + take]
+                    if conn.opcode >= 8:
+                        conn.ctl += data[pos : pos + take]
+                    elif len(conn.ctl) < HEAD_LEN:
+                        more = min(take, HEAD_LEN - len(conn.ctl))
+                        conn.ctl += data[pos : pos + more]
                 conn.skip -= take
                 pos += take
                 if conn.skip:
@@ -347,8 +388,9 @@ class Client:
                 pos += 2
             opcode = b0 & 0x0F
             conn.opcode = opcode
+            conn.compressed = bool(b0 & 0x40)
             conn.skip = length
-            conn.ctl = b"" if opcode >= 8 else None
+            conn.ctl = b"" if opcode >= 8 or self.first_number is not None else None
 
     def frame_done(self, conn, now):
         opcode = conn.opcode
@@ -360,20 +402,25 @@ class Client:
             elif opcode == 8:
                 self.close(conn)
             return
+        head, conn.ctl = conn.ctl, None
         if conn.state == WAIT_READY:
             conn.state = OPEN
             self.ready += 1
             return
-        index = conn.count
-        conn.count = index + 1
-        if index < self.expected:
+        number = -1
+        if self.first_number is not None and not conn.compressed and head:
+            number = message_number(head)
+        index = number - self.first_number if number >= 0 else conn.count
+        conn.count += 1
+        if 0 <= index < self.expected:
             self.received += 1
             last = self.last
             if now > last[index]:
                 last[index] = now
             if not self.first or now < self.first:
                 self.first = now
-            if index + 1 == self.expected:
+            conn.got += 1
+            if conn.got == self.expected:
                 self.complete += 1
 
     def pong(self, conn, payload):
@@ -387,10 +434,11 @@ class Client:
 
     # -- phases -------------------------------------------------------------
 
-    def start_phase(self, count, timeout):
+    def start_phase(self, count, timeout, first=None):
         for conn in self.conns:
-            conn.count = 0
+            conn.count = conn.got = 0
         self.expected = count
+        self.first_number = first
         self.last = [0] * count
         self.first = 0
         self.received = 0
@@ -412,6 +460,7 @@ class Client:
             }
         )
         self.expected = 0
+        self.first_number = None
         self.phase_deadline = None
 
     def run(self):
@@ -436,7 +485,11 @@ class Client:
                     if op == "connect":
                         self.connect_all(command.get("timeout", 60))
                     elif op == "expect":
-                        self.start_phase(command["count"], command.get("timeout", 60))
+                        self.start_phase(
+                            command["count"],
+                            command.get("timeout", 60),
+                            command.get("first"),
+                        )
                     elif op == "quit":
                         for conn in self.conns:
                             self.close(conn)
@@ -481,7 +534,7 @@ class Client:
                 elif op == "expect" and loop is not None:
                     count = command["count"]
                     cpu0 = time.process_time()
-                    loop.start(count)
+                    loop.start(count, command.get("first"))
                     deadline = time.monotonic() + command.get("timeout", 60)
                     self.reply({"ok": True})
                 elif op == "quit":

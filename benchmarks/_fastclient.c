@@ -4,8 +4,12 @@
  * Python, then hands each open socket to this loop, which does what its
  * Python loop does (benchmarks._client.Client.feed), a few times cheaper:
  * parse frame headers, skip payloads without copying them, answer pings,
- * and for the k-th data frame of the current phase on a connection record
- * the latest arrival time of message k over all connections. The cheaper
+ * and for message k of the current phase record the latest arrival time
+ * over all connections. Message k is the one numbered first + k (the number
+ * the benchmark servers put at the head of each message, see
+ * benchmarks._servers.make_message); a frame without a readable number (a
+ * compressed one, or one from another kind of server) is taken as the next
+ * in order on its connection. The cheaper
  * the load generator, the more of the machine is left to the server under
  * test, so servers are compared on their own cost.
  *
@@ -25,6 +29,8 @@
 #define RECV_SIZE (256 * 1024)
 #define MAX_EVENTS 1024
 #define STDIN_TAG UINT64_MAX
+/* A numbered message starts "<20-digit ns timestamp>:<8-digit number>:". */
+#define HEAD_LEN 30
 
 typedef struct {
     int fd;
@@ -33,9 +39,12 @@ typedef struct {
     uint64_t skip;          /* payload bytes of that frame still to come */
     unsigned char hdr[14];  /* a frame header split across reads */
     int hdr_len;
-    unsigned char ctl[125]; /* payload of a control frame being read */
+    unsigned char ctl[125]; /* payload of a control frame being read, or the
+                               first HEAD_LEN bytes of a data frame's */
     int ctl_len;
+    int compressed;         /* the frame being read has RSV1 set */
     int64_t count;          /* data frames received in this phase */
+    int64_t got;            /* of them, messages of this phase */
 } conn_t;
 
 typedef struct {
@@ -43,6 +52,7 @@ typedef struct {
     conn_t *conns;
     int n, cap, open;
     int64_t expected;       /* messages in this phase; 0 between phases */
+    int64_t base;           /* number of the phase's first message; -1: none */
     int64_t *last;          /* [expected]: latest arrival of each message */
     int64_t first, received, complete;
     unsigned char *buf;
@@ -102,13 +112,15 @@ fc_add(client_t *c, int fd, int opcode, uint64_t skip,
     return 0;
 }
 
-/* Start a phase of `expected` messages; `last` has room for them. */
+/* Start a phase of `expected` messages; `last` has room for them. Messages
+ * are numbered from `base` (-1: match them by order only). */
 void
-fc_start(client_t *c, int64_t expected, int64_t *last)
+fc_start(client_t *c, int64_t expected, int64_t *last, int64_t base)
 {
     for (int i = 0; i < c->n; i++)
-        c->conns[i].count = 0;
+        c->conns[i].count = c->conns[i].got = 0;
     c->expected = expected;
+    c->base = base;
     c->last = last;
     if (expected > 0)
         memset(last, 0, sizeof(int64_t) * expected);
@@ -152,6 +164,24 @@ send_pong(client_t *c, conn_t *conn)
         close_conn(c, conn);
 }
 
+/* The number at the head of a benchmark message, or -1 if it has none. */
+static int64_t
+message_number(const unsigned char *head, int len)
+{
+    if (len < HEAD_LEN || head[20] != ':' || head[29] != ':')
+        return -1;
+    int64_t number = 0;
+    for (int i = 0; i < 29; i++) {
+        if (i == 20)
+            continue;
+        if (head[i] < '0' || head[i] > '9')
+            return -1;
+        if (i > 20)
+            number = number * 10 + (head[i] - '0');
+    }
+    return number;
+}
+
 static void
 frame_done(client_t *c, conn_t *conn, int64_t now)
 {
@@ -165,14 +195,18 @@ frame_done(client_t *c, conn_t *conn, int64_t now)
         conn->ctl_len = 0;
         return;
     }
-    int64_t index = conn->count++;
-    if (index < c->expected) {
+    int64_t number = c->base >= 0 && !conn->compressed
+                         ? message_number(conn->ctl, conn->ctl_len) : -1;
+    int64_t index = number >= 0 ? number - c->base : conn->count;
+    conn->count++;
+    conn->ctl_len = 0;
+    if (index >= 0 && index < c->expected) {
         c->received++;
         if (now > c->last[index])
             c->last[index] = now;
         if (c->first == 0 || now < c->first)
             c->first = now;
-        if (index + 1 == c->expected)
+        if (++conn->got == c->expected)
             c->complete++;
     }
 }
@@ -185,8 +219,9 @@ feed(client_t *c, conn_t *conn, const unsigned char *data, size_t n, int64_t now
     while (conn->open) {
         if (conn->opcode >= 0) {
             uint64_t take = conn->skip <= n - pos ? conn->skip : n - pos;
-            if (conn->opcode >= 8 && take > 0) {
-                size_t room = sizeof(conn->ctl) - conn->ctl_len;
+            if (take > 0 && (conn->opcode >= 8 || conn->ctl_len < HEAD_LEN)) {
+                size_t room = (conn->opcode >= 8 ? sizeof(conn->ctl) : HEAD_LEN)
+                              - conn->ctl_len;
                 size_t copy = take < room ? take : room;
                 memcpy(conn->ctl + conn->ctl_len, data + pos, copy);
                 conn->ctl_len += (int)copy;
@@ -239,6 +274,7 @@ feed(client_t *c, conn_t *conn, const unsigned char *data, size_t n, int64_t now
         pos += need - (size_t)conn->hdr_len;
         conn->hdr_len = 0;
         conn->opcode = h[0] & 0x0F;
+        conn->compressed = (h[0] & 0x40) != 0;
         conn->skip = length;
         conn->ctl_len = 0;
         if (conn->opcode >= 8 && length > 125) {

@@ -151,6 +151,10 @@ class ServerProcess:
                 self.port = int(line.split()[1])
                 break
         self._control = None
+        #: Number of the next message this server is asked to broadcast:
+        #: numbers go on across phases, so a late message of an earlier
+        #: phase is not taken for one of the current phase.
+        self.next_number = 0
 
     @property
     def pid(self):
@@ -289,9 +293,14 @@ class ClientPool:
             sum(r["cpu"] for r in replies),
         )
 
-    def expect(self, count, timeout):
+    def expect(self, count, timeout, first=None):
+        """Start a phase of ``count`` messages, numbered from ``first`` (see
+        :mod:`benchmarks._client`; ``None``: matched by order)."""
+        command = {"op": "expect", "count": count, "timeout": timeout}
+        if first is not None:
+            command["first"] = first
         for proc in self.procs:
-            self._send(proc, {"op": "expect", "count": count, "timeout": timeout})
+            self._send(proc, command)
         self._gather(30)
         self._timeout = timeout
 
@@ -350,11 +359,16 @@ def run_phase(server, clients, *, count, size, binary, interval=0.0, timeout=60)
     ``rate`` is deliveries per second from the first publish to the moment
     the last listener got the last message; ``latencies`` (seconds) are,
     per message, its publish time to its arrival at its last listener.
+    Messages are numbered across the phases of a server, and the load
+    generator matches arrivals to messages by number.
     """
-    clients.expect(count, timeout)
+    first = server.next_number
+    server.next_number += count
+    clients.expect(count, timeout, first=first)
     cpu0 = server.cpu_times()
     reply = server.command(
         op="broadcast",
+        first=first,
         count=count,
         size=size,
         binary=binary,

@@ -34,10 +34,11 @@ worker processes when there are several), prints ``PORT <n>`` on stdout,
 sends ``ready`` to each listener once it is registered, and takes commands
 as JSON text messages on ``/control``:
 
-``{"op": "broadcast", "count": m, "size": s, "binary": b, "interval": t}``
+``{"op": "broadcast", "count": m, "size": s, "binary": b, "interval": t, "first": k}``
     publish ``m`` messages of ``s`` bytes, ``t`` seconds apart (0: back to
-    back); each carries the ``time.time_ns()`` taken just before it was
-    published. Replies ``{"ts": [ns, ...]}``.
+    back), numbered from ``k`` (0 if not given); each carries its number and
+    the ``time.time_ns()`` taken just before it was published. Replies
+    ``{"ts": [ns, ...]}``.
 ``{"op": "listeners"}``
     replies ``{"listeners": n}`` (this process's listeners).
 """
@@ -80,7 +81,9 @@ def padding(size):
 
 
 def make_message(seq, size, binary):
-    """Returns ``(timestamp_ns, message)``; the timestamp is embedded."""
+    """Returns ``(timestamp_ns, message)``: the message starts with the
+    timestamp and ``seq`` (``<20 digits>:<8 digits>:``), which the load
+    generator reads to tell the messages of a phase apart."""
     ts = time.time_ns()
     head = f"{ts:020d}:{seq:08d}:"
     text = head + padding(size)[len(head) :]
@@ -132,8 +135,9 @@ def run_broadcast(command, publish, sleep):
     """The broadcast command, for a blocking (green) server."""
     count, size = command["count"], command["size"]
     binary, interval = command.get("binary", False), command.get("interval", 0)
+    first = command.get("first", 0)
     stamps = []
-    for seq in range(count):
+    for seq in range(first, first + count):
         ts, message = make_message(seq, size, binary)
         stamps.append(ts)
         publish(message)
@@ -399,8 +403,9 @@ async def _async_broadcast(command, publish):
 
     count, size = command["count"], command["size"]
     binary, interval = command.get("binary", False), command.get("interval", 0)
+    first = command.get("first", 0)
     stamps = []
-    for seq in range(count):
+    for seq in range(first, first + count):
         ts, message = make_message(seq, size, binary)
         stamps.append(ts)
         await publish(message)

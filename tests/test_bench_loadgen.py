@@ -7,6 +7,7 @@ length encoding, a zero-length frame, a ping in between, headers split
 across reads) and checks the counts, the arrival times and the pong.
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -18,6 +19,7 @@ import time
 import pytest
 
 from benchmarks._client import build_fast_loop
+from benchmarks._servers import make_message
 from stargate.frames import Frame, Opcode, serialize_frame
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,7 +119,10 @@ def loop(request, tmp_path):
     return path
 
 
-def test_both_receive_loops_count_every_frame_and_answer_pings(loop):
+@contextlib.contextmanager
+def connected(loop):
+    """A load generator with ``loop`` and its CONNECTIONS open connections,
+    as raw server sockets: ``(client, conns)``."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(10)
     client = Client(listener.getsockname()[1], loop)
@@ -132,7 +137,16 @@ def test_both_receive_loops_count_every_frame_and_answer_pings(loop):
             conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
             conn.sendall(frame(0x1, b"ready"))
         assert client.reply()["open"] == CONNECTIONS
+        yield client, conns
+    finally:
+        client.close()
+        for conn in conns:
+            conn.close()
+        listener.close()
 
+
+def test_both_receive_loops_count_every_frame_and_answer_pings(loop):
+    with connected(loop) as (client, conns):
         assert client.ask({"op": "expect", "count": 4, "timeout": 10}) == {"ok": True}
         start = time.time_ns()
         stream = b"".join(MESSAGES)
@@ -173,8 +187,24 @@ def test_both_receive_loops_count_every_frame_and_answer_pings(loop):
         report = client.reply()
         assert report["open"] == CONNECTIONS - 1
         assert report["received"] == report["complete"] == CONNECTIONS - 1
-    finally:
-        client.close()
-        for conn in conns:
-            conn.close()
-        listener.close()
+
+
+def numbered(number):
+    """A message as the benchmark servers number them."""
+    return frame(0x1, make_message(number, 64, False)[1].encode())
+
+
+def test_both_receive_loops_match_messages_by_their_number(loop):
+    """A message of an earlier phase that arrives late is not counted, and
+    messages are told apart by number, not by the order they come in."""
+    with connected(loop) as (client, conns):
+        command = {"op": "expect", "count": 2, "timeout": 2, "first": 10}
+        assert client.ask(command) == {"ok": True}
+        conns[0].sendall(numbered(10) + numbered(11))
+        conns[1].sendall(numbered(9))  # late, from the phase before
+        conns[2].sendall(numbered(9) + numbered(11) + numbered(10))
+        report = client.reply()  # at the phase's timeout: conns[1] is short
+        # By order, the late message would count as message 10 twice over.
+        assert report["received"] == 4
+        assert report["complete"] == 2
+        assert all(report["last"]), report
