@@ -191,13 +191,15 @@ class ServerProcess:
         if self._control is None:
             from websockets.sync.client import connect
 
+            # Entered as a context manager (websockets 17 warns otherwise),
+            # and left in stop().
             self._control = connect(
                 f"ws://127.0.0.1:{self.port}/control",
                 compression=None,
                 max_size=None,
                 open_timeout=20,
                 ping_interval=None,
-            )
+            ).__enter__()
         return self._control
 
     def command(self, timeout=120, **command):

@@ -29,6 +29,10 @@
     eventlet's own ``eventlet.websocket.WebSocketWSGI`` with the loop the
     original stack ran: ``for ws in sockets: ws.send(message)``.
 
+With ``--redis``, each server process keeps to Redis channels of its own
+(its kind and PID in their names), so servers measured side by side on one
+Redis never receive, and deliver, each other's messages.
+
 Every kind listens on a socket made here (backlog 4096; shared by the
 worker processes when there are several), prints ``PORT <n>`` on stdout,
 sends ``ready`` to each listener once it is registered, and takes commands
@@ -56,7 +60,16 @@ import warnings
 warnings.filterwarnings("ignore", message=r"(?s).*Eventlet is deprecated")
 
 CHANNEL_PATH = "/listen"
-REDIS_CHANNEL = "stargate-bench"
+
+
+def redis_namespace(kind):
+    """A prefix for the Redis channels of this server, whatever it forks:
+    stargate peers run the same app, whose channel would otherwise be the
+    same name on the shared Redis, and each would deliver every other's
+    messages to its own listeners (paying for them, and handing the load
+    generator messages of other phases)."""
+    return f"bench:{kind}:{os.getpid()}:"
+
 
 _WORDS = (
     "stargate pyramid eventlet socket frame message listener broadcast hub "
@@ -189,6 +202,8 @@ def stargate_app(args, *, kept, sleep):
                 websocket.send(json.dumps(reply))
 
     settings = {"stargate.backend": args.redis or "memory"}
+    if args.redis:
+        settings["stargate.backend.prefix"] = args.namespace
     with Configurator(settings=settings, root_factory=lambda request: root) as config:
         config.include("stargate")
         config.add_route("listen", CHANNEL_PATH, factory=lambda request: root)
@@ -349,12 +364,13 @@ def _websockets_worker(sock, args):
     async def main():
         connections = set()
         redis = None
+        channel = args.namespace + "relay"
         if args.redis:
             import redis.asyncio
 
             redis = redis.asyncio.from_url(args.redis)
             pubsub = redis.pubsub()
-            await pubsub.subscribe(REDIS_CHANNEL)
+            await pubsub.subscribe(channel)
 
             async def relay():
                 async for item in pubsub.listen():
@@ -370,9 +386,9 @@ def _websockets_worker(sock, args):
             if redis is None:
                 broadcast(connections, message)
             elif isinstance(message, str):
-                await redis.publish(REDIS_CHANNEL, b"t" + message.encode())
+                await redis.publish(channel, b"t" + message.encode())
             else:
-                await redis.publish(REDIS_CHANNEL, b"b" + message)
+                await redis.publish(channel, b"b" + message)
 
         async def handler(ws):
             if ws.request.path == "/control":
@@ -432,6 +448,7 @@ def main(argv=None):
     parser.add_argument("--redis", default=None, help="relay through this Redis")
     parser.add_argument("--profile", default=None, help="cProfile output path")
     args = parser.parse_args(argv)
+    args.namespace = redis_namespace(args.kind)  # before any worker forks
     raise_nofile()
     sys.setrecursionlimit(10000)
     SERVERS[args.kind](args)
