@@ -67,6 +67,7 @@ NOT_ON_GEVENT = {
     "test_browser_history.py": "Chromium and server processes",
     "test_browser_multiworker.py": "Chromium and server processes",
     "test_bench_loadgen.py": "the benchmarks' load generator, a process",
+    "test_bench_servers.py": "the benchmarks' servers, processes",
     "test_benchmarks_smoke.py": "benchmark scripts, run as processes",
     "test_soak_smoke.py": "benchmarks/soak.py, run as a process",
     "test_packaging.py": "package metadata and the stargate command",
