@@ -286,6 +286,29 @@ class TestConfiguration:
 
 
 class TestFailures:
+    def test_a_publishing_connection_redis_closed_is_not_written_to(
+        self, redis_server, make_backend
+    ):
+        """The backend keeps its publishing connection between publishes;
+        one that Redis closed meanwhile (a restart, ``CLIENT KILL``, an idle
+        ``timeout``) is connected again before the next publish, which
+        succeeds: writing to it would fail the publish."""
+        backend = make_backend(redis_server.url)
+        collector = started(backend, "kept")
+        backend.publish("kept", "first")
+        assert wait_until(lambda: collector.messages("kept") == ["first"])
+        with redis_server.client() as client:
+            ours = [
+                info["id"]
+                for info in client.client_list(_type="normal")
+                if info.get("name") == backend.client_name
+            ]
+            for client_id in ours:
+                client.client_kill_filter(_id=client_id)
+        assert ours
+        backend.publish("kept", "second")
+        assert wait_until(lambda: collector.messages("kept") == ["first", "second"])
+
     def test_redis_killed_and_restarted_mid_stream(
         self, fresh_redis_server, make_backend, caplog
     ):
