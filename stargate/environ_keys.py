@@ -16,6 +16,7 @@ __all__ = [
     "TRUE_PROTOCOL_KEY",
     "TAKEN_OVER_KEY",
     "WEBSOCKET_OPENED_KEY",
+    "HAND_OFF_KEY",
 ]
 
 #: Set by stargate's server: ``SERVER_PROTOCOL`` is the request's own HTTP
@@ -48,3 +49,10 @@ REQUEST_RFILE_KEY = "stargate.request_rfile"
 #: Set by the view once it took the connection over: the server writes no
 #: response of its own and leaves the socket alone.
 TAKEN_OVER_KEY = "stargate.taken_over"
+
+#: Set by stargate's server: ``hand_off(function, *args)`` runs
+#: ``function(*args)`` in a new green thread that counts as the request's
+#: connection (its ``max_clients`` slot) until it returns, so the request's
+#: own green thread, with the server, router and tweens under the view, can
+#: end while a blocking handler goes on (:class:`~stargate.WebSocketView`).
+HAND_OFF_KEY = "stargate.hand_off"

@@ -52,7 +52,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from stargate import runtime as _runtime
-from stargate.environ_keys import PROXIED_KEY
+from stargate.environ_keys import HAND_OFF_KEY, PROXIED_KEY, RELEASE_BUFFERS_KEY
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
@@ -403,11 +403,15 @@ def close_websockets(timeout: float) -> None:
     parallel; drop those still open ``timeout`` seconds later. Used when a
     worker stops (here, and by :mod:`stargate.gunicorn`'s hooks). A
     WebSocket opened after this started is closed with 1001 at once by the
-    view (:func:`stargate.connection.begin_shutdown`)."""
+    view (:func:`stargate.connection.begin_shutdown`). Within the same
+    ``timeout``, waits for the handlers the view runs in green threads of
+    their own to return (:func:`stargate.view.wait_for_handlers`)."""
     from stargate.connection import begin_shutdown, open_websockets
+    from stargate.view import wait_for_handlers
 
     begin_shutdown()
     green = _runtime.current()
+    deadline = time.monotonic() + timeout
     closing = open_websockets()
     if closing:
         # At most CLOSERS handshakes at a time, each closer taking the next.
@@ -428,6 +432,9 @@ def close_websockets(timeout: float) -> None:
         done.wait(timeout)
     for websocket in open_websockets():
         websocket.abort()
+    # Handlers in green threads of their own (WebSocketView on this server)
+    # get what is left of the timeout to run their finally blocks.
+    wait_for_handlers(max(0.0, deadline - time.monotonic()))
 
 
 def trusted_proxies(value: object) -> frozenset[str]:
@@ -596,6 +603,40 @@ def read_ahead(rfile: Any, sock: Any) -> bytes:
     finally:
         sock.settimeout(timeout)
     return data or b""
+
+
+class _NoBody:
+    """The body stream of a request whose connection became a WebSocket:
+    empty (the socket and the server's reader are the WebSocket's now)."""
+
+    __slots__ = ()
+
+    def read(self, size: int = -1) -> bytes:
+        return b""
+
+    def readline(self, size: int = -1) -> bytes:
+        return b""
+
+    def readlines(self, hint: int = -1) -> list[bytes]:
+        return []
+
+    def __iter__(self) -> Any:
+        return iter(())
+
+
+_NO_BODY = _NoBody()
+
+
+def let_go_of_request(environ: dict[str, Any], *server_keys: str) -> None:
+    """A request whose connection the view took over has ended: its
+    environ, which the view's request keeps while a handler runs, drops
+    what ties it to the server's request objects (their protocol or
+    handler, reader and socket: about 3 KiB a connection), ``server_keys``
+    too, and its ``wsgi.input`` becomes an empty stream."""
+    for key in (RELEASE_BUFFERS_KEY, HAND_OFF_KEY, *server_keys):
+        environ.pop(key, None)
+    if "wsgi.input" in environ:
+        environ["wsgi.input"] = _NO_BODY
 
 
 def _close_going_away(websocket):

@@ -16,9 +16,13 @@ malformed upgrade 400 (``HTTPBadRequest``) with the reason, a refused origin
 its connection limit 503.
 """
 
+import contextvars
+import functools
+import inspect
 import logging
 import socket
 
+from pyramid.events import NewResponse
 from pyramid.httpexceptions import (
     HTTPBadRequest,
     HTTPClientError,
@@ -28,12 +32,14 @@ from pyramid.httpexceptions import (
 )
 from pyramid.response import Response
 from pyramid.threadlocal import manager as threadlocal_manager
+from zope.interface import implementedBy
 
 from stargate import handshake as _handshake
 from stargate import runtime
 from stargate.config import get_settings
 from stargate.connection import WebSocket, shutting_down
 from stargate.environ_keys import (
+    HAND_OFF_KEY,
     RELEASE_BUFFERS_KEY,
     TRUE_PROTOCOL_KEY,
     WEBSOCKET_OPENED_KEY,
@@ -51,6 +57,9 @@ from stargate.protocol import ServerProtocol
 __all__ = ["WebSocketView", "IncorrectlyConfigured"]
 
 log = logging.getLogger("stargate.view")
+#: The logger of stargate's server (:mod:`stargate.factory`), where an error
+#: the router would have raised to it is logged.
+server_log = logging.getLogger("stargate.server")
 
 
 class HTTPUpgradeRequired(HTTPClientError):
@@ -96,12 +105,21 @@ class WebSocketView:
         open, with no green thread of its own, until either side closes it.
         What the client sends goes to ``websocket.on_message`` (ignored
         when unset).
+    ``own_green_thread``
+        ``False`` (the default): :meth:`handler` runs in the request's green
+        thread, under the server, the router and the tweens. ``True``: on
+        stargate's own server it runs in a green thread of its own and the
+        request's ends, which halves what a parked connection costs (see
+        :meth:`handle_websocket`). The one difference a handler can see: a
+        value kept per green thread (a ``threading.local`` the runtime made
+        green, not Pyramid's) set before the view is not the handler's.
     """
 
     subprotocols = ()
     allowed_origins = None
     max_message_size = None
     keep_open = False
+    own_green_thread = False
 
     def __init__(self, request):
         self.request = request
@@ -220,6 +238,19 @@ class WebSocketView:
         client left while it was sending) is logged in one DEBUG line. Returns
         the response that tells the WSGI server the connection was taken
         over.
+
+        With ``own_green_thread``, on stargate's own server, when only
+        Pyramid's router (no tween, WSGI middleware, view decorator or
+        ``NewResponse`` subscriber, which would see the view return) lies
+        between the server and the view, the handler runs in a new green
+        thread and the request's returns at once: a parked connection then
+        holds a shallow stack instead of the server's, router's and view's
+        frames (14 KiB less). The handler gets the same request, with
+        ``get_current_request()``, ``get_current_registry()``, its
+        ``context`` and the request's context variables; the request's
+        response and finished callbacks run after it returns, in order; the
+        connection keeps its place in the server's ``max_clients``, and a
+        stopping worker waits for the handler (within ``shutdown_timeout``).
         """
         global _open_connections
         _open_connections += 1
@@ -227,16 +258,93 @@ class WebSocketView:
             websocket.add_close_callback(_connection_ended)
             self._run_handler(websocket)
             return self._leave_open(websocket)
+        hand_off = self.own_green_thread and self._hand_off(inspect.currentframe())
+        if hand_off:
+            return self._handed_off(websocket, hand_off)
+        try:
+            self._run_until_closed(websocket)
+        finally:
+            if not getattr(self, "_handed_over", False):
+                # The server closes the socket when the request ends.
+                websocket.finish(websocket.close_timeout)
+        return self._taken_over()
+
+    def _run_until_closed(self, websocket):
+        """Run the handler; then the connection no longer counts and is
+        closed (1000, unless it is closed already)."""
+        global _open_connections
         try:
             self._run_handler(websocket)
         finally:
             _open_connections -= 1
             if not websocket.closed:
                 websocket.close()
-            if not getattr(self, "_handed_over", False):
-                # The server closes the socket when the request ends.
-                websocket.finish(websocket.close_timeout)
-        return self._taken_over()
+
+    def _hand_off(self, frame):
+        """``environ[HAND_OFF_KEY]`` if the handler may run in a green thread
+        of its own: nothing the application added between the server and
+        ``frame`` (:meth:`handle_websocket`'s) would see the view return
+        before the handler does."""
+        if not getattr(self, "_handed_over", False):
+            return None  # the server keeps the socket for the request's life
+        request = self.request
+        hand_off = request.environ.get(HAND_OFF_KEY)
+        if hand_off is None or _observes_responses(request.registry):
+            return None
+        caller = frame.f_back if frame is not None else None
+        while caller is not None:
+            module = caller.f_globals.get("__name__", "")
+            if module.startswith(_SERVER_MODULES):
+                return hand_off
+            if not (
+                module.startswith(_ROUTER_MODULES)
+                or _passes_through(caller, request.environ)
+            ):
+                return None  # a tween, middleware or an override of ours
+            caller = caller.f_back
+        return None
+
+    def _handed_off(self, websocket, hand_off):
+        """The request ends now; the handler starts when the router is done
+        with it (when the server calls the response)."""
+        response = _HandedOff(status=101, app_iter=[])
+        response.start = functools.partial(
+            hand_off,
+            self._run_handed_off,
+            websocket,
+            _AfterHandler(self.request),
+            contextvars.copy_context(),
+        )
+        runtime.current().mark_taken_over(self.request.environ)
+        return response
+
+    def _run_handed_off(self, websocket, after, context):
+        """In the handler's own green thread: what the request's green
+        thread did until the handler returned, in the same order."""
+        # The request's context variables (greenlet's public attribute; a
+        # Context.run() call would keep one more C frame on the stack).
+        runtime.current().getcurrent().gr_context = context
+        request = self.request
+        after.resume(request)
+        # Pyramid's router and pyramid.scripting push the same frame.
+        threadlocal_manager.push({"registry": request.registry, "request": request})
+        try:
+            try:
+                self._run_until_closed(websocket)
+                after.response_callbacks(request)
+            finally:
+                after.finished_callbacks(request)
+        except Exception:
+            # Where the router's caller would have logged it.
+            server_log.error(
+                "%s %s failed",
+                request.environ.get("REQUEST_METHOD", "?"),
+                request.environ.get("PATH_INFO", ""),
+                exc_info=True,
+            )
+        finally:
+            threadlocal_manager.pop()
+            _handler_ended()
 
     def _run_handler(self, websocket):
         try:
@@ -328,6 +436,132 @@ class _TakenOver(Response):
     def __call__(self, environ, start_response):
         end_gunicorn_request(environ)
         return super().__call__(environ, start_response)
+
+
+class _HandedOff(_TakenOver):
+    """A taken-over response whose handler starts in its own green thread
+    when the server calls it: Pyramid's router has then finished with the
+    request (its callbacks ran, its thread-local frame is popped)."""
+
+    start = None
+
+    def __call__(self, environ, start_response):
+        global _handlers_running
+        start, self.start = self.start, None
+        if start is not None:
+            _handlers_running += 1  # from now on, a stopping worker waits
+            start()
+        return super().__call__(environ, start_response)
+
+
+#: Modules whose frames may lie between the server and a view whose handler
+#: is handed off: Pyramid's router, tweens and view derivers, stargate's view
+#: and error page, the WSGI servers' request code. Any other frame (a tween,
+#: WSGI middleware, a view decorator, an override of WebSocketView's
+#: methods) would see the view return before the handler does.
+_ROUTER_MODULES = (
+    "pyramid.",
+    "stargate.view",
+    "stargate.factory",
+    "eventlet.wsgi",
+    "gevent.pywsgi",
+)
+
+#: Where the walk up from the view ends: stargate's servers.
+_SERVER_MODULES = ("stargate.servers.",)
+
+
+def _passes_through(frame, environ):
+    """Whether ``frame`` is pyramid_tm's tween for a request it does not
+    manage (stargate's ``tm.activate_hook`` declines WebSocket upgrades):
+    it returns what the view returned and does nothing after."""
+    return (
+        frame.f_code.co_name == "tm_tween"
+        and frame.f_globals.get("__name__") == "pyramid_tm"
+        and "tm.active" not in environ
+    )
+
+
+def _observes_responses(registry):
+    """Whether a subscriber would see ``NewResponse``, which the router
+    sends when the view returns."""
+    if not getattr(registry, "has_listeners", True):
+        return False
+    # zope.interface's public lookup of the handlers an event would reach.
+    return bool(registry.adapters.subscriptions((implementedBy(NewResponse),), None))
+
+
+class _AfterHandler:
+    """What Pyramid's router does with a request once the view returned,
+    kept for after a handed-off handler: the request's pending response and
+    finished callbacks, and its ``context`` (the router drops it)."""
+
+    __slots__ = ("context", "pending_response", "pending_finished")
+
+    def __init__(self, request):
+        state = vars(request)
+        self.context = state.get("context")
+        # Pyramid keeps them in reified deques: taken away here, the router
+        # finds none to run when the view returns.
+        self.pending_response = state.pop("response_callbacks", None)
+        self.pending_finished = state.pop("finished_callbacks", None)
+
+    def resume(self, request):
+        """In the handler's green thread: the request as the handler would
+        have found it in the request's."""
+        state = vars(request)
+        if self.context is not None:
+            state["context"] = self.context
+        # The router's empty deques go (reified again when needed).
+        for name, pending in (
+            ("response_callbacks", self.pending_response),
+            ("finished_callbacks", self.pending_finished),
+        ):
+            if pending is None:
+                state.pop(name, None)
+            else:
+                state[name] = pending
+        self.pending_response = self.pending_finished = None
+
+    def response_callbacks(self, request):
+        # The router's own calls: Pyramid offers no public one. The response
+        # the server was given is gone; an equal one stands for it.
+        if request.response_callbacks:
+            request._process_response_callbacks(_TakenOver(status=101, app_iter=[]))
+
+    def finished_callbacks(self, request):
+        try:
+            if request.finished_callbacks:
+                request._process_finished_callbacks()
+        finally:
+            vars(request).pop("context", None)  # as the router: no ref cycle
+
+
+#: Handed-off handlers still running, and the event a stopping worker waits
+#: on for them (:func:`wait_for_handlers`).
+_handlers_running = 0
+_handlers_done = None
+
+
+def _handler_ended():
+    global _handlers_running, _handlers_done
+    _handlers_running -= 1
+    done = _handlers_done
+    if not _handlers_running and done is not None:
+        _handlers_done = None
+        done.send(True)
+
+
+def wait_for_handlers(timeout):
+    """Wait up to ``timeout`` seconds for the handlers running in green
+    threads of their own to return, so that a stopping worker runs their
+    ``finally`` blocks (their connections are closed by then)."""
+    global _handlers_done
+    if not _handlers_running:
+        return
+    if _handlers_done is None:
+        _handlers_done = runtime.current().Event()
+    _handlers_done.wait(timeout)
 
 
 def refusal(error):

@@ -20,6 +20,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 from stargate.testing.client import open_websocket
 
 __all__ = [
@@ -184,6 +186,19 @@ class ServerProcess:
 
     def __exit__(self, *exc_info):
         self.stop(timeout=5)
+
+
+def assert_held_back_until(port, release):
+    """A plain GET on ``port`` gets no answer while every connection slot of
+    the server is taken, and a 200 once ``release()`` ended a connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as waiting:
+        waiting.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        waiting.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            waiting.recv(1024)  # every slot is taken
+        release()
+        waiting.settimeout(CLIENT_TIMEOUT)
+        assert waiting.recv(1024).startswith(b"HTTP/1.1 200 ")
 
 
 def connect(url, **kwargs):

@@ -5,7 +5,6 @@ import importlib.resources
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from websockets.exceptions import ConnectionClosed
 
 from tests.clients import (
     ServerProcess,
+    assert_held_back_until,
     connect,
     free_port,
     http,
@@ -139,14 +139,7 @@ class TestPserve:
             server.wait_ready()
             first = connect(server.ws_url + "/echo")
             second = connect(server.ws_url + "/echo")
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as third:
-                third.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                third.settimeout(0.5)
-                with pytest.raises(TimeoutError):
-                    third.recv(1024)  # both slots are taken
-                first.close()
-                third.settimeout(10)
-                assert third.recv(1024).startswith(b"HTTP/1.1 200 ")
+            assert_held_back_until(port, first.close)
             second.send("still served")
             assert second.recv(timeout=10) == "still served"
             second.close()

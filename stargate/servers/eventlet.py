@@ -21,6 +21,7 @@ import greenlet
 from eventlet import hubs
 
 from stargate.environ_keys import (
+    HAND_OFF_KEY,
     PROXIED_KEY,
     RELEASE_BUFFERS_KEY,
     TRUE_PROTOCOL_KEY,
@@ -32,6 +33,7 @@ from stargate.factory import (
     believe_proxy,
     close_websockets,
     counted_websocket,
+    let_go_of_request,
     logged_websocket,
     read_ahead,
     stop_event,
@@ -66,7 +68,8 @@ def run_worker(
     trusted_proxies: frozenset[str] = frozenset(),
 ) -> None:
     """Serve in this process until told to stop; then close WebSockets (1001)."""
-    HttpProtocol = http_protocol_class(trusted_proxies)
+    pool = _ConnectionPool(max_clients)
+    HttpProtocol = http_protocol_class(trusted_proxies, pool)
     stopping = stop_event()
     server = eventlet.spawn(
         eventlet.wsgi.server,
@@ -76,7 +79,7 @@ def run_worker(
         log=_AccessLog(),
         log_output=access_log,
         log_format=ACCESS_LOG_FORMAT,
-        custom_pool=_ConnectionPool(max_clients),
+        custom_pool=pool,
         socket_timeout=request_timeout,
         # eventlet's default (debug=True) sends the traceback as the body.
         debug=False,
@@ -98,7 +101,9 @@ def after_fork() -> None:
     sys.stdout.flush()
 
 
-def http_protocol_class(trusted_proxies: frozenset[str] = frozenset()) -> type:
+def http_protocol_class(
+    trusted_proxies: frozenset[str] = frozenset(), pool: Any = None
+) -> type:
     """The ``protocol`` class stargate gives :class:`eventlet.wsgi.Server`.
 
     Public so that servers built elsewhere (an application's own eventlet
@@ -108,7 +113,9 @@ def http_protocol_class(trusted_proxies: frozenset[str] = frozenset()) -> type:
     HTTP version, the hand-over of the connection's buffered bytes, and the
     session log. ``trusted_proxies`` (see
     :func:`stargate.factory.trusted_proxies`) are the
-    peers whose ``X-Forwarded-*`` headers are believed.
+    peers whose ``X-Forwarded-*`` headers are believed. ``pool``, the
+    server's :class:`_ConnectionPool` (``custom_pool``), lets a connection
+    handed to a new green thread keep its place in the pool.
     """
 
     class HttpProtocol(eventlet.wsgi.HttpProtocol):
@@ -137,6 +144,13 @@ def http_protocol_class(trusted_proxies: frozenset[str] = frozenset()) -> type:
                 super().handle_one_request()
             finally:
                 self._cancel_head_deadline()
+            environ = getattr(self, "environ", None)
+            if self.connection is _HANDED_OVER and environ is not None:
+                # The request's view may outlive it (a handler in a green
+                # thread of its own): its environ lets go of this protocol.
+                let_go_of_request(environ, "eventlet.set_idle")
+                if "eventlet.input" in environ:
+                    environ["eventlet.input"] = environ["wsgi.input"]
 
         def parse_request(self):
             try:
@@ -167,6 +181,7 @@ def http_protocol_class(trusted_proxies: frozenset[str] = frozenset()) -> type:
             environ[WEBSOCKET_OPENED_KEY] = (
                 logged_websocket if self.server.log_output else counted_websocket
             )
+            environ[HAND_OFF_KEY] = _hand_off
             return environ
 
         def _release_buffers(self):
@@ -194,6 +209,14 @@ def http_protocol_class(trusted_proxies: frozenset[str] = frozenset()) -> type:
                     pass
             self.headers = _HeaderPairs(self.environ.get("headers_raw", ()))
             return read_ahead_bytes
+
+    def _hand_off(function, *args):
+        """``environ[HAND_OFF_KEY]``: the connection goes on in a new green
+        thread, in the pool's count, while this request's ends."""
+        if pool is None:
+            eventlet.spawn_n(function, *args)
+        else:
+            pool.hand_off(function, args)
 
     return HttpProtocol
 
@@ -227,6 +250,22 @@ class _ConnectionPool(eventlet.GreenPool):
         links = _Links()
         self.spawn_n(links.run, function, args, kwargs)
         return links
+
+    def hand_off(self, function, args):
+        """Run ``function(*args)`` in a new green thread that holds a slot
+        of the pool until it returns: a connection whose request's green
+        thread ended still counts against ``max_clients``."""
+        # GreenPool counts free slots in its semaphore ``sem`` (a public
+        # attribute); it has no public way to take one for a green thread it
+        # did not spawn without blocking. Below zero, spawn waits.
+        self.sem.counter -= 1
+        eventlet.spawn_n(self._run_handed_off, function, args)
+
+    def _run_handed_off(self, function, args):
+        try:
+            function(*args)
+        finally:
+            self.sem.release()
 
 
 class _Links(list):
@@ -309,15 +348,16 @@ def serve_in_background(
 ) -> Background:
     """Serve ``app`` on the listening ``sock`` in a green thread, as a
     worker does (the generic 500 page, stargate's protocol class)."""
+    pool = _ConnectionPool(100_000)
     thread = eventlet.spawn(
         eventlet.wsgi.server,
         sock,
         GenericErrorPage(app),
-        protocol=http_protocol_class(),
+        protocol=http_protocol_class(pool=pool),
         log=_AccessLog(),
         log_output=log_output,
         log_format=ACCESS_LOG_FORMAT,
-        max_size=100_000,
+        custom_pool=pool,
         socket_timeout=request_timeout,
         debug=False,
     )

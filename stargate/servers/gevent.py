@@ -34,6 +34,7 @@ import gevent.pywsgi
 
 from stargate.environ_keys import (
     CLIENT_SOCKET_KEY,
+    HAND_OFF_KEY,
     RELEASE_BUFFERS_KEY,
     REQUEST_RFILE_KEY,
     TAKEN_OVER_KEY,
@@ -49,6 +50,7 @@ from stargate.factory import (
     believe_proxy,
     close_websockets,
     counted_websocket,
+    let_go_of_request,
     log,
     logged_websocket,
     read_ahead,
@@ -148,6 +150,10 @@ class Handler(gevent.pywsgi.WSGIHandler):
             return None  # close the connection, say nothing
         finally:
             self._cancel_deadline()
+        if self._handed_over and self.environ is not None:
+            # The request's view may outlive it (a handler in a greenlet of
+            # its own): its environ lets go of this handler.
+            let_go_of_request(self.environ, CLIENT_SOCKET_KEY, REQUEST_RFILE_KEY)
         if self._refused is not None and isinstance(result, tuple):
             return self._refused.response()
         return result
@@ -191,8 +197,26 @@ class Handler(gevent.pywsgi.WSGIHandler):
         environ[WEBSOCKET_OPENED_KEY] = (
             logged_websocket if server.log_output else counted_websocket
         )
+        environ[HAND_OFF_KEY] = self._hand_off
         self._handed_over = False
         return environ
+
+    def _hand_off(self, function: Any, *args: Any) -> None:
+        """``environ[HAND_OFF_KEY]``: the connection goes on in a new
+        greenlet, which takes this request's place in the server's pool (for
+        ``max_clients``, and ``stop()`` kills it as it kills requests)."""
+        thread = gevent.Greenlet(function, *args)
+        pool = self.server.pool
+        if isinstance(pool, gevent.pool.Pool):
+            # Out of the pool, then in: no switch in between, so no other
+            # connection takes the slot.
+            pool.discard(gevent.getcurrent())
+            try:
+                pool.start(thread, blocking=False)
+                return
+            except gevent.pool.PoolFull:
+                pass  # this greenlet was not the pool's: run it outside
+        thread.start()
 
     def _release_buffers(self) -> bytes:
         """Hand a connection that became a WebSocket over: return the bytes
