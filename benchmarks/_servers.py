@@ -15,8 +15,12 @@
     the same, but ``/listen`` is a ``keep_open`` view: its handler returns
     after ``add_listener()`` and the hub keeps the connection, with no green
     thread parked under the request.
-``stargate-gevent``, ``stargate-gevent-kept``
-    the same two on the gevent runtime, with stargate's gevent server.
+``stargate-own``
+    the same, but ``/listen``'s blocking handler has a green thread of its
+    own (``own_green_thread``): the request's green thread ends at the
+    upgrade.
+``stargate-gevent``, ``stargate-gevent-kept``, ``stargate-gevent-own``
+    the same three on the gevent runtime, with stargate's gevent server.
 ``gunicorn-gevent``
     the ``stargate`` app under gunicorn's gevent worker (``-k gevent``, the
     hooks of :mod:`stargate.gunicorn`), ``--workers`` gunicorn workers.
@@ -162,7 +166,7 @@ def run_broadcast(command, publish, sleep):
 # -- stargate -----------------------------------------------------------------
 
 
-def stargate_app(args, *, kept, sleep):
+def stargate_app(args, *, kept, sleep, own=False):
     """The Pyramid app every stargate kind serves (see the module's doc)."""
     from pyramid.config import Configurator
 
@@ -181,6 +185,9 @@ def stargate_app(args, *, kept, sleep):
             websocket.send("ready")
             while websocket.wait() is not None:
                 pass
+
+    class OwnListenView(ListenView):
+        own_green_thread = True  # the request's green thread ends
 
     class KeptListenView(WebSocketView):
         keep_open = True  # the view returns; the hub keeps the connection
@@ -208,7 +215,8 @@ def stargate_app(args, *, kept, sleep):
         config.include("stargate")
         config.add_route("listen", CHANNEL_PATH, factory=lambda request: root)
         config.add_route("control", "/control", factory=lambda request: root)
-        config.add_view(KeptListenView if kept else ListenView, route_name="listen")
+        listen = KeptListenView if kept else OwnListenView if own else ListenView
+        config.add_view(listen, route_name="listen")
         config.add_view(ControlView, route_name="control")
         return config.make_wsgi_app()
 
@@ -221,7 +229,9 @@ def serve_stargate(args):
     green.monkey_patch()
     from stargate.factory import serve
 
-    app = stargate_app(args, kept=kind.endswith("-kept"), sleep=green.sleep)
+    app = stargate_app(
+        args, kept=kind.endswith("-kept"), sleep=green.sleep, own=kind.endswith("-own")
+    )
     options = {"runtime": green.NAME} if green.NAME != "eventlet" else {}
     sock = listen_socket()
     if green.NAME == "eventlet":
@@ -435,6 +445,8 @@ SERVERS = {
     "stargate-kept": serve_stargate,
     "stargate-gevent": serve_stargate,
     "stargate-gevent-kept": serve_stargate,
+    "stargate-own": serve_stargate,
+    "stargate-gevent-own": serve_stargate,
     "gunicorn-gevent": serve_gunicorn,
     "websockets": serve_websockets,
     "eventlet": serve_eventlet,
