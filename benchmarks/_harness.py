@@ -439,6 +439,26 @@ def pyplot():
     return plt
 
 
+def count_axis(ax, counts, label):
+    """Make ``ax`` a figure against N: a log N axis with a tick at each N
+    measured (and no others), ``label`` under it, a y axis from 0, a grid."""
+    ax.set_xscale("log")
+    ax.set_xticks(counts)
+    ax.set_xticklabels([f"{n:,}" for n in counts], fontsize=7)
+    ax.minorticks_off()
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel(f"{label} (log scale)")
+    ax.grid(True, alpha=0.3)
+
+
+def save_small(fig, path):
+    """Write ``fig`` to ``path`` at 100 dpi (a few tens of KiB: the docs
+    keep the PNGs in git) and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+
+
 def rotate(items, shift):
     """``items`` rotated by ``shift``: the order of peers changes each round."""
     shift %= len(items)

@@ -14,9 +14,14 @@ shows the median over rounds.
     python -m benchmarks memory            # N = 1,000 and 10,000
     python -m benchmarks memory --quick    # N = 100
     python -m benchmarks memory --peers stargate,gunicorn-gevent,websockets
+    python -m benchmarks.memory --connections 500,1000,2000,5000,10000 \
+        --deflate no --plot memory.png
 
 ``--peers`` picks the servers (any kind of :mod:`benchmarks._servers`);
 every one is compared with ``websockets`` when it is among them.
+``--deflate no`` (or ``yes``) measures one kind of client only; ``--plot
+PATH`` also draws KiB per connection against N, one line per peer, which
+shows where the figure settles (and memory grows linearly with N).
 """
 
 import argparse
@@ -29,15 +34,24 @@ from benchmarks._harness import (
     DEFAULT_OUT,
     ClientPool,
     ServerProcess,
+    count_axis,
     print_table,
     pyplot,
     raise_nofile,
     ratio,
     rotate,
     run_phase,
+    save_small,
 )
 
 PEERS = ("stargate", "stargate-kept", "websockets", "eventlet")
+#: How the plot against N names the kinds that hold connections two ways.
+LABELS = {
+    "stargate": "stargate, blocking handler",
+    "stargate-kept": "stargate, keep_open",
+    "stargate-gevent": "stargate-gevent, blocking handler",
+    "stargate-gevent-kept": "stargate-gevent, keep_open",
+}
 TITLE = "memory: server RSS per idle connection"
 WARM = 10
 
@@ -57,7 +71,16 @@ def measure(peer, n, compress, settle=1.0):
     return {"per_conn": (after - before) / max(opened, 1), "open": opened}
 
 
-def run(counts, *, rounds, out, settle=1.0, compressions=(False, True), peers=PEERS):
+def run(
+    counts,
+    *,
+    rounds,
+    out,
+    settle=1.0,
+    compressions=(False, True),
+    peers=PEERS,
+    plot_path=None,
+):
     raise_nofile()
     samples = {}
     for r in range(rounds):
@@ -80,6 +103,8 @@ def run(counts, *, rounds, out, settle=1.0, compressions=(False, True), peers=PE
     with open(os.path.join(out, "memory.json"), "w") as f:
         json.dump(results, f, indent=1)
     plot(results, out, peers)
+    if plot_path:
+        plot_against_count(results, plot_path, peers, rounds=rounds)
     return results
 
 
@@ -126,6 +151,38 @@ def plot(results, out, peers=PEERS):
     plt.close(fig)
 
 
+def plot_against_count(results, path, peers=PEERS, *, rounds):
+    """KiB per idle connection against N (log N), one line per peer (dashed
+    with permessage-deflate), to ``path``: where the figure settles, memory
+    grows linearly with the connections."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    counts = sorted({r["n"] for r in results})
+    compressions = sorted({r["compress"] for r in results})
+    for i, peer in enumerate(peers):
+        for compress in compressions:
+            rows = sorted(
+                (r for r in results if r["compress"] == compress),
+                key=lambda r: r["n"],
+            )
+            ax.plot(
+                [r["n"] for r in rows],
+                [r[peer] / 1024 for r in rows],
+                "x--" if compress else "o-",
+                color=f"C{i}",
+                label=LABELS.get(peer, peer) + (", deflate" if compress else ""),
+            )
+    count_axis(ax, counts, "idle connections")
+    ax.set_ylabel("server RSS per idle connection (KiB)")
+    ax.set_title(
+        f"memory per idle connection, median of {rounds} round"
+        f"{'s' if rounds > 1 else ''}",
+        fontsize=10,
+    )
+    ax.legend(fontsize=8)
+    save_small(fig, path)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=TITLE)
     parser.add_argument("--quick", action="store_true", help="N = 100, one round")
@@ -143,7 +200,20 @@ def main(argv=None):
         default=PEERS,
         help="comma-separated server kinds (" + ",".join(PEERS) + ")",
     )
+    parser.add_argument(
+        "--deflate",
+        choices=["both", "no", "yes"],
+        default="both",
+        help="clients that offer permessage-deflate, that do not, or both (both)",
+    )
+    parser.add_argument(
+        "--plot",
+        default=None,
+        metavar="PATH",
+        help="also write a PNG of KiB per connection against N",
+    )
     args = parser.parse_args(argv)
+    compressions = {"both": (False, True), "no": (False,), "yes": (True,)}
     counts = args.connections or ([100] if args.quick else [1000, 10000])
     rounds = args.rounds or (1 if args.quick else 2)
     start = time.monotonic()
@@ -153,6 +223,8 @@ def main(argv=None):
         out=args.out,
         settle=0.3 if args.quick else 1.0,
         peers=args.peers,
+        compressions=compressions[args.deflate],
+        plot_path=args.plot,
     )
     print(f"\nmemory: done in {time.monotonic() - start:.0f} s; plots in {args.out}")
 

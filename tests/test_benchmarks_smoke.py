@@ -32,6 +32,10 @@ HEADERS = {
 }
 NEEDS_REDIS = {"fanout", "concurrency", "history", "channels", "redis-receive"}
 
+#: The benchmarks whose ``--plot PATH`` draws a figure of the docs, and the
+#: file each is given here.
+PLOTS = {"floor": "floor_cpu.png", "memory": "memory_per_connection.png"}
+
 
 def _have_redis():
     from stargate.testing.redis_server import RedisServerNotFound, find_redis_server
@@ -61,6 +65,7 @@ def runs(tmp_path_factory):
                     "--quick",
                     "--out",
                     str(out),
+                    *(["--plot", str(out / PLOTS[name])] if name in PLOTS else []),
                 ],
                 cwd=ROOT,
                 env=env,
@@ -108,3 +113,20 @@ def test_quick_benchmark_writes_its_plot(runs, name, plot):
     if name not in runs:
         pytest.skip("redis-server is not installed")
     assert (runs[name][2] / plot).stat().st_size > 0
+
+
+@pytest.mark.parametrize("name", sorted(PLOTS))
+def test_plot_option_writes_a_png(runs, name):
+    """The figures in docs/topics/performance.rst come from ``--plot``."""
+    from PIL import Image
+
+    code, output, out = runs[name]
+    assert code == 0, output[-3000:]
+    path = out / PLOTS[name]
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        image.verify()  # every chunk's CRC, to the end of the file
+    with Image.open(path) as image:
+        image.load()  # and it decodes
+        assert image.format == "PNG"
+        assert image.width >= 400 and image.height >= 300, image.size
