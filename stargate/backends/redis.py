@@ -39,11 +39,16 @@ its fields when the hub reports a new local count and every
 ``presence_ttl / 3`` seconds, all from one green thread that batches them
 in pipelines of ``PRESENCE_BATCH``, yielding between them so delivery goes
 on (joins and leaves never wait on Redis), and retries a write that
-failed. Readers sum the
-fields that have not expired and delete those that have, so a worker that
-died stops counting after at most ``presence_ttl`` seconds; the whole hash
-expires too when nobody refreshes it. One hash per channel keeps a read to a
-single key (no ``SCAN``), which also keeps it on one node of a cluster.
+failed. On a cluster the writes are grouped by the master that owns each
+key's slot, one pipeline per node (and per ``PRESENCE_BATCH``), so a
+heartbeat of thousands of channels is a few round trips, not one per
+channel; a write answered ``MOVED`` (a reshard) or sent to a node that is
+down (a failover) is retried once redis-py has corrected its slot map.
+Readers sum the fields that have not expired and delete those that have,
+so a worker that died stops counting after at most ``presence_ttl``
+seconds; the whole hash expires too when nobody refreshes it. One hash per
+channel keeps a read to a single key (no ``SCAN``), which also keeps it on
+one node of a cluster.
 
 URLs
 ----
@@ -66,8 +71,14 @@ import uuid
 from redis import BlockingConnectionPool, Redis
 from redis.backoff import EqualJitterBackoff, NoBackoff
 from redis.cluster import RedisCluster
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    RedisClusterException,
+    RedisError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -124,9 +135,6 @@ _SEQUENCE_HEADER = 1 + _SEQUENCE.size
 #: Publishing connections a process keeps between publishes (more, taken by
 #: concurrent publishes, go back to the pool).
 _IDLE_PUBLISHERS = 4
-
-#: Channels sent per SUBSCRIBE command when resubscribing.
-_SUBSCRIBE_BATCH = 500
 
 
 # Presence scripts. Values are "<count>:<expires at, ms on the Redis clock>".
@@ -390,13 +398,14 @@ class RedisBackend(Presence, Backend):
         """The name this process's connections carry in ``CLIENT LIST``."""
         return f"{self.prefix}client:{self.process_id}"
 
-    def _connect_client(self):
+    def _connect_client(self, **kwargs):
         return connect_client(
             self._client_url,
             cluster=self.cluster,
             max_connections=self.max_connections,
             socket_timeout=self.socket_timeout,
             client_name=self.client_name,
+            **kwargs,
         )
 
     def start(self, deliver):
@@ -617,8 +626,9 @@ class RedisBackend(Presence, Backend):
         """The hub reports this process's listener count on ``channel``.
 
         Recorded at once and written to Redis by the presence green thread
-        (batched, in one pipeline): joins, leaves and pruning never wait on
-        Redis. A write that fails is retried with backoff.
+        (batched in pipelines, one per node on a cluster): joins, leaves and
+        pruning never wait on Redis. A write that fails is retried with
+        backoff.
         """
         if count > 0:
             self._local_counts[channel] = count
@@ -630,36 +640,108 @@ class RedisBackend(Presence, Backend):
 
     def _write_counts(self, channels):
         """Write the current count of each of ``channels`` (0 removes this
-        process's entry): pipelines of ``PRESENCE_BATCH`` outside a cluster;
-        on a cluster, one call per channel (each key lives on its own node).
-        Yields between batches."""
+        process's entry) and return those that were not written, to retry.
+
+        Pipelines of at most ``PRESENCE_BATCH`` writes, yielding between
+        them; on a cluster, one pipeline per node that owns the keys' slots
+        (redis-py's cluster pipeline refuses EVALSHA, so each node's own
+        client gets one). A node that cannot be reached or answers
+        ``CLUSTERDOWN`` makes redis-py read the slot map again; a ``MOVED``
+        reply corrects it for that slot; a key being migrated (``ASK``) is
+        written at once through the cluster client, which follows the
+        redirection itself.
+        """
         ttl_ms = int(self.presence_ttl * 1000)
-        calls = [
-            (
-                [self._presence_key(channel)],
-                [self.process_id, int(self._local_counts.get(channel, 0)), ttl_ms],
-            )
-            for channel in channels
-        ]
+        failed = []
         if self.cluster:
-            # redis-py's cluster pipeline refuses EVALSHA (its
-            # PIPELINE_BLOCKED_COMMANDS), so a cluster gets one call each.
-            for i, (keys, args) in enumerate(calls, 1):
-                self._write_presence(keys=keys, args=args)
-                if i % PRESENCE_BATCH == 0:
-                    runtime.current().sleep(0)
-            return
-        for start in range(0, len(calls), PRESENCE_BATCH):
-            if start:
-                runtime.current().sleep(0)  # let the receiver deliver in between
-            with self._client.pipeline(transaction=False) as pipe:
-                for keys, args in calls[start : start + PRESENCE_BATCH]:
-                    self._write_presence(keys=keys, args=args, client=pipe)
-                pipe.execute()
+            groups = self._by_node(channels, failed)
+        else:
+            groups = [(None, self._client, list(channels))]
+        asked, refresh, first = [], None, True
+        for node, client, group in groups:
+            for start in range(0, len(group), PRESENCE_BATCH):
+                if not first:
+                    runtime.current().sleep(0)  # let the receiver deliver
+                first = False
+                batch = group[start : start + PRESENCE_BATCH]
+                try:
+                    with client.pipeline(transaction=False) as pipe:
+                        for channel in batch:
+                            self._write_presence(
+                                keys=[self._presence_key(channel)],
+                                args=self._presence_args(channel, ttl_ms),
+                                client=pipe,
+                            )
+                        replies = pipe.execute(raise_on_error=False)
+                except (RedisError, OSError) as exc:
+                    log.debug("writing presence to %s failed: %s", node, exc)
+                    failed += group[start:]
+                    refresh = refresh or node  # the node it could not reach
+                    break
+                for channel, reply in zip(batch, replies):
+                    if isinstance(reply, MovedError):
+                        # What redis-py does itself on MOVED; NodesManager
+                        # has no documented way to correct one slot.
+                        self._client.nodes_manager.move_slot(reply)
+                        failed.append(channel)
+                    elif isinstance(reply, AskError):
+                        asked.append(channel)
+                    elif isinstance(reply, Exception):
+                        log.debug("writing presence of %r failed: %s", channel, reply)
+                        failed.append(channel)
+                        if isinstance(reply, ClusterDownError):
+                            refresh = refresh or node
+        for channel in asked:
+            try:
+                self._write_presence(
+                    keys=[self._presence_key(channel)],
+                    args=self._presence_args(channel, ttl_ms),
+                )
+            except (RedisError, RedisClusterException, OSError) as exc:
+                log.debug("writing presence of %r failed: %s", channel, exc)
+                failed.append(channel)
+        if refresh is not None and self.cluster:
+            self._refresh_slots(refresh)
+        return failed
+
+    def _presence_args(self, channel, ttl_ms):
+        return [self.process_id, int(self._local_counts.get(channel, 0)), ttl_ms]
+
+    def _by_node(self, channels, unplaced):
+        """``[(node, its client, channels)]``: ``channels`` grouped by the
+        master that owns each one's presence key, as redis-py's slot map
+        has it; channels of a slot it has no owner for go to ``unplaced``."""
+        groups = {}
+        for channel in channels:
+            try:
+                node = self._client.get_node_from_key(self._presence_key(channel))
+            except RedisClusterException:  # SlotNotCoveredError
+                unplaced.append(channel)
+                continue
+            group = groups.get(node.name)
+            if group is None:
+                client = self._client.get_redis_connection(node)
+                group = groups[node.name] = (node, client, [])
+            group[2].append(channel)
+        return list(groups.values())
+
+    def _refresh_slots(self, failed_node):
+        """Have redis-py read the cluster's slot map again, as it does itself
+        after a connection error (``NodesManager.initialize``, which the
+        receiver uses too: there is no documented way), asking
+        ``failed_node`` last."""
+        name = getattr(failed_node, "name", None)
+        try:
+            self._client.nodes_manager.initialize(
+                disconnect_startup_nodes_pools=False, last_failed_node_name=name
+            )
+        except (RedisError, RedisClusterException, OSError) as exc:
+            log.debug("reading the cluster's slot map failed: %s", exc)
 
     def _presence_loop(self):
         """Write what changed as soon as it changes, and every count once
-        per ``presence_ttl / 3`` (the heartbeat), in batches."""
+        per ``presence_ttl / 3`` (the heartbeat), in batches; what was not
+        written is retried with backoff."""
         next_beat = time.monotonic() + self._heartbeat_interval
         attempt = 0
         while not self._stopping.ready():
@@ -676,11 +758,14 @@ class RedisBackend(Presence, Backend):
             if not batch:
                 continue
             try:
-                self._write_counts(sorted(batch))
-            except (RedisError, OSError) as exc:
-                self._dirty |= batch  # retried, with what is current then
+                failed = self._write_counts(sorted(batch))
+            except (RedisError, RedisClusterException, OSError) as exc:
+                log.debug("writing presence failed: %s", exc)
+                failed = batch
+            if failed:
+                self._dirty.update(failed)  # retried, with what is current then
                 self.stats["presence_failures"] += 1
-                log.debug("writing presence failed (%s); retrying", exc)
+                log.debug("%d presence writes failed; retrying", len(failed))
                 self._stopping.wait(backoff_delay(self.reconnect_backoff, attempt))
                 attempt += 1
             else:
@@ -703,7 +788,7 @@ class RedisBackend(Presence, Backend):
             others = self._read_presence(
                 keys=[self._presence_key(channel)], args=[self.process_id]
             )
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             log.warning(
                 "Redis at %s is unavailable (%s: %s): counting this process's "
                 "listeners only",
@@ -794,9 +879,12 @@ class RedisBackend(Presence, Backend):
             channels = sorted(set(self._local_counts) | self._dirty)
             self._local_counts.clear()
             try:
-                self._write_counts(channels)  # removes this process's entries
-            except (RedisError, OSError) as exc:
+                failed = self._write_counts(channels)  # removes our entries
+            except (RedisError, RedisClusterException, OSError) as exc:
+                failed = channels
                 log.debug("could not remove presence entries: %s", exc)
+            if failed:
+                log.debug("%d presence entries left to expire", len(failed))
         self._local_counts.clear()
         self._dirty.clear()
         self._client_close()

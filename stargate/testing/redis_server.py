@@ -267,7 +267,8 @@ class RedisCluster:
     up. ``url`` is a ``redis+cluster://`` URL for the first node; ``urls``
     and ``servers`` list them all (masters first, then the replicas of the
     first master, of the second...). For fault tests: :meth:`master_of`,
-    :meth:`move_slots`, :meth:`wait_for_failover`.
+    :meth:`move_slots`, :meth:`wait_for_failover`,
+    :meth:`wait_for_replicas`.
     """
 
     def __init__(
@@ -470,6 +471,33 @@ class RedisCluster:
                 pass
             if time.monotonic() > deadline:
                 raise RedisServerFailed(f"slot {slot} was not failed over in time")
+            time.sleep(0.05)
+
+    def wait_for_replicas(self, timeout=None):
+        """Wait until every running replica's link to its master is up: a
+        replica restarted a moment ago (after :meth:`wait_for_failover`, as
+        a replica of the new master) would refuse to take over while it has
+        never synced."""
+        deadline = time.monotonic() + (timeout or self.start_timeout)
+        while True:
+            linked = True
+            for server in self.servers:
+                if not server.running:
+                    continue
+                try:
+                    with server.client() as client:
+                        info = self._info(client, "replication")
+                except redis.RedisError:
+                    linked = False
+                    break
+                link = info.get("master_link_status", "up")  # "up" on a master
+                if link != "up":
+                    linked = False
+                    break
+            if linked:
+                return
+            if time.monotonic() > deadline:
+                raise RedisServerFailed("a replica did not sync with its master")
             time.sleep(0.05)
 
     def _state_ok(self, server):

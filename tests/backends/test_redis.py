@@ -10,10 +10,16 @@ import time
 import uuid
 
 import pytest
+from redis.connection import Connection
 from redis.crc import key_slot
 
 from stargate.backends import load_backend
-from stargate.backends.redis import RedisBackend, decode_message, encode_message
+from stargate.backends.redis import (
+    PRESENCE_BATCH,
+    RedisBackend,
+    decode_message,
+    encode_message,
+)
 from stargate.exceptions import BackendUnavailable, IncorrectlyConfigured
 from stargate.testing.redis_server import free_port
 from tests import green
@@ -447,6 +453,28 @@ class TestPresence:
         backend.set_local_count("room", 1)  # written later, never raised
 
 
+class CountingConnection(Connection):
+    """A redis-py connection that counts its packed writes: one per command
+    sent alone, one per pipeline (redis-py packs a pipeline's commands into
+    one ``send_packed_command``). Each write is a round trip here, since
+    every one waits for its replies before the next is sent."""
+
+    writes = 0
+
+    def send_packed_command(self, command, check_health=True):
+        CountingConnection.writes += 1
+        super().send_packed_command(command, check_health)
+
+
+class CountingBackend(RedisBackend):
+    """A backend whose publish-and-presence client uses
+    :class:`CountingConnection` (redis-py's public ``connection_class``); its
+    pub/sub connections are made apart and not counted."""
+
+    def _connect_client(self, **kwargs):
+        return super()._connect_client(connection_class=CountingConnection)
+
+
 class TestCluster:
     @staticmethod
     def channels_on_every_node(cluster, prefix):
@@ -491,3 +519,41 @@ class TestCluster:
             first.set_local_count(channel, 1)
             second.set_local_count(channel, 2)
             assert wait_until(lambda: first.listener_count(channel, 1) == 3)
+
+    def test_a_heartbeat_is_a_pipeline_per_node_not_a_call_per_channel(
+        self, redis_cluster, make_backend, prefix
+    ):
+        """Issue 15: 600 channels over 3 masters are refreshed in a handful
+        of round trips per heartbeat, not 600.
+
+        Round trips are counted as the packed writes the worker's client
+        sends (:class:`CountingConnection`): a pipeline is one, a command
+        sent alone is one. From one observed heartbeat to the next but one,
+        at most 3 heartbeats ran (two of them perhaps in part); each is at
+        most ``600 / PRESENCE_BATCH + 3`` pipelines (a node's share rounds up
+        to whole batches), each with redis-py's ``SCRIPT EXISTS`` check in
+        front. One call per channel made it 600 per heartbeat.
+        """
+        channels = [f"room{i}" for i in range(600)]
+        masters = 3
+        worker = CountingBackend(
+            redis_cluster.url, prefix=prefix, presence_ttl=1.5, **FAST
+        )
+        try:
+            worker.start(Collector())
+            peer = make_backend(redis_cluster.url)
+            peer.start(Collector())
+            for channel in channels:
+                worker.set_local_count(channel, 2)
+            assert wait_until(
+                lambda: all(peer.listener_count(c, 0) == 2 for c in channels)
+            )
+            first = worker.stats["heartbeats"]
+            CountingConnection.writes = 0
+            assert wait_until(lambda: worker.stats["heartbeats"] >= first + 2)
+            writes = CountingConnection.writes
+            pipelines = len(channels) // PRESENCE_BATCH + masters
+            assert 0 < writes <= 3 * 2 * pipelines, writes
+            assert all(peer.listener_count(c, 0) == 2 for c in channels)
+        finally:
+            worker.close()

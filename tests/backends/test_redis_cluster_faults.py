@@ -181,3 +181,159 @@ def test_one_master_down_affects_only_its_slots_until_failover(cluster, run):
     for c in on_victim:
         r.account(c)
         assert r.gaps[c] >= 1, c
+
+
+class Presence:
+    """A worker that keeps listener counts on ``channels`` and a peer that
+    reads them (another process's view: ``listener_count`` with no local
+    listeners of its own)."""
+
+    def __init__(self, url, channels, **options):
+        prefix = f"presence-{uuid.uuid4().hex[:8]}:"
+        options = {**FAST, "presence_ttl": 3.0, **options}
+        self.worker = RedisBackend(url, prefix=prefix, **options)
+        self.peer = RedisBackend(url, prefix=prefix, **options)
+        self.worker.start(lambda *args: None)
+        self.peer.start(lambda *args: None)
+        self.channels = channels
+        self.truth = {}
+
+    def set(self, counts):
+        for channel, count in counts.items():
+            self.worker.set_local_count(channel, count)
+            self.truth[channel] = count
+
+    def agrees(self):
+        return all(
+            self.peer.listener_count(channel, 0) == count
+            for channel, count in self.truth.items()
+        )
+
+    def slot(self, channel):
+        return key_slot(f"{self.worker.prefix}presence:{channel}".encode())
+
+    def close(self):
+        self.worker.close()
+        self.peer.close()
+
+
+def masters(cluster):
+    """The running nodes that are masters now (a failover test before may
+    have made a replica of one of the first three)."""
+    found = []
+    for server in cluster.servers:
+        if server.running:
+            with server.client() as client:
+                if client.info("replication")["role"] == "master":
+                    found.append(server)
+    return found
+
+
+@pytest.fixture
+def presence(cluster):
+    made = []
+
+    def make(channels, url=None, **options):
+        made.append(Presence(url or cluster.url, channels, **options))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.close()
+
+
+def test_presence_follows_a_moved_slot(cluster, presence):
+    """Issue 15: the worker's counts are pipelined per node as its slot map
+    has it; after a reshard its writes to moved slots get ``MOVED``, go
+    back to the retry path and land on the new owner."""
+    p = presence([f"room{i}" for i in range(30)])
+    p.set({c: 1 for c in p.channels})
+    assert wait_until(p.agrees, timeout=DEADLINE)
+    source = cluster.master_of(p.slot(p.channels[0]))
+    target = next(s for s in masters(cluster) if s is not source)
+    moved = [c for c in p.channels if cluster.master_of(p.slot(c)) is source]
+    failures = p.worker.stats["presence_failures"]
+    cluster.move_slots(sorted({p.slot(c) for c in moved}), target)
+    p.set({c: i + 2 for i, c in enumerate(p.channels)})
+    assert wait_until(p.agrees, timeout=DEADLINE)
+    # The worker's map was stale: its first writes there were redirected.
+    assert p.worker.stats["presence_failures"] > failures
+    # ...and the map is right now: the next heartbeat writes without one.
+    failures = p.worker.stats["presence_failures"]
+    beats = p.worker.stats["heartbeats"]
+    assert wait_until(lambda: p.worker.stats["heartbeats"] >= beats + 2)
+    assert p.worker.stats["presence_failures"] == failures
+    assert p.agrees()
+
+
+def test_presence_of_a_slot_being_migrated(cluster, presence):
+    """A count whose key is in a slot half-way through a migration, and not
+    yet on the importing node, is answered ``ASK`` by the old owner; the
+    worker writes it on the importing node (redis-py sends ``ASKING``)."""
+    p = presence([])
+    channel = "migrating"
+    slot = p.slot(channel)
+    source = cluster.master_of(slot)
+    target = next(s for s in masters(cluster) if s is not source)
+    with source.client() as src, target.client() as dest:
+        source_id = src.execute_command("CLUSTER MYID").decode()
+        target_id = dest.execute_command("CLUSTER MYID").decode()
+        dest.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
+        src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id)
+    try:
+        p.set({channel: 4})
+        assert wait_until(p.agrees, timeout=DEADLINE)
+        with target.client() as dest:
+            assert dest.execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 1
+    finally:
+        cluster.move_slots([slot], target)  # finish the migration
+    p.set({channel: 5})
+    assert wait_until(p.agrees, timeout=DEADLINE)
+
+
+@pytest.mark.timeout(180)
+def test_presence_survives_a_master_failover(cluster, presence):
+    """Issue 15: a master killed; the counts on it (changed while it is
+    down) reach its replica once that takes over, and the others are
+    written meanwhile, by the same per-node pipelines."""
+    # A replica restarted by the test before must have synced to take over.
+    cluster.wait_for_replicas(timeout=DEADLINE)
+    p = presence([f"seat{i}" for i in range(30)])
+    p.set({c: 1 for c in p.channels})
+    assert wait_until(p.agrees, timeout=DEADLINE)
+    victim = cluster.master_of(p.slot(p.channels[0]))
+    on_victim = [c for c in p.channels if cluster.master_of(p.slot(c)) is victim]
+    healthy = [c for c in p.channels if c not in on_victim]
+    assert on_victim and healthy
+    failures = p.worker.stats["presence_failures"]
+    victim.kill()
+    p.set({c: i + 2 for i, c in enumerate(p.channels)})
+    # The healthy masters' counts do not wait for the failover.
+    assert wait_until(
+        lambda: all(p.peer.listener_count(c, 0) == p.truth[c] for c in healthy),
+        timeout=DEADLINE,
+    )
+    cluster.wait_for_failover(p.slot(on_victim[0]), victim, timeout=DEADLINE)
+    assert wait_until(p.agrees, timeout=DEADLINE)
+    assert p.worker.stats["presence_failures"] > failures
+    victim.restart()  # back, as a replica of the new master
+
+
+def test_presence_outlives_the_whole_cluster_being_down(presence):
+    """A cluster with no node reachable makes redis-py raise
+    ``RedisClusterException``, which is not a ``RedisError``: counting
+    falls back to the local count and the presence thread keeps retrying
+    (it used to end, and no count was written again)."""
+    with RedisCluster(masters=1) as lone:
+        p = presence(["hall"], url=lone.url)
+        p.set({"hall": 2})
+        assert wait_until(p.agrees, timeout=DEADLINE)
+        server = lone.servers[0]
+        server.kill()
+        assert p.peer.listener_count("hall", 1) == 1
+        p.set({"hall": 3})
+        assert wait_until(
+            lambda: p.worker.stats["presence_failures"] >= 1, timeout=DEADLINE
+        )
+        server.restart()
+        assert wait_until(p.agrees, timeout=DEADLINE)
