@@ -18,6 +18,7 @@ those collections cost delivery.
     python -m benchmarks channels            # N = 4,000 against 10; 15 s each
     python -m benchmarks channels --quick    # N = 400 against 10; 3 s each
     python -m benchmarks channels --backend streams -n 10000
+    python -m benchmarks channels --backend cluster
 
 ``--backend streams`` runs the same on ``redis+streams://``, which keeps no
 presence: its periodic work is the read of every subscribed channel's head
@@ -25,6 +26,14 @@ once per ``block`` seconds (``--block``, 1 s here against 10 s by default),
 and a notification per message followed by an ``XREAD`` of the channels
 that were notified. It shows whether reading grows with subscribed channels
 or only with active ones.
+
+``--backend cluster`` runs the pub/sub backend on a private 3-master
+cluster (``redis+cluster://``, sharded pub/sub), where each heartbeat
+writes the counts grouped by the master that owns each key. With presence
+(redis and cluster), each row also gives the longest heartbeat: the
+presence green thread's wall time to write every channel's count
+(delivery goes on between its round trips) and the most round trips one
+took.
 """
 
 import argparse
@@ -46,7 +55,7 @@ from benchmarks._harness import (
 )
 
 TITLE = "channels: delivery latency with many channels subscribed"
-BACKENDS = ("redis", "streams")
+BACKENDS = ("redis", "streams", "cluster")
 BLOCK = 1.0
 BUSY = "/c0"
 PRESENCE_TTL = 3.0
@@ -79,9 +88,20 @@ def listen(
 
     eventlet.monkey_patch()
     import eventlet.event
-    import redis
+    from redis.connection import Connection
 
+    from stargate.backends.redis import connect_client
     from stargate.hub import Hub
+
+    class Counted(Connection):
+        """Counts round trips: packed writes, one per command sent alone
+        and one per pipeline."""
+
+        writes = 0
+
+        def send_packed_command(self, command, check_health=True):
+            Counted.writes += 1
+            super().send_packed_command(command, check_health)
 
     class Recorder:
         """The busy channel's listener: latency of each message."""
@@ -105,6 +125,31 @@ def listen(
             pass
 
     backend = _backend(kind, url, n, presence_ttl, block)
+    beats = []
+    if kind != "streams":
+        # Measured from outside, through the backend's private parts: its
+        # client, made the way it makes it but counting round trips, and
+        # the wall time and round trips of each write of every channel's
+        # count (a heartbeat).
+        backend._client = connect_client(
+            backend._client_url,
+            cluster=backend.cluster,
+            max_connections=backend.max_connections,
+            socket_timeout=backend.socket_timeout,
+            client_name=backend.client_name,
+            connection_class=Counted,
+        )
+        write_counts = backend._write_counts
+
+        def timed_write_counts(channels):
+            begin, writes = time.monotonic(), Counted.writes
+            try:
+                return write_counts(channels)
+            finally:
+                if len(channels) >= n:
+                    beats.append((time.monotonic() - begin, Counted.writes - writes))
+
+        backend._write_counts = timed_write_counts
     hub = Hub(backend)
     recorder = Recorder()
     start = time.monotonic()
@@ -114,14 +159,14 @@ def listen(
     for i in range(1, n):
         pool.spawn_n(hub.add, f"/c{i}", quiet)
     pool.waitall()
-    client = redis.Redis.from_url(url, socket_timeout=5)
     deadline = time.monotonic() + 120
-    while len(client.pubsub_channels(f"{_prefix(n)}*")) < n:
+    while _subscribed(url, f"{_prefix(n)}*") < n:
         if time.monotonic() > deadline:
             raise SystemExit(f"{n} channels not subscribed within 120 s")
         eventlet.sleep(0.05)
     subscribed = time.monotonic() - start
     heartbeats = backend.stats.get("heartbeats", 0)
+    del beats[:]
     if freeze:
         # What is alive now (the channels' objects) is left out of every
         # later collection: CPython's full collections walk every tracked
@@ -137,10 +182,28 @@ def listen(
         "presence_failures": backend.stats.get("presence_failures", 0),
         "kind": kind,
         "latencies": recorder.latencies,
+        "beat_max": max((t for t, _ in beats), default=float("nan")),
+        "beat_trips": max((w for _, w in beats), default=0),
     }
     print(json.dumps(result), flush=True)
-    client.close()
     hub.close()
+
+
+def _subscribed(url, pattern):
+    """Channels matching ``pattern`` that Redis has subscribers for, on a
+    server or on every master of a cluster (sharded channels)."""
+    import redis
+    from redis.cluster import RedisCluster
+
+    if "+cluster://" not in url:
+        with redis.Redis.from_url(url, socket_timeout=5) as client:
+            return len(client.pubsub_channels(pattern))
+    url = url.replace("+cluster://", "://")
+    with RedisCluster.from_url(url, socket_timeout=5) as client:
+        return sum(
+            len(node.redis_connection.pubsub_shardchannels(pattern))
+            for node in client.get_primaries()
+        )
 
 
 # -- the publisher (a child process) ------------------------------------------
@@ -218,14 +281,12 @@ def measure(
 def run(
     sizes, rate, seconds, out, presence_ttl=PRESENCE_TTL, kind="redis", block=BLOCK
 ):
-    from stargate.testing.redis_server import RedisServer
+    from stargate.testing.redis_server import RedisCluster, RedisServer
 
     raise_nofile()
-    with RedisServer() as redis_server:
+    with RedisCluster() if kind == "cluster" else RedisServer() as server:
         results = [
-            measure(
-                redis_server.url, n, rate, seconds, presence_ttl, freeze, kind, block
-            )
+            measure(server.url, n, rate, seconds, presence_ttl, freeze, kind, block)
             for n, freeze in sizes
         ]
     report(results, rate, seconds, presence_ttl, kind, block)
@@ -237,8 +298,10 @@ def run(
 
 def report(results, rate, seconds, presence_ttl, kind="redis", block=BLOCK):
     peer = results[0]
-    columns = ["channels", "subscribe s", "received", "heartbeats", "p50 ms"]
-    columns += ["p99 ms", "p99.9 ms", "max ms", f">{SLOW * 1e3:.0f} ms"]
+    columns = ["channels", "subscribe s", "received", "heartbeats"]
+    if kind != "streams":
+        columns += ["beat ms", "beat trips"]
+    columns += ["p50 ms", "p99 ms", "p99.9 ms", "max ms", f">{SLOW * 1e3:.0f} ms"]
     columns += ["p99 /peer", "max /peer"]
     rows = [
         [
@@ -246,6 +309,8 @@ def report(results, rate, seconds, presence_ttl, kind="redis", block=BLOCK):
             f"{r['subscribe_s']:.2f}",
             f"{r['received']:,}/{r['expected']:,}",
             r["heartbeats"],
+            *([] if kind == "streams" else [fmt_ms(r["beat_max"])]),
+            *([] if kind == "streams" else [f"{r['beat_trips']:,}"]),
             fmt_ms(r["p50"]),
             fmt_ms(r["p99"]),
             fmt_ms(r["p999"]),
@@ -259,8 +324,12 @@ def report(results, rate, seconds, presence_ttl, kind="redis", block=BLOCK):
     if kind == "streams":
         periodic = f"every channel's head read every {block:g} s"
     else:
-        periodic = f"presence heartbeat every {presence_ttl / 3:g} s"
-    scheme = "redis+streams://" if kind == "streams" else "redis://"
+        periodic = (
+            f"presence heartbeat every {presence_ttl / 3:g} s (beat: the "
+            "longest, its time and round trips)"
+        )
+    schemes = {"streams": "redis+streams://", "cluster": "3-master redis+cluster://"}
+    scheme = schemes.get(kind, "redis://")
     print_table(
         f"{TITLE} ({scheme}): {rate}/s on one channel for {seconds} s, {periodic}",
         columns,
