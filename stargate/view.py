@@ -242,8 +242,9 @@ class WebSocketView:
         With ``own_green_thread``, on stargate's own server, when only
         Pyramid's router (no tween, WSGI middleware, view decorator or
         ``NewResponse`` subscriber, which would see the view return) lies
-        between the server and the view, the handler runs in a new green
-        thread and the request's returns at once: a parked connection then
+        between the server and the view (otherwise a WARNING of
+        ``stargate.view`` names what stands in the way, once), the handler
+        runs in a new green thread and the request's returns at once: a parked connection then
         holds a shallow stack instead of the server's, router's and view's
         frames (14 KiB less). The handler gets the same request, with
         ``get_current_request()``, ``get_current_registry()``, its
@@ -284,13 +285,16 @@ class WebSocketView:
         """``environ[HAND_OFF_KEY]`` if the handler may run in a green thread
         of its own: nothing the application added between the server and
         ``frame`` (:meth:`handle_websocket`'s) would see the view return
-        before the handler does."""
+        before the handler does. Otherwise ``None``, and the reason is
+        logged once per view class: the application asked for the thread."""
         if not getattr(self, "_handed_over", False):
-            return None  # the server keeps the socket for the request's life
+            return self._stays("the server keeps the socket for the request")
         request = self.request
         hand_off = request.environ.get(HAND_OFF_KEY)
-        if hand_off is None or _observes_responses(request.registry):
-            return None
+        if hand_off is None:
+            return self._stays("the server cannot start the handler's thread")
+        if _observes_responses(request.registry):
+            return self._stays("a NewResponse subscriber would see the view return")
         caller = frame.f_back if frame is not None else None
         while caller is not None:
             module = caller.f_globals.get("__name__", "")
@@ -300,8 +304,26 @@ class WebSocketView:
                 module.startswith(_ROUTER_MODULES)
                 or _passes_through(caller, request.environ)
             ):
-                return None  # a tween, middleware or an override of ours
+                return self._stays(
+                    f"{module}.{caller.f_code.co_name} (a tween, WSGI "
+                    "middleware or view decorator) lies between the server and "
+                    "the view and would see it return"
+                )
             caller = caller.f_back
+        return self._stays("the view was not called by stargate's server")
+
+    def _stays(self, reason):
+        """Say once per view class and reason why its handler stays in the
+        request's green thread (``own_green_thread`` asked for its own)."""
+        cls = type(self)
+        if (cls, reason) not in _STAYING:
+            _STAYING.add((cls, reason))
+            log.warning(
+                "%s.own_green_thread: the handler runs in the request's green "
+                "thread: %s",
+                cls.__qualname__,
+                reason,
+            )
         return None
 
     def _handed_off(self, websocket, hand_off):
@@ -466,6 +488,9 @@ _ROUTER_MODULES = (
     "eventlet.wsgi",
     "gevent.pywsgi",
 )
+
+#: ``(view class, reason)`` for each ``own_green_thread`` declined and logged.
+_STAYING: set[tuple[type, str]] = set()
 
 #: Where the walk up from the view ends: stargate's servers.
 _SERVER_MODULES = ("stargate.servers.",)

@@ -235,12 +235,19 @@ def test_pyramid_tm_lets_the_handler_have_its_own_green_thread():
 
 
 @pytest.mark.parametrize(
-    "option, seen_before_the_handler_ends",
-    [("tween", "tween returned"), ("new_response", "new response")],
+    "option, seen_before_the_handler_ends, why",
+    [
+        ("tween", "tween returned", "tests.test_handed_off.tween (a tween"),
+        ("new_response", "new response", "a NewResponse subscriber"),
+    ],
 )
 def test_what_would_see_the_view_return_keeps_the_handler_in_the_request(
-    option, seen_before_the_handler_ends
+    option, seen_before_the_handler_ends, why, caplog
 ):
+    """A tween or a NewResponse subscriber keeps the handler in the
+    request's green thread; the view asked for one of its own, so it says
+    why, once, however many connections follow."""
+    caplog.set_level(logging.WARNING, logger="stargate.view")
     EVENTS.clear()
     with LiveServer(make_app(**{option: True})) as live:
         with connect(live.ws_url("/report"), ping_interval=None) as client:
@@ -249,8 +256,14 @@ def test_what_would_see_the_view_return_keeps_the_handler_in_the_request(
         assert wait_until(
             lambda: seen_before_the_handler_ends in EVENTS, CLIENT_TIMEOUT
         ), EVENTS
+        with connect(live.ws_url("/report"), ping_interval=None) as client:
+            report(client)
     ended = EVENTS.index("handler ended")
     assert ended < EVENTS.index(seen_before_the_handler_ends)
+    warnings = [r.getMessage() for r in caplog.records if "own_green_thread" in r.msg]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("Report.own_green_thread: the handler runs in")
+    assert why in warnings[0]
 
 
 def handler_worker(port, marker, *args):
