@@ -200,6 +200,11 @@ class Settings:
     history_size: int = 0
     #: Seconds a channel's history is kept after its last message.
     history_ttl: float = 3600.0
+    #: Run blocking handlers in a green thread of their own (on stargate's
+    #: server), where the request's ends at the upgrade: about half the
+    #: memory per parked connection. Views override it with their
+    #: ``own_green_thread`` attribute.
+    own_green_thread: bool = False
     #: Keyword options for the backend, from ``stargate.backend.<name>``.
     backend_options: dict = dataclasses.field(default_factory=dict)
 
@@ -233,6 +238,7 @@ _COERCE: dict[str, Callable[[Any], Any]] = {
     "max_connections": _count,
     "history_size": _count,
     "history_ttl": as_seconds,
+    "own_green_thread": as_bool,
 }
 
 

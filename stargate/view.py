@@ -106,8 +106,9 @@ class WebSocketView:
         What the client sends goes to ``websocket.on_message`` (ignored
         when unset).
     ``own_green_thread``
-        ``False`` (the default): :meth:`handler` runs in the request's green
-        thread, under the server, the router and the tweens. ``True``: on
+        ``False``: :meth:`handler` runs in the request's green thread,
+        under the server, the router and the tweens (the default: the
+        ``stargate.own_green_thread`` setting is false). ``True``: on
         stargate's own server it runs in a green thread of its own and the
         request's ends, which halves what a parked connection costs (see
         :meth:`handle_websocket`). The one difference a handler can see: a
@@ -119,7 +120,7 @@ class WebSocketView:
     allowed_origins = None
     max_message_size = None
     keep_open = False
-    own_green_thread = False
+    own_green_thread: bool | None = None
 
     def __init__(self, request):
         self.request = request
@@ -244,9 +245,9 @@ class WebSocketView:
         ``NewResponse`` subscriber, which would see the view return) lies
         between the server and the view (otherwise a WARNING of
         ``stargate.view`` names what stands in the way, once), the handler
-        runs in a new green thread and the request's returns at once: a parked connection then
-        holds a shallow stack instead of the server's, router's and view's
-        frames (14 KiB less). The handler gets the same request, with
+        runs in a new green thread and the request's returns at once: a
+        parked connection then holds a shallow stack instead of the
+        server's, router's and view's frames (14 KiB less). The handler gets the same request, with
         ``get_current_request()``, ``get_current_registry()``, its
         ``context`` and the request's context variables; the request's
         response and finished callbacks run after it returns, in order; the
@@ -259,7 +260,10 @@ class WebSocketView:
             websocket.add_close_callback(_connection_ended)
             self._run_handler(websocket)
             return self._leave_open(websocket)
-        hand_off = self.own_green_thread and self._hand_off(inspect.currentframe())
+        own = self.own_green_thread
+        if own is None:
+            own = self.settings.own_green_thread
+        hand_off = own and self._hand_off(inspect.currentframe())
         if hand_off:
             return self._handed_off(websocket, hand_off)
         try:

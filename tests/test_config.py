@@ -216,6 +216,7 @@ def test_booleans_take_the_usual_words(value, expected):
     "key, value, allowed",
     [
         ("stargate.compression", "flase", "true or false"),
+        ("stargate.own_green_thread", "sure", "true or false"),
         ("stargate.ping_timeout", "abc", "positive number of seconds"),
         ("stargate.ping_interval", "nan", "positive number of seconds, or 'off'"),
         ("stargate.close_timeout", "-1", "positive number of seconds"),

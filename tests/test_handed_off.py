@@ -93,11 +93,15 @@ class Fails(WebSocketView):
 
 
 class Default(Report):
+    own_green_thread = None  # the stargate.own_green_thread setting's
+
+
+class Declines(Report):
     own_green_thread = False
 
 
-def make_app(tween=False, new_response=False):
-    with Configurator(root_factory=root_factory) as config:
+def make_app(tween=False, new_response=False, settings=None):
+    with Configurator(root_factory=root_factory, settings=settings) as config:
         config.include("stargate")
         config.add_route("report", "/report")
         config.add_view(Report, route_name="report")
@@ -105,6 +109,8 @@ def make_app(tween=False, new_response=False):
         config.add_view(Fails, route_name="fails")
         config.add_route("default", "/default")
         config.add_view(Default, route_name="default")
+        config.add_route("declines", "/declines")
+        config.add_view(Declines, route_name="declines")
         if tween:
             config.add_tween("tests.test_handed_off.recording_tween")
         if new_response:
@@ -206,6 +212,18 @@ def test_by_default_the_handler_runs_in_the_requests_green_thread(live):
     with connect(live.ws_url("/default"), ping_interval=None) as client:
         assert report(client)["current_request"]
         assert request_green_threads() == 1
+
+
+def test_the_setting_gives_it_to_every_view_that_does_not_decline():
+    EVENTS.clear()
+    app = make_app(settings={"stargate.own_green_thread": "true"})
+    with LiveServer(app) as live:
+        with connect(live.ws_url("/default"), ping_interval=None) as client:
+            assert report(client)["current_request"]
+            assert request_green_threads() == 0
+        with connect(live.ws_url("/declines"), ping_interval=None) as client:
+            assert report(client)["current_request"]
+            assert request_green_threads() == 1
 
 
 def test_pyramid_tm_lets_the_handler_have_its_own_green_thread():
