@@ -247,12 +247,13 @@ class WebSocketView:
         ``stargate.view`` names what stands in the way, once), the handler
         runs in a new green thread and the request's returns at once: a
         parked connection then holds a shallow stack instead of the
-        server's, router's and view's frames (14 KiB less). The handler gets the same request, with
-        ``get_current_request()``, ``get_current_registry()``, its
-        ``context`` and the request's context variables; the request's
-        response and finished callbacks run after it returns, in order; the
-        connection keeps its place in the server's ``max_clients``, and a
-        stopping worker waits for the handler (within ``shutdown_timeout``).
+        server's, router's and view's frames (14 KiB less). The handler gets the
+        same request, with ``get_current_request()``,
+        ``get_current_registry()``, its ``context`` and the request's context
+        variables; the request's response and finished callbacks run after it
+        returns, in order; the connection keeps its place in the server's
+        ``max_clients``, and a stopping worker waits for the handler (within
+        ``shutdown_timeout``).
         """
         global _open_connections
         _open_connections += 1
