@@ -108,7 +108,14 @@ def make_message(seq, size, binary):
 
 
 def listen_socket():
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    """The listening socket every kind serves on, made as
+    ``socket.create_server`` or ``websockets.serve(host, port)`` would make
+    it: with ``IPPROTO_TCP`` as its protocol, which the accepted sockets
+    inherit and asyncio needs to set ``TCP_NODELAY`` on them (a socket of
+    protocol 0 is left with Nagle's algorithm on: the relay then held
+    small frames for the listener's delayed ACK, 40 ms stalls that
+    stargate, which sets ``TCP_NODELAY`` itself, never had)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(4096)
