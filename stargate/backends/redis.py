@@ -75,6 +75,7 @@ from redis.exceptions import (
     AskError,
     ClusterDownError,
     MovedError,
+    NoScriptError,
     RedisClusterException,
     RedisError,
 )
@@ -665,14 +666,7 @@ class RedisBackend(Presence, Backend):
                 first = False
                 batch = group[start : start + PRESENCE_BATCH]
                 try:
-                    with client.pipeline(transaction=False) as pipe:
-                        for channel in batch:
-                            self._write_presence(
-                                keys=[self._presence_key(channel)],
-                                args=self._presence_args(channel, ttl_ms),
-                                client=pipe,
-                            )
-                        replies = pipe.execute(raise_on_error=False)
+                    replies = self._pipelined_writes(client, batch, ttl_ms)
                 except (RedisError, OSError) as exc:
                     log.debug("writing presence to %s failed: %s", node, exc)
                     failed += group[start:]
@@ -703,6 +697,31 @@ class RedisBackend(Presence, Backend):
         if refresh is not None and self.cluster:
             self._refresh_slots(refresh)
         return failed
+
+    def _pipelined_writes(self, client, batch, ttl_ms):
+        """The replies to the writes of ``batch``, one pipeline on ``client``.
+
+        EVALSHA alone: a ``Script`` run in a pipeline makes redis-py send
+        ``SCRIPT EXISTS`` first, one more round trip per pipeline. A server
+        without the script (restarted, or a replica that took over) answers
+        ``NOSCRIPT``: it is loaded there and those writes go again.
+        """
+        replies = self._evalsha_pipeline(client, batch, ttl_ms)
+        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if missing:
+            client.script_load(_PRESENCE_WRITE)
+            again = self._evalsha_pipeline(client, [batch[i] for i in missing], ttl_ms)
+            for i, reply in zip(missing, again):
+                replies[i] = reply
+        return replies
+
+    def _evalsha_pipeline(self, client, batch, ttl_ms):
+        sha = self._write_presence.sha
+        with client.pipeline(transaction=False) as pipe:
+            for channel in batch:
+                key = self._presence_key(channel)
+                pipe.evalsha(sha, 1, key, *self._presence_args(channel, ttl_ms))
+            return pipe.execute(raise_on_error=False)
 
     def _presence_args(self, channel, ttl_ms):
         return [self.process_id, int(self._local_counts.get(channel, 0)), ttl_ms]
