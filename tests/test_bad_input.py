@@ -819,9 +819,7 @@ def test_hixie76_headers_with_only_rfc6455_enabled_get_426_without_waiting():
     # With stargate.protocols = 13 the server used to wait (up to
     # handshake_timeout, here 60 s) for hixie-76's 8 key bytes before
     # refusing the draft; the refusal needs none of them.
-    app = make_app(
-        **{"stargate.protocols": "13", "stargate.handshake_timeout": "60"}
-    )
+    app = make_app(**{"stargate.protocols": "13", "stargate.handshake_timeout": "60"})
     with LiveServer(app) as live:
         reaction, data = react(live.port, hixie76(key3=b""), upgraded=False)
         check_http(reaction, Http(426, "13"), data)

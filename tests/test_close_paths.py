@@ -174,9 +174,10 @@ def test_an_upgrade_completed_during_shutdown_gets_1001(tmp_path):
     try:
         # A never answers the close frame, so the worker waits for it (up to
         # the ini's shutdown_timeout of 10 s) after the sweep.
-        with RawClient(server.port, "/echo") as held, RawClient(
-            server.port, "/echo", hold_back=True
-        ) as late:
+        with (
+            RawClient(server.port, "/echo") as held,
+            RawClient(server.port, "/echo", hold_back=True) as late,
+        ):
             assert held.status == b"HTTP/1.1 101 Switching Protocols"
             server.signal(signal.SIGTERM)
             assert held.close_code() == 1001  # the sweep has run
@@ -185,4 +186,3 @@ def test_an_upgrade_completed_during_shutdown_gets_1001(tmp_path):
             assert late.close_code(timeout=8.0) == 1001
     finally:
         server.stop(timeout=STOP_TIMEOUT + 10)
-

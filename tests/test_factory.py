@@ -118,7 +118,7 @@ class TestPserve:
             assert ws.recv(timeout=10) == "logged"
         wait_until(
             lambda: any(
-                "203.0.113.7,127.0.0.1 \"GET /echo" in line
+                '203.0.113.7,127.0.0.1 "GET /echo' in line
                 for line in pserved.output.splitlines()
             ),
             10,

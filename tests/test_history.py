@@ -449,9 +449,7 @@ def workers(redis_server, tmp_path):
 def worker_connections(server, process_id):
     """How many connections a worker has open (found by their name)."""
     with server.client() as r:
-        return sum(
-            process_id in client.get("name", "") for client in r.client_list()
-        )
+        return sum(process_id in client.get("name", "") for client in r.client_list())
 
 
 def kill_connections(server, process_id):
@@ -547,8 +545,7 @@ def test_resuming_on_streams_while_another_worker_publishes_is_exact(
         hub.add(publisher.channel, stay, formatter=PositionListener.formatter)
         total = 6000
         publisher.process.stdin.write(
-            json.dumps({"cmd": "publish", "start": 0, "count": total}).encode()
-            + b"\n"
+            json.dumps({"cmd": "publish", "start": 0, "count": total}).encode() + b"\n"
         )
         publisher.process.stdin.flush()
         resumed = []

@@ -990,9 +990,7 @@ class TestInterruptedFirstSubscribe:
         hub.close()
 
     @pytest.mark.parametrize("how", ["timeout", "kill"])
-    def test_no_orphan_subscription_is_left_in_redis(
-        self, paused_redis, loopback, how
-    ):
+    def test_no_orphan_subscription_is_left_in_redis(self, paused_redis, loopback, how):
         server, pause, resume = paused_redis
         hub, backend = self.make_hub(server)
         ws, _ = loopback.connect()

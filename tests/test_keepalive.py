@@ -115,4 +115,3 @@ class TestPingSchedule:
                 assert len(arrivals) == 6, "the server stopped pinging"
                 gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
                 assert max(gaps) <= bound, gaps
-

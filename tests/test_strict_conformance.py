@@ -60,9 +60,7 @@ def test_messages_before_a_bad_frame_are_answered_then_it_fails(server, path, ba
     with RawClient(server.port, path) as client:
         assert client.status.startswith(b"HTTP/1.1 101")
         # One segment: the server reads all three frames at once.
-        client.sock.sendall(
-            client_frame(0x1, "one") + client_frame(0x1, "two") + frame
-        )
+        client.sock.sendall(client_frame(0x1, "one") + client_frame(0x1, "two") + frame)
         assert client.frame() == (0x1, b"one")
         assert client.frame() == (0x1, b"two")
         assert client.close_code() == code

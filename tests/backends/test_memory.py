@@ -95,9 +95,7 @@ class TestMemoryBackend:
         backend = MemoryBackend()
         seen = []
         backend.start(
-            lambda channel, message: seen.append(
-                (channel, message, green.getcurrent())
-            )
+            lambda channel, message: seen.append((channel, message, green.getcurrent()))
         )
         backend.subscribe("c")
         backend.publish("c", "now")

@@ -44,9 +44,7 @@ class Run:
         self.publisher = RedisBackend(cluster.url, prefix=self.prefix, **FAST)
         self.collector = Collector()
         self.gaps = collections.Counter()
-        self.receiver.gap_handler = lambda channel, reason: self.gaps.update(
-            [channel]
-        )
+        self.receiver.gap_handler = lambda channel, reason: self.gaps.update([channel])
         self.receiver.start(self.collector)
         self.publisher.start(lambda *args: None)
         for channel in channels:
@@ -89,9 +87,7 @@ class Run:
         last = {c: p[-1] for c, p in self.published.items() if p}
         # Everything published has had time to arrive once the last has.
         assert wait_until(
-            lambda: all(
-                self.numbers(c)[-1:] == [n] for c, n in last.items()
-            ),
+            lambda: all(self.numbers(c)[-1:] == [n] for c, n in last.items()),
             timeout=DEADLINE,
         ), {c: self.numbers(c)[-3:] for c in last}
 

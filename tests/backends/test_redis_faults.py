@@ -175,9 +175,7 @@ class TestPresenceOffTheHotPath:
         # would hold the caller until Redis is back.
         first, second = workers(socket_timeout=60.0), workers()
         os.kill(fresh_redis_server.pid, signal.SIGSTOP)
-        changes = [
-            green.spawn(first.set_local_count, f"room{i}", 3) for i in range(5)
-        ]
+        changes = [green.spawn(first.set_local_count, f"room{i}", 3) for i in range(5)]
         assert wait_until(lambda: all(change.dead for change in changes))
         os.kill(fresh_redis_server.pid, signal.SIGCONT)
         assert wait_until(lambda: second.listener_count("room4", 0) == 3)
