@@ -45,12 +45,15 @@ from benchmarks._harness import (
 )
 
 PEERS = ("stargate", "stargate-kept", "websockets", "eventlet")
-#: How the plot against N names the kinds that hold connections two ways.
+#: How the plot against N names the kinds that hold connections in
+#: different ways.
 LABELS = {
     "stargate": "stargate, blocking handler",
     "stargate-kept": "stargate, keep_open",
+    "stargate-own": "stargate, own_green_thread",
     "stargate-gevent": "stargate-gevent, blocking handler",
     "stargate-gevent-kept": "stargate-gevent, keep_open",
+    "stargate-gevent-own": "stargate-gevent, own_green_thread",
 }
 TITLE = "memory: server RSS per idle connection"
 WARM = 10
@@ -156,7 +159,7 @@ def plot_against_count(results, path, peers=PEERS, *, rounds):
     with permessage-deflate), to ``path``: where the figure settles, memory
     grows linearly with the connections."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    fig, ax = plt.subplots(figsize=(8.8, 4))
     counts = sorted({r["n"] for r in results})
     compressions = sorted({r["compress"] for r in results})
     for i, peer in enumerate(peers):
@@ -179,7 +182,8 @@ def plot_against_count(results, path, peers=PEERS, *, rounds):
         f"{'s' if rounds > 1 else ''}",
         fontsize=10,
     )
-    ax.legend(fontsize=8)
+    # Beside the axes: inside, it would hide a line wherever it went.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
     save_small(fig, path)
 
 

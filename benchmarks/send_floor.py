@@ -201,7 +201,6 @@ def serve_websockets():
     message, answering the CPU seconds of this process that took; "w N"
     waits until N connections are open (at most 60 s) and answers "k"."""
     import asyncio
-    import socket
 
     from websockets.asyncio.server import broadcast, serve
 
@@ -215,7 +214,9 @@ def serve_websockets():
             finally:
                 connections.discard(websocket)
 
-        sock = socket.socket()
+        # IPPROTO_TCP, as socket.create_server makes it: asyncio sets
+        # TCP_NODELAY only on the sockets of a listener whose proto says TCP.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.bind(("127.0.0.1", 0))
         sock.listen(4096)
         loop = asyncio.get_running_loop()
